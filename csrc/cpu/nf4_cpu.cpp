@@ -1,0 +1,246 @@
+// C++ CPU kernels for NF4 quantize/dequantize and blockwise-8-bit (double-quant statistics).
+// Parallel over quantization blocks with at::parallel_for (OpenMP); the NF4 inner loops are
+// vectorised with AVX2 where the compiler targets it, with a scalar path that shares the
+// element math of csrc/include/lowrank_kernels/nf4_math.h (which the CUDA kernels use too).
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define LK_HAVE_AVX2 1
+#endif
+
+#include "lowrank_kernels/checks.h"
+#include "lowrank_kernels/nf4_math.h"
+
+namespace lowrank_kernels {
+namespace {
+
+// Calls f(T{}) with T the C++ type of a float32/float16/bfloat16 dtype.
+template <typename F>
+void dispatch_float(at::ScalarType dtype, const char* name, F&& f) {
+  switch (dtype) {
+    case at::kFloat: return f(float{});
+    case at::kHalf: return f(c10::Half{});
+    case at::kBFloat16: return f(c10::BFloat16{});
+    default: TORCH_CHECK(false, name, ": dtype must be float32, float16 or bfloat16, got ", dtype);
+  }
+}
+
+// Blocks per parallel task: enough work per task to amortise scheduling (>= 64 KiB of input).
+int64_t grain_blocks(int64_t blocksize) { return std::max<int64_t>(1, 16384 / blocksize); }
+
+// ---------------------------------------------------------------------------------------------
+// Element loads/stores in fp32, exactly as torch converts (bf16/fp16 -> fp32 is exact;
+// fp32 -> bf16/fp16 rounds to nearest even).
+template <typename T> inline float to_float(T v) { return static_cast<float>(v); }
+template <typename T> inline T from_float(float v) { return static_cast<T>(v); }
+
+// ---------------------------------------------------------------------------------------------
+// Quantize.
+
+template <typename T>
+float block_absmax(const T* x, int64_t n) {
+  float m = 0.0f;
+#pragma omp simd reduction(max : m)
+  for (int64_t i = 0; i < n; ++i) m = std::max(m, abs_f(to_float(x[i])));
+  return m;
+}
+
+// Encodes `n` (even) scaled elements into n/2 bytes. The full-block path multiplies by the
+// reciprocal, the tail path divides: see nf4_math.h.
+template <typename T, bool kTail>
+void encode_block(const T* x, int64_t n, float absmax, uint8_t* out) {
+  uint8_t codes[kMaxBlocksize + 2];
+  if (kTail) {
+    const float clamped = nf4_tail_absmax(absmax);
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) codes[i] = nf4_encode_tail_block(to_float(x[i]), clamped);
+  } else {
+    const float reciprocal = nf4_block_reciprocal(absmax);
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) codes[i] = nf4_encode_full_block(to_float(x[i]), reciprocal);
+  }
+  // bitsandbytes pads an odd element count with 0.0, which encodes to code 7.
+  if (n & 1) codes[n & (kMaxBlocksize - 1)] = nf4_encode(0.0f);
+  for (int64_t j = 0; j < (n + 1) / 2; ++j) out[j] = nf4_pack(codes[2 * j], codes[2 * j + 1]);
+}
+
+template <typename T>
+void quantize_nf4_kernel(const T* x, int64_t numel, int64_t blocksize, uint8_t* packed,
+                         float* absmax) {
+  const int64_t full_blocks = numel / blocksize;
+  at::parallel_for(0, full_blocks, grain_blocks(blocksize), [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const T* block = x + b * blocksize;
+      absmax[b] = block_absmax(block, blocksize);
+      encode_block<T, false>(block, blocksize, absmax[b], packed + b * blocksize / 2);
+    }
+  });
+  const int64_t tail = numel - full_blocks * blocksize;
+  if (tail > 0) {
+    const T* block = x + full_blocks * blocksize;
+    const float m = nf4_tail_absmax(block_absmax(block, tail));
+    absmax[full_blocks] = m;
+    encode_block<T, true>(block, tail, m, packed + full_blocks * blocksize / 2);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dequantize.
+
+template <typename T>
+void decode_bytes_scalar(const uint8_t* packed, int64_t first, int64_t count, float absmax,
+                         T* out) {
+  for (int64_t i = first; i < first + count; ++i)
+    out[i] = from_float<T>(nf4_decode(nf4_nibble(packed, i), absmax));
+}
+
+#ifdef LK_HAVE_AVX2
+inline void store8(float* out, __m256 v) { _mm256_storeu_ps(out, v); }
+inline void store8(c10::Half* out, __m256 v) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(out),
+                   _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+inline void store8(c10::BFloat16* out, __m256 v) {
+  // Round to nearest even on the bit pattern (values are finite: inputs were checked).
+  __m256i bits = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  bits = _mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF)));
+  bits = _mm256_srli_epi32(bits, 16);
+  const __m128i packed16 =
+      _mm_packus_epi32(_mm256_castsi256_si128(bits), _mm256_extracti128_si256(bits, 1));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(out), packed16);
+}
+
+// 8 elements from 4 packed bytes: the code lookup is a 16-entry table split into two 8-lane
+// permutes selected by the nibble's top bit.
+inline __m256 decode8(const uint8_t* bytes, __m256 table_lo, __m256 table_hi, __m256 scale) {
+  uint32_t word;
+  std::memcpy(&word, bytes, 4);
+  const __m256i shifts = _mm256_setr_epi32(4, 0, 12, 8, 20, 16, 28, 24);
+  __m256i nib = _mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(word)), shifts);
+  nib = _mm256_and_si256(nib, _mm256_set1_epi32(0xF));
+  const __m256 lo = _mm256_permutevar8x32_ps(table_lo, nib);
+  const __m256 hi = _mm256_permutevar8x32_ps(table_hi, nib);
+  const __m256 use_hi = _mm256_castsi256_ps(_mm256_slli_epi32(nib, 28));  // bit 3 -> sign bit
+  return _mm256_mul_ps(_mm256_blendv_ps(lo, hi, use_hi), scale);
+}
+#endif
+
+// Decodes elements [first, first + count) of one block (first is even).
+template <typename T>
+void decode_block(const uint8_t* packed, int64_t first, int64_t count, float absmax, T* out) {
+  int64_t i = 0;
+#ifdef LK_HAVE_AVX2
+  const __m256 table_lo = _mm256_setr_ps(nf4_code(0), nf4_code(1), nf4_code(2), nf4_code(3),
+                                         nf4_code(4), nf4_code(5), nf4_code(6), nf4_code(7));
+  const __m256 table_hi = _mm256_setr_ps(nf4_code(8), nf4_code(9), nf4_code(10), nf4_code(11),
+                                         nf4_code(12), nf4_code(13), nf4_code(14), nf4_code(15));
+  const __m256 scale = _mm256_set1_ps(absmax);
+  for (; i + 8 <= count; i += 8)
+    store8(out + first + i, decode8(packed + (first + i) / 2, table_lo, table_hi, scale));
+#endif
+  decode_bytes_scalar(packed, first + i, count - i, absmax, out);
+}
+
+template <typename T>
+void dequantize_nf4_kernel(const uint8_t* packed, const float* absmax, int64_t numel,
+                           int64_t blocksize, T* out) {
+  const int64_t blocks = (numel + blocksize - 1) / blocksize;
+  at::parallel_for(0, blocks, grain_blocks(blocksize), [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t first = b * blocksize;
+      decode_block(packed, first, std::min(blocksize, numel - first), absmax[b], out);
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Blockwise 8-bit (the double-quant statistics: small vectors, scalar code is plenty).
+
+void quantize_blockwise8_kernel(const float* x, int64_t numel, const float* code,
+                                int64_t blocksize, uint8_t* out, float* absmax) {
+  const int64_t blocks = (numel + blocksize - 1) / blocksize;
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t first = b * blocksize, last = std::min(numel, first + blocksize);
+      const float m = block_absmax(x + first, last - first);
+      absmax[b] = m;
+      for (int64_t i = first; i < last; ++i) out[i] = blockwise8_encode(code, x[i] / m);
+    }
+  });
+}
+
+void dequantize_blockwise8_kernel(const uint8_t* q, const float* absmax, const float* code,
+                                  int64_t numel, int64_t blocksize, float* out) {
+  at::parallel_for(0, numel, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) out[i] = blockwise8_decode(code, q[i], absmax[i / blocksize]);
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Op implementations (argument checks live in Python; these re-check what memory safety needs).
+
+std::tuple<at::Tensor, at::Tensor> quantize_nf4_cpu(const at::Tensor& w, int64_t blocksize) {
+  check_blocksize(blocksize);
+  check_float_input(w, "w");
+  const at::Tensor x = w.contiguous();
+  const int64_t numel = x.numel();
+  at::Tensor packed = at::empty({(numel + 1) / 2}, x.options().dtype(at::kByte));
+  at::Tensor absmax = at::empty({(numel + blocksize - 1) / blocksize}, x.options().dtype(at::kFloat));
+  dispatch_float(x.scalar_type(), "quantize_nf4", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    quantize_nf4_kernel(x.data_ptr<scalar_t>(), numel, blocksize, packed.data_ptr<uint8_t>(),
+                        absmax.data_ptr<float>());
+  });
+  return {packed, absmax};
+}
+
+at::Tensor dequantize_nf4_cpu(const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
+                              int64_t numel, at::ScalarType dtype) {
+  check_nf4_storage(packed, absmax, blocksize, numel);
+  at::Tensor out = at::empty({numel}, packed.options().dtype(dtype));
+  const at::Tensor p = packed.contiguous(), a = absmax.contiguous();
+  dispatch_float(dtype, "dequantize_nf4", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    dequantize_nf4_kernel(p.data_ptr<uint8_t>(), a.data_ptr<float>(), numel, blocksize,
+                          out.data_ptr<scalar_t>());
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_blockwise8_cpu(const at::Tensor& x, const at::Tensor& code,
+                                                           int64_t blocksize) {
+  check_blockwise8_args(x, code, blocksize);
+  const at::Tensor xc = x.contiguous(), c = code.contiguous();
+  at::Tensor out = at::empty({xc.numel()}, xc.options().dtype(at::kByte));
+  at::Tensor absmax = at::empty({(xc.numel() + blocksize - 1) / blocksize}, xc.options());
+  quantize_blockwise8_kernel(xc.data_ptr<float>(), xc.numel(), c.data_ptr<float>(), blocksize,
+                             out.data_ptr<uint8_t>(), absmax.data_ptr<float>());
+  return {out, absmax};
+}
+
+at::Tensor dequantize_blockwise8_cpu(const at::Tensor& q, const at::Tensor& absmax, const at::Tensor& code,
+                                     int64_t blocksize) {
+  check_blockwise8_storage(q, absmax, code, blocksize);
+  const at::Tensor qc = q.contiguous(), a = absmax.contiguous(), c = code.contiguous();
+  at::Tensor out = at::empty({qc.numel()}, a.options());
+  dequantize_blockwise8_kernel(qc.data_ptr<uint8_t>(), a.data_ptr<float>(), c.data_ptr<float>(),
+                               qc.numel(), blocksize, out.data_ptr<float>());
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lowrank_kernels, CPU, m) {
+  m.impl("quantize_nf4", &quantize_nf4_cpu);
+  m.impl("dequantize_nf4", &dequantize_nf4_cpu);
+  m.impl("quantize_blockwise8", &quantize_blockwise8_cpu);
+  m.impl("dequantize_blockwise8", &dequantize_blockwise8_cpu);
+}
+
+}  // namespace lowrank_kernels
