@@ -33,6 +33,12 @@ inline void check_nf4_storage(const at::Tensor& packed, const at::Tensor& absmax
               " but absmax is on ", absmax.device());
 }
 
+inline void check_nf4_output(const at::Tensor& out, int64_t numel, at::ScalarType dtype, const at::Device& device) {
+  TORCH_CHECK(out.scalar_type() == dtype && out.numel() == numel && out.is_contiguous() && out.device() == device,
+              "out must be a contiguous ", dtype, " tensor of ", numel, " elements on ", device, ", got ",
+              out.scalar_type(), " with shape ", out.sizes(), " on ", out.device());
+}
+
 inline void check_code(const at::Tensor& code) {
   TORCH_CHECK(code.scalar_type() == at::kFloat && code.numel() == 256,
               "code must be a float32 tensor of 256 values, got ", code.scalar_type(), " with shape ",
