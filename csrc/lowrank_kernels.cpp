@@ -39,7 +39,7 @@ TORCH_LIBRARY(lowrank_kernels, m) {
   m.def("quantize_nf4(Tensor w, int blocksize) -> (Tensor packed, Tensor absmax)");
   m.def("dequantize_nf4(Tensor packed, Tensor absmax, int blocksize, int numel, ScalarType dtype) -> Tensor");
   m.def("dequantize_nf4.out(Tensor packed, Tensor absmax, int blocksize, int numel, ScalarType dtype, *, "
-        "Tensor(a!) out) -> Tensor(a!)");
+        "Tensor(a!) out) -> ()");
   m.def("quantize_blockwise8(Tensor x, Tensor code, int blocksize) -> (Tensor q, Tensor absmax)");
   m.def("dequantize_blockwise8(Tensor q, Tensor absmax, Tensor code, int blocksize) -> Tensor");
 }

@@ -172,13 +172,15 @@ void dequantize_nf4_kernel(const uint8_t* packed, const float* absmax, int64_t n
 
 void quantize_blockwise8_kernel(const float* x, int64_t numel, const float* code,
                                 int64_t blocksize, uint8_t* out, float* absmax) {
+  float search_code[256];
+  for (int i = 0; i < 256; ++i) search_code[i] = blockwise8_search_code(code, i);
   const int64_t blocks = (numel + blocksize - 1) / blocksize;
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       const int64_t first = b * blocksize, last = std::min(numel, first + blocksize);
       const float m = block_absmax(x + first, last - first);
       absmax[b] = m;
-      for (int64_t i = first; i < last; ++i) out[i] = blockwise8_encode(code, x[i] / m);
+      for (int64_t i = first; i < last; ++i) out[i] = blockwise8_encode(search_code, x[i] / m);
     }
   });
 }
@@ -221,8 +223,8 @@ std::tuple<at::Tensor, at::Tensor> quantize_nf4_cpu(const at::Tensor& w, int64_t
   return {packed, absmax};
 }
 
-at::Tensor& dequantize_nf4_out_cpu(const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
-                                   int64_t numel, at::ScalarType dtype, at::Tensor& out) {
+void dequantize_nf4_out_cpu(const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
+                             int64_t numel, at::ScalarType dtype, at::Tensor& out) {
   check_nf4_storage(packed, absmax, blocksize, numel);
   check_nf4_output(out, numel, dtype, packed.device());
   const at::Tensor p = packed.contiguous(), a = absmax.contiguous();
@@ -231,13 +233,13 @@ at::Tensor& dequantize_nf4_out_cpu(const at::Tensor& packed, const at::Tensor& a
     dequantize_nf4_kernel(p.data_ptr<uint8_t>(), a.data_ptr<float>(), numel, blocksize,
                           out.data_ptr<scalar_t>());
   });
-  return out;
 }
 
 at::Tensor dequantize_nf4_cpu(const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
                               int64_t numel, at::ScalarType dtype) {
   at::Tensor out = empty_output(numel, packed.options().dtype(dtype));
-  return dequantize_nf4_out_cpu(packed, absmax, blocksize, numel, dtype, out);
+  dequantize_nf4_out_cpu(packed, absmax, blocksize, numel, dtype, out);
+  return out;
 }
 
 std::tuple<at::Tensor, at::Tensor> quantize_blockwise8_cpu(const at::Tensor& x, const at::Tensor& code,

@@ -31,6 +31,12 @@ __device__ __forceinline__ float warp_max(float v) {
   return v;
 }
 
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
 // One warp per quantization block: a max-reduction, then each lane encodes pairs of elements
 // into bytes. The trailing partial block divides by its clamped absmax, as on the CPU.
 template <typename T>
@@ -41,9 +47,14 @@ __global__ void quantize_nf4_kernel(const T* __restrict__ x, int64_t numel, int6
   const int64_t first = block * blocksize;
   if (first >= numel) return;
   const int64_t count = numel - first < blocksize ? numel - first : blocksize;
-  float m = 0.0f;
-  for (int64_t i = lane; i < count; i += kWarp) m = fmaxf(m, abs_f(load_float(x, first + i)));
-  m = warp_max(m);
+  float m = 0.0f, probe = 0.0f;
+  for (int64_t i = lane; i < count; i += kWarp) {
+    const float v = load_float(x, first + i);
+    m = fmaxf(m, abs_f(v));
+    probe += nonfinite_probe(v);
+  }
+  probe = warp_sum(probe);
+  m = probe == 0.0f ? warp_max(m) : probe;  // NaN absmax flags non-finite input
   const bool tail = count < blocksize;
   const float stored = tail ? nf4_tail_absmax(m) : m;
   const float reciprocal = nf4_block_reciprocal(m);
@@ -61,11 +72,14 @@ __global__ void quantize_nf4_kernel(const T* __restrict__ x, int64_t numel, int6
   }
 }
 
-// Each thread decodes 8 consecutive elements (4 bytes, one 32-bit load). 8 divides every
-// blocksize, so the 8 share one absmax.
+// Each thread decodes 8 consecutive elements (4 bytes, one 32-bit load) through a code table in
+// shared memory. 8 divides every blocksize, so the 8 share one absmax.
 template <typename T>
 __global__ void dequantize_nf4_kernel(const uint8_t* __restrict__ packed, const float* __restrict__ absmax,
                                       int64_t numel, int64_t blocksize, T* __restrict__ out) {
+  __shared__ float lut[kNF4Codes];
+  if (threadIdx.x < kNF4Codes) lut[threadIdx.x] = nf4_code(threadIdx.x);
+  __syncthreads();
   const int64_t first = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * 8;
   if (first >= numel) return;
   const float scale = absmax[first / blocksize];
@@ -74,17 +88,20 @@ __global__ void dequantize_nf4_kernel(const uint8_t* __restrict__ packed, const 
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
       const uint8_t byte = static_cast<uint8_t>(word >> (8 * k));
-      out[first + 2 * k] = store_float<T>(nf4_decode(byte >> 4, scale));
-      out[first + 2 * k + 1] = store_float<T>(nf4_decode(byte & 0xF, scale));
+      out[first + 2 * k] = store_float<T>(lut[byte >> 4] * scale);
+      out[first + 2 * k + 1] = store_float<T>(lut[byte & 0xF] * scale);
     }
   } else {
-    for (int64_t i = first; i < numel; ++i) out[i] = store_float<T>(nf4_decode(nf4_nibble(packed, i), scale));
+    for (int64_t i = first; i < numel; ++i) out[i] = store_float<T>(lut[nf4_nibble(packed, i)] * scale);
   }
 }
 
 __global__ void quantize_blockwise8_kernel(const float* __restrict__ x, int64_t numel,
                                            const float* __restrict__ code, int64_t blocksize,
                                            uint8_t* __restrict__ q, float* __restrict__ absmax) {
+  __shared__ float search_code[256];
+  for (int i = threadIdx.x; i < 256; i += blockDim.x) search_code[i] = blockwise8_search_code(code, i);
+  __syncthreads();
   const int64_t block = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarp;
   const int lane = threadIdx.x % kWarp;
   const int64_t first = block * blocksize;
@@ -94,7 +111,7 @@ __global__ void quantize_blockwise8_kernel(const float* __restrict__ x, int64_t 
   for (int64_t i = lane; i < count; i += kWarp) m = fmaxf(m, abs_f(x[first + i]));
   m = warp_max(m);
   if (lane == 0) absmax[block] = m;
-  for (int64_t i = lane; i < count; i += kWarp) q[first + i] = blockwise8_encode(code, x[first + i] / m);
+  for (int64_t i = lane; i < count; i += kWarp) q[first + i] = blockwise8_encode(search_code, x[first + i] / m);
 }
 
 __global__ void dequantize_blockwise8_kernel(const uint8_t* __restrict__ q, const float* __restrict__ absmax,

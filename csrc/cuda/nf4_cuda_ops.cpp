@@ -36,8 +36,8 @@ std::tuple<at::Tensor, at::Tensor> quantize_nf4_cuda(const at::Tensor& w, int64_
   return {packed, absmax};
 }
 
-at::Tensor& dequantize_nf4_out_cuda(const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
-                                    int64_t numel, at::ScalarType dtype, at::Tensor& out) {
+void dequantize_nf4_out_cuda(const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
+                              int64_t numel, at::ScalarType dtype, at::Tensor& out) {
   check_nf4_storage(packed, absmax, blocksize, numel);
   check_nf4_output(out, numel, dtype, packed.device());
   const c10::cuda::CUDAGuard guard(packed.device());
@@ -45,13 +45,13 @@ at::Tensor& dequantize_nf4_out_cuda(const at::Tensor& packed, const at::Tensor& 
   cuda::dequantize_nf4(p.data_ptr<uint8_t>(), a.data_ptr<float>(), numel, blocksize, out.data_ptr(),
                        float_kind(dtype), current_stream());
   check_launch();
-  return out;
 }
 
 at::Tensor dequantize_nf4_cuda(const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
                                int64_t numel, at::ScalarType dtype) {
   at::Tensor out = at::empty({numel}, packed.options().dtype(dtype));
-  return dequantize_nf4_out_cuda(packed, absmax, blocksize, numel, dtype, out);
+  dequantize_nf4_out_cuda(packed, absmax, blocksize, numel, dtype, out);
+  return out;
 }
 
 std::tuple<at::Tensor, at::Tensor> quantize_blockwise8_cuda(const at::Tensor& x, const at::Tensor& code,

@@ -116,9 +116,13 @@ LK_HOST_DEVICE uint8_t nf4_nibble(const uint8_t* packed, int64_t i) {
 
 // ---- blockwise 8-bit ("dynamic" map) quantization, used for double-quant statistics ----
 
-// Index of the code value nearest to `normed` in the sorted 256-entry `code`. bitsandbytes'
-// CPU kernel finds the largest i with code[i] <= normed (code[0] is forced to -1.0) and moves
-// one step right only if that is strictly closer.
+// bitsandbytes' quantizer searches the dynamic code book with its first entry (-0.993) replaced
+// by -1.0, so that every normed value in [-1, 1] has a left neighbour; kernels build such a
+// "search code" with this, while the stored code book keeps the original first entry.
+LK_HOST_DEVICE float blockwise8_search_code(const float* code, int i) { return i == 0 ? -1.0f : code[i]; }
+
+// Index of the code value nearest to `normed` in the sorted 256-entry search code: the largest
+// i with code[i] <= normed, moved one step right only if that neighbour is strictly closer.
 LK_HOST_DEVICE uint8_t blockwise8_encode(const float* code, float normed) {
   int lo = 0, hi = 255;  // invariant: code[lo] <= normed (or lo == 0), code[hi + 1] > normed
   while (lo < hi) {

@@ -1,0 +1,47 @@
+# Two commands do all set-up on a fresh machine (Python >= 3.10):
+#   make demo   - venv + pinned deps + build, then the main job on its built-in default
+#   make test   - same set-up, then the whole test suite
+# Both are idempotent: stamps skip the dependency install and the build when nothing changed.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+DEPS_STAMP := $(VENV)/.stamp-deps
+BUILD_STAMP := $(VENV)/.stamp-build
+SOURCES := $(shell find csrc lowrank_kernels -name '*.cpp' -o -name '*.cu' -o -name '*.h') setup.py pyproject.toml
+
+# torch's extension builder finds ninja on PATH; two compile jobs match the machine.
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+export MAX_JOBS ?= 2
+
+.PHONY: demo test bench info build clean
+
+demo: $(BUILD_STAMP)
+	$(PY) bench/bench_nf4.py
+
+test: $(BUILD_STAMP)
+	$(PY) -m pytest tests --ignore=tests/triton -q -p no:cacheprovider
+	@echo "== Triton kernels under TRITON_INTERPRET=1 (own process: read at decoration time) =="
+	TRITON_INTERPRET=1 $(PY) -m pytest tests/triton -q -p no:cacheprovider
+
+bench: $(BUILD_STAMP)
+	$(PY) bench/run_all.py
+
+info: $(BUILD_STAMP)
+	$(PY) -m lowrank_kernels info
+
+build: $(BUILD_STAMP)
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(DEPS_STAMP): requirements.txt | $(PY)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	touch $@
+
+$(BUILD_STAMP): $(DEPS_STAMP) $(SOURCES)
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-build-isolation --no-deps -e .
+	$(PY) -m lowrank_kernels info
+	touch $@
+
+clean:
+	rm -rf build lowrank_kernels/*.so $(BUILD_STAMP)

@@ -1,0 +1,50 @@
+"""What the compiled core contains and which backend serves each op on each device."""
+from __future__ import annotations
+
+import importlib.metadata
+
+import torch
+
+from lowrank_kernels import _extension, ops
+
+
+def _triton_version() -> str | None:
+    try:
+        return importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def build_info() -> dict:
+    """{"extension_loaded", "load_error", "cpu_kernels", "cpu_simd", "cuda_kernels", "cuda_archs",
+    "triton", "torch", "torch_cuda", "backends": {op: {"cpu": ..., "cuda": ...}}}."""
+    config = _extension.compiled_config()
+    archs = config.get("cuda_archs", "")
+    return {
+        "extension_loaded": _extension.load_error() is None,
+        "load_error": _extension.load_error(),
+        "cpu_kernels": bool(config.get("cpu_kernels", False)),
+        "cpu_simd": config.get("cpu_simd"),
+        "cuda_kernels": bool(config.get("cuda_kernels", False)),
+        "cuda_archs": [a for a in archs.replace(",", ";").split(";") if a],
+        "triton": _triton_version(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "backends": ops.backends(),
+    }
+
+
+def format_build_info(info: dict | None = None) -> str:
+    """A human-readable table of `build_info()`."""
+    info = info or build_info()
+    lines = [
+        f"torch {info['torch']} (CUDA {info['torch_cuda'] or 'none'}), triton {info['triton'] or 'not installed'}",
+        f"extension loaded: {info['extension_loaded']}" + (f" ({info['load_error']})" if info["load_error"] else ""),
+        f"CPU kernels: {info['cpu_kernels']} (SIMD: {info['cpu_simd']})",
+        f"CUDA kernels: {info['cuda_kernels']} (archs: {', '.join(info['cuda_archs']) or '-'})",
+        "",
+        f"{'op':<24}{'cpu':<26}cuda",
+    ]
+    for op, per_device in info["backends"].items():
+        lines.append(f"{op:<24}{per_device['cpu']:<26}{per_device['cuda']}")
+    return "\n".join(lines)

@@ -1,0 +1,113 @@
+"""The torch.ops.lowrank_kernels ops: fake kernels for torch.compile and the CUDA registrations
+that are not C++.
+
+Schemas and CPU kernels are C++ (csrc/). On CUDA, an op is served by the CUDA C++ kernel when
+the extension was compiled with CUDA, else by its Triton kernel, else by the PyTorch
+reference (only the tiny double-quant statistics ops have no Triton kernel). `BACKENDS` records
+the choice; `lowrank_kernels.build_info()` reports it.
+"""
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+from lowrank_kernels import _extension
+from lowrank_kernels.reference import nf4 as reference
+
+NAMESPACE = "lowrank_kernels"
+OPS = ("quantize_nf4", "dequantize_nf4", "quantize_blockwise8", "dequantize_blockwise8")
+_TRITON_OPS = ("quantize_nf4", "dequantize_nf4")
+
+
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _cuda_backend(op: str) -> str:
+    if _extension.compiled_config().get("cuda_kernels"):
+        return "CUDA C++"
+    if op in _TRITON_OPS and triton_available():
+        return "Triton"
+    return "PyTorch reference"
+
+
+def _cpu_backend() -> str:
+    simd = _extension.compiled_config().get("cpu_simd", "scalar")
+    return f"C++ ({simd.upper() if simd != 'scalar' else 'scalar'}, OpenMP)"
+
+
+def backends() -> dict[str, dict[str, str]]:
+    """op -> {device type -> backend serving it}."""
+    if _extension.load_error() is not None:
+        return {op: {"cpu": "unavailable (extension not built)", "cuda": "unavailable"} for op in OPS}
+    cuda = {op: _cuda_backend(op) if torch.version.cuda else "unavailable (CPU-only torch)" for op in OPS}
+    return {op: {"cpu": _cpu_backend(), "cuda": cuda[op]} for op in OPS}
+
+
+def _register_fakes() -> None:
+    def nblocks(n: int, blocksize: int) -> int:
+        return (n + blocksize - 1) // blocksize
+
+    @torch.library.register_fake(f"{NAMESPACE}::quantize_nf4")
+    def _(w, blocksize):
+        n = w.numel()
+        return w.new_empty((n + 1) // 2, dtype=torch.uint8), w.new_empty(nblocks(n, blocksize), dtype=torch.float32)
+
+    @torch.library.register_fake(f"{NAMESPACE}::dequantize_nf4")
+    def _(packed, absmax, blocksize, numel, dtype):
+        return packed.new_empty(numel, dtype=dtype)
+
+    @torch.library.register_fake(f"{NAMESPACE}::dequantize_nf4.out")
+    def _(packed, absmax, blocksize, numel, dtype, *, out):
+        return None
+
+    @torch.library.register_fake(f"{NAMESPACE}::quantize_blockwise8")
+    def _(x, code, blocksize):
+        return x.new_empty(x.numel(), dtype=torch.uint8), x.new_empty(nblocks(x.numel(), blocksize))
+
+    @torch.library.register_fake(f"{NAMESPACE}::dequantize_blockwise8")
+    def _(q, absmax, code, blocksize):
+        return absmax.new_empty(q.numel())
+
+
+def _register_cuda_fallbacks() -> None:
+    """CUDA kernels for ops the compiled extension does not serve on CUDA (no nvcc at build)."""
+    impls = {
+        "quantize_blockwise8": reference.quantize_blockwise8_ref,
+        "dequantize_blockwise8": reference.dequantize_blockwise8_ref,
+    }
+    if triton_available():
+        from lowrank_kernels.triton import nf4 as triton_nf4
+
+        impls["quantize_nf4"] = triton_nf4.quantize_nf4
+        impls["dequantize_nf4"] = triton_nf4.dequantize_nf4
+    else:
+        impls["quantize_nf4"] = reference.quantize_nf4_ref
+        impls["dequantize_nf4"] = reference.dequantize_nf4_ref
+    for name, fn in impls.items():
+        torch.library.register_kernel(f"{NAMESPACE}::{name}", "cuda", fn)
+    dequantize = impls["dequantize_nf4"]
+
+    def dequantize_out(packed, absmax, blocksize, numel, dtype, *, out):
+        out.copy_(dequantize(packed, absmax, blocksize, numel, dtype))
+
+    torch.library.register_kernel(f"{NAMESPACE}::dequantize_nf4.out", "cuda", dequantize_out)
+
+
+def register() -> None:
+    """Registers fake kernels (and CUDA fallbacks when needed) once the extension is loaded."""
+    if _extension.load_error() is not None:
+        return
+    _register_fakes()
+    if torch.version.cuda and not _extension.compiled_config().get("cuda_kernels"):
+        _register_cuda_fallbacks()
+
+
+def op(name: str):
+    """The OpOverloadPacket torch.ops.lowrank_kernels.<name>, or a clear error if not built."""
+    _extension.require()
+    return getattr(torch.ops.lowrank_kernels, name)
+
+
+register()

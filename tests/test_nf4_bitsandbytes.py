@@ -1,0 +1,117 @@
+"""quantize_nf4 / dequantize_nf4 are bit-identical to bitsandbytes 0.50 (CPU), both directions."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+bnb_functional = pytest.importorskip("bitsandbytes.functional", reason="bitsandbytes is a test dependency")
+
+import lowrank_kernels as lk  # noqa: E402
+from lowrank_kernels.codebooks import NF4_CODE, dynamic_code  # noqa: E402
+from nf4_cases import BLOCKSIZES, CASES, SHAPES, make_weight  # noqa: E402
+
+# bitsandbytes' dequantize falls back to a torch.compile'd function for odd last dims; eager
+# execution computes the same thing without minutes of recompiles across our many shapes.
+torch._dynamo.config.disable = True
+
+
+def bnb_quantize(w, blocksize, double_quant):
+    return bnb_functional.quantize_4bit(w, quant_type="nf4", blocksize=blocksize, compress_statistics=double_quant)
+
+
+def assert_same_storage(q: lk.NF4Weight, packed, state):
+    assert torch.equal(q.packed, packed.view(-1)), "packed codes differ"
+    assert q.shape == state.shape and q.dtype == state.dtype and q.blocksize == state.blocksize
+    if state.nested:
+        assert torch.equal(q.offset, state.offset)
+        assert torch.equal(q.absmax2, state.state2.absmax)
+        assert torch.equal(q.code2, state.state2.code)
+        assert_nearest_or_identical(q, state)
+    else:
+        assert not q.double_quant
+        assert torch.equal(q.absmax, state.absmax)
+
+
+def assert_nearest_or_identical(q: lk.NF4Weight, state):
+    """The 8-bit double-quant codes equal bitsandbytes' wherever its CPU search returns the
+    nearest code. Its search (libbitsandbytes_cpu) returns a farther code for ~0.2 % of values;
+    ours is the exact nearest, so every difference must be strictly nearer on our side."""
+    differ = q.absmax != state.absmax
+    if not differ.any():
+        return
+    code = q.code2.double()
+    normed = (q.block_absmax().double() - q.offset.double()) / q.absmax2.double().repeat_interleave(256)[: q.blocks]
+    normed = torch.where(torch.isfinite(normed), normed, torch.zeros_like(normed))
+    ours = (normed - code[q.absmax.long()]).abs()[differ]
+    theirs = (normed - code[state.absmax.long()]).abs()[differ]
+    assert bool((ours < theirs).all()), "a double-quant code differs from bitsandbytes without being nearer"
+
+
+def test_code_books_match_bitsandbytes():
+    from bitsandbytes.backends.utils import _get_4bit_code
+
+    assert torch.equal(torch.tensor(NF4_CODE, dtype=torch.float32), _get_4bit_code("nf4", torch.device("cpu")))
+    assert torch.equal(dynamic_code(), bnb_functional.create_dynamic_map(signed=True))
+
+
+@pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "dq"])
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("blocksize", BLOCKSIZES)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_quantize_and_dequantize_bit_identical(shape, blocksize, case, double_quant, dtype):
+    w = make_weight(shape, dtype, case)
+    packed, state = bnb_quantize(w, blocksize, double_quant)
+    if double_quant and not torch.isfinite(state.offset):
+        # The fp32 mean of the block absmax overflows; bitsandbytes then stores statistics that
+        # dequantize to non-finite values. We refuse instead of returning a poisoned weight.
+        assert not torch.isfinite(bnb_functional.dequantize_4bit(packed, state)).all()
+        with pytest.raises(ValueError, match="double quant.*overflow"):
+            lk.quantize_nf4(w, blocksize=blocksize, double_quant=double_quant)
+        return
+    q = lk.quantize_nf4(w, blocksize=blocksize, double_quant=double_quant)
+    assert_same_storage(q, packed, state)
+    ours = lk.dequantize_nf4(q)
+    assert ours.shape == w.shape and ours.dtype == dtype
+    # Same storage -> same values. (bitsandbytes returns a 1-D weight as [1, n].)
+    assert torch.equal(ours, bnb_functional.dequantize_4bit(q.packed.view(-1, 1), q.to_bnb()[1]).view(w.shape))
+    if torch.equal(q.absmax, state.absmax):
+        assert torch.equal(ours, bnb_functional.dequantize_4bit(packed, state).view(w.shape))
+
+
+@pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "dq"])
+def test_large_matrix_bit_identical(double_quant, dtype):
+    w = make_weight((512, 1000), dtype, "normal", seed=3)
+    q = lk.quantize_nf4(w, blocksize=64, double_quant=double_quant)
+    packed, state = bnb_quantize(w, 64, double_quant)
+    assert_same_storage(q, packed, state)
+    if torch.equal(q.absmax, state.absmax):
+        assert torch.equal(lk.dequantize_nf4(q), bnb_functional.dequantize_4bit(packed, state))
+
+
+@pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "dq"])
+def test_bitsandbytes_objects_dequantize_through_our_kernels(double_quant, dtype):
+    w = make_weight((96, 130), dtype, "normal", seed=1)
+    packed, state = bnb_quantize(w, 128, double_quant)
+    q = lk.NF4Weight.from_bnb(packed, state)
+    assert torch.equal(q.dequantize(), bnb_functional.dequantize_4bit(packed, state))
+    assert torch.equal(q.packed, packed.view(-1)) and q.absmax.data_ptr() == state.absmax.data_ptr()
+
+
+@pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "dq"])
+def test_our_objects_dequantize_through_bitsandbytes(double_quant, dtype):
+    w = make_weight((96, 130), dtype, "normal", seed=2)
+    q = lk.quantize_nf4(w, blocksize=64, double_quant=double_quant)
+    packed, state = q.to_bnb()
+    assert torch.equal(bnb_functional.dequantize_4bit(packed, state), q.dequantize())
+
+
+@pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "dq"])
+def test_params4bit_round_trip(double_quant):
+    w = make_weight((64, 96), torch.bfloat16, "normal", seed=4)
+    q = lk.quantize_nf4(w, blocksize=64, double_quant=double_quant)
+    param = q.to_params4bit()
+    back = lk.NF4Weight.from_params4bit(param)
+    packed, state = q.to_bnb()
+    assert_same_storage(back, packed, state)
+    assert torch.equal(back.absmax, q.absmax)
+    assert torch.equal(back.dequantize(), q.dequantize())
