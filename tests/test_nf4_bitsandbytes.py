@@ -10,9 +10,14 @@ import lowrank_kernels as lk  # noqa: E402
 from lowrank_kernels.codebooks import NF4_CODE, dynamic_code  # noqa: E402
 from nf4_cases import BLOCKSIZES, CASES, SHAPES, make_weight  # noqa: E402
 
-# bitsandbytes' dequantize falls back to a torch.compile'd function for odd last dims; eager
-# execution computes the same thing without minutes of recompiles across our many shapes.
-torch._dynamo.config.disable = True
+
+
+@pytest.fixture(autouse=True)
+def _eager_bitsandbytes():
+    """bitsandbytes' dequantize falls back to a torch.compile'd function for odd last dims; eager
+    execution computes the same thing without minutes of recompiles across our many shapes."""
+    with torch._dynamo.config.patch(disable=True):
+        yield
 
 
 def bnb_quantize(w, blocksize, double_quant):

@@ -14,7 +14,20 @@ import triton.language as tl
 from lowrank_kernels.codebooks import nf4_code
 
 _DEQUANT_BYTES_PER_PROGRAM = 1024
+_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 _MIN_ABSMAX = 1e-38
+
+
+@triton.jit
+def _round_to(v, OUT_TY: tl.constexpr):
+    """fp32 -> OUT_TY rounding to nearest even. bf16 is rounded on the bit pattern (as GPUs do):
+    the interpreter's own cast truncates, and results must match the C++/CUDA kernels."""
+    if OUT_TY == tl.bfloat16:
+        bits = v.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return v.to(OUT_TY)
 
 
 @triton.jit
@@ -24,7 +37,7 @@ def _dequantize_nf4_kernel(
     # sizes
     numel,
     # meta-parameters
-    BLOCKSIZE: tl.constexpr, BYTES: tl.constexpr,
+    BLOCKSIZE: tl.constexpr, BYTES: tl.constexpr, OUT_TY: tl.constexpr,
 ):
     byte = tl.program_id(0) * BYTES + tl.arange(0, BYTES)
     first = byte * 2  # element index of the high nibble; 2 divides BLOCKSIZE
@@ -33,9 +46,8 @@ def _dequantize_nf4_kernel(
     scale = tl.load(absmax_ptr + first // BLOCKSIZE, mask=in_range, other=0.0)
     high = tl.load(code_ptr + (packed >> 4)) * scale
     low = tl.load(code_ptr + (packed & 0xF)) * scale
-    out_ty = out_ptr.dtype.element_ty
-    tl.store(out_ptr + first, high.to(out_ty), mask=in_range)
-    tl.store(out_ptr + first + 1, low.to(out_ty), mask=first + 1 < numel)
+    tl.store(out_ptr + first, _round_to(high, OUT_TY), mask=in_range)
+    tl.store(out_ptr + first + 1, _round_to(low, OUT_TY), mask=first + 1 < numel)
 
 
 @triton.jit
@@ -56,10 +68,10 @@ def _quantize_nf4_kernel(
     absmax = tl.max(tl.abs(x), axis=0)
     # x - x is 0 for finite x and NaN otherwise: a NaN absmax reports non-finite input.
     probe = tl.sum(x - x, axis=0)
-    clamped = tl.maximum(absmax, MIN_ABSMAX)
+    clamped = tl.maximum(absmax, MIN_ABSMAX).to(tl.float32)
     is_tail = first + BLOCKSIZE > numel
     # Complete blocks multiply by the reciprocal, the tail divides (as bitsandbytes does).
-    reciprocal = tl.div_rn(tl.full_like(clamped, 1.0), clamped)
+    reciprocal = tl.div_rn(clamped * 0.0 + 1.0, clamped)
     scaled = tl.where(is_tail, tl.div_rn(x, tl.zeros_like(x) + clamped), x * reciprocal)
     boundaries = tl.load(boundaries_ptr + tl.arange(0, 16), mask=tl.arange(0, 16) < 15, other=float("inf"))
     codes = tl.sum((scaled[:, None] > boundaries[None, :]).to(tl.int32), axis=1)
@@ -89,7 +101,7 @@ def dequantize_nf4(packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, n
         _dequantize_nf4_kernel[grid](
             packed.contiguous(), absmax.contiguous(), nf4_code(packed.device), out,
             numel,
-            BLOCKSIZE=blocksize, BYTES=_DEQUANT_BYTES_PER_PROGRAM,
+            BLOCKSIZE=blocksize, BYTES=_DEQUANT_BYTES_PER_PROGRAM, OUT_TY=_TL_DTYPES[dtype],
         )
     return out
 
