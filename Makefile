@@ -24,7 +24,7 @@ test: $(BUILD_STAMP)
 	TRITON_INTERPRET=1 $(PY) -m pytest tests/triton -q -p no:cacheprovider
 
 bench: $(BUILD_STAMP)
-	$(PY) bench/run_all.py
+	$(PY) bench/bench_nf4.py
 
 info: $(BUILD_STAMP)
 	$(PY) -m lowrank_kernels info

@@ -1,0 +1,49 @@
+"""Benchmark helpers: machine description, timing, table printing."""
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+
+def machine_description() -> str:
+    model = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    simd = torch.backends.cpu.get_cpu_capability()
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
+    return (f"{model}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, "
+            f"ATen CPU capability {simd}, GPU {gpu}; torch {torch.__version__}")
+
+
+def time_call(fn: Callable[[], object], repeat: int = 10, warmup: int = 2) -> float:
+    """Median wall time of `fn` in seconds (synchronising CUDA when present)."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def print_table(headers: list[str], rows: list[list[object]]) -> None:
+    cells = [[str(c) for c in row] for row in [headers, *rows]]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    for k, row in enumerate(cells):
+        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
+        if k == 0:
+            print("  ".join("-" * w for w in widths))
