@@ -6,6 +6,7 @@
 
 #include <string>
 
+#include "lowrank_kernels/nf4_linear_math.h"
 #include "lowrank_kernels_build_config.h"
 
 extern "C" {
@@ -31,6 +32,8 @@ std::string build_info() {
 #else
   info += ", \"cuda_kernels\": false, \"cuda_archs\": \"\"";
 #endif
+  info += ", \"cpu_decode_max_tokens\": " + std::to_string(kCpuDecodeMaxTokens);
+  info += ", \"cuda_gemv_max_tokens\": " + std::to_string(kCudaGemvMaxTokens);
   return info + "}";
 }
 
@@ -42,6 +45,20 @@ TORCH_LIBRARY(lowrank_kernels, m) {
         "Tensor(a!) out) -> ()");
   m.def("quantize_blockwise8(Tensor x, Tensor code, int blocksize) -> (Tensor q, Tensor absmax)");
   m.def("dequantize_blockwise8(Tensor q, Tensor absmax, Tensor code, int blocksize) -> Tensor");
+  // Fused QPiSSA linear, W = dequantize_nf4(packed, absmax) viewed [out_features, in_features]:
+  //   nf4_lowrank_linear:  y  = x @ W^T + scale * lowrank_x @ up^T (+ bias)      [M, out_features]
+  //   nf4_lowrank_gemv:    the same, always on the few-token decode kernel
+  //   nf4_lowrank_linear_grad_input:
+  //                        dx = grad_y @ W + scale * lowrank_grad @ down          [M, in_features]
+  //   fused_pissa_linear_nf4: the autograd op, y = x @ W^T + scale * (x @ B^T) @ A^T (+ bias)
+  m.def("nf4_lowrank_linear(Tensor x, Tensor packed, Tensor absmax, int blocksize, int out_features, "
+        "Tensor lowrank_x, Tensor up, float scale, Tensor? bias) -> Tensor");
+  m.def("nf4_lowrank_gemv(Tensor x, Tensor packed, Tensor absmax, int blocksize, int out_features, "
+        "Tensor lowrank_x, Tensor up, float scale, Tensor? bias) -> Tensor");
+  m.def("nf4_lowrank_linear_grad_input(Tensor grad_y, Tensor packed, Tensor absmax, int blocksize, "
+        "int in_features, Tensor lowrank_grad, Tensor down, float scale) -> Tensor");
+  m.def("fused_pissa_linear_nf4(Tensor x, Tensor packed, Tensor absmax, int blocksize, Tensor A, Tensor B, "
+        "Tensor? bias, float scale) -> Tensor");
 }
 
 }  // namespace lowrank_kernels

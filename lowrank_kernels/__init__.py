@@ -1,9 +1,11 @@
 """lowrank_kernels: compiled kernels for PiSSA-family fine-tuning.
 
-Public API (this release): NF4 storage bit-compatible with bitsandbytes, and build_info().
+Public API: NF4 storage bit-compatible with bitsandbytes; fused_pissa_linear (the QPiSSA /
+PiSSA training op); build_info().
 """
 from lowrank_kernels._extension import ExtensionNotBuiltError
 from lowrank_kernels.build_info import build_info, format_build_info
+from lowrank_kernels.fused_linear import fused_pissa_linear
 from lowrank_kernels.nf4 import NF4Weight, dequantize_nf4, load_nf4, quantize_nf4, save_nf4
 
 __version__ = "0.1.0"
@@ -14,6 +16,7 @@ __all__ = [
     "build_info",
     "dequantize_nf4",
     "format_build_info",
+    "fused_pissa_linear",
     "load_nf4",
     "quantize_nf4",
     "save_nf4",

@@ -43,8 +43,8 @@ def format_build_info(info: dict | None = None) -> str:
         f"CPU kernels: {info['cpu_kernels']} (SIMD: {info['cpu_simd']})",
         f"CUDA kernels: {info['cuda_kernels']} (archs: {', '.join(info['cuda_archs']) or '-'})",
         "",
-        f"{'op':<24}{'cpu':<26}cuda",
     ]
-    for op, per_device in info["backends"].items():
-        lines.append(f"{op:<24}{per_device['cpu']:<26}{per_device['cuda']}")
+    rows = [("op", "cpu", "cuda")] + [(op, d["cpu"], d["cuda"]) for op, d in info["backends"].items()]
+    op_width, cpu_width = (max(len(row[i]) for row in rows) + 2 for i in (0, 1))
+    lines += [f"{op:<{op_width}}{cpu:<{cpu_width}}{cuda}" for op, cpu, cuda in rows]
     return "\n".join(lines)

@@ -16,7 +16,9 @@ from lowrank_kernels import _extension
 from lowrank_kernels.reference import nf4 as reference
 
 NAMESPACE = "lowrank_kernels"
-OPS = ("quantize_nf4", "dequantize_nf4", "quantize_blockwise8", "dequantize_blockwise8")
+NF4_OPS = ("quantize_nf4", "dequantize_nf4", "quantize_blockwise8", "dequantize_blockwise8")
+FUSED_LINEAR_OPS = ("nf4_lowrank_linear", "nf4_lowrank_gemv", "nf4_lowrank_linear_grad_input", "fused_pissa_linear_nf4")
+OPS = NF4_OPS + FUSED_LINEAR_OPS
 _TRITON_OPS = ("quantize_nf4", "dequantize_nf4")
 
 
@@ -24,25 +26,51 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+def cpu_decode_max_tokens() -> int:
+    """Token counts up to this run the CPU fused linear's decode kernel, larger ones its GEMM kernel."""
+    return _extension.compiled_config().get("cpu_decode_max_tokens", 0)
+
+
+def cuda_gemv_max_tokens() -> int:
+    """Token counts up to this run the CUDA GEMV kernel, larger ones the Triton GEMM kernel."""
+    return _extension.compiled_config().get("cuda_gemv_max_tokens", 0)
+
+
 def _cuda_backend(op: str) -> str:
-    if _extension.compiled_config().get("cuda_kernels"):
+    cuda_cpp = bool(_extension.compiled_config().get("cuda_kernels"))
+    gemm = "Triton" if triton_available() else "PyTorch reference"
+    if op in FUSED_LINEAR_OPS:
+        gemv = "CUDA C++ GEMV" if cuda_cpp else gemm
+        m = cuda_gemv_max_tokens()
+        return {
+            "nf4_lowrank_linear": f"{gemv} (M<={m}), {gemm} GEMM (M>{m})",
+            "nf4_lowrank_gemv": gemv,
+            "nf4_lowrank_linear_grad_input": f"{gemm} GEMM",
+            "fused_pissa_linear_nf4": "autograd over nf4_lowrank_linear(_grad_input)",
+        }[op]
+    if cuda_cpp:
         return "CUDA C++"
-    if op in _TRITON_OPS and triton_available():
-        return "Triton"
-    return "PyTorch reference"
+    return gemm if op in _TRITON_OPS else "PyTorch reference"
 
 
-def _cpu_backend() -> str:
+def _cpu_backend(op: str) -> str:
     simd = _extension.compiled_config().get("cpu_simd", "scalar")
-    return f"C++ ({simd.upper() if simd != 'scalar' else 'scalar'}, OpenMP)"
+    cxx = f"C++ ({simd.upper() if simd != 'scalar' else 'scalar'}, OpenMP)"
+    m = cpu_decode_max_tokens()
+    return {
+        "nf4_lowrank_linear": f"{cxx} decode (M<={m}), panel GEMM (M>{m})",
+        "nf4_lowrank_gemv": f"{cxx} decode",
+        "nf4_lowrank_linear_grad_input": f"{cxx} decode (M<={m}), panel GEMM (M>{m})",
+        "fused_pissa_linear_nf4": "autograd over nf4_lowrank_linear(_grad_input)",
+    }.get(op, cxx)
 
 
 def backends() -> dict[str, dict[str, str]]:
-    """op -> {device type -> backend serving it}."""
+    """op -> {device type -> kernel(s) serving it, with the token ranges of each}."""
     if _extension.load_error() is not None:
         return {op: {"cpu": "unavailable (extension not built)", "cuda": "unavailable"} for op in OPS}
     cuda = {op: _cuda_backend(op) if torch.version.cuda else "unavailable (CPU-only torch)" for op in OPS}
-    return {op: {"cpu": _cpu_backend(), "cuda": cuda[op]} for op in OPS}
+    return {op: {"cpu": _cpu_backend(op), "cuda": cuda[op]} for op in OPS}
 
 
 def _register_fakes() -> None:
@@ -106,7 +134,8 @@ def register() -> None:
 
 def op(name: str):
     """The OpOverloadPacket torch.ops.lowrank_kernels.<name>, or a clear error if not built."""
-    _extension.require()
+    if not torch.compiler.is_compiling():  # checked once in eager; dynamo cannot trace the import
+        _extension.require()
     return getattr(torch.ops.lowrank_kernels, name)
 
 

@@ -33,7 +33,10 @@ def test_cuda_sources_compiled_when_expected():
     assert info["cuda_kernels"], "CUDA sources were expected to compile (CUDA torch + nvcc) but the build has none"
     expected = os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;9.0").replace(",", ";").split(";")
     assert info["cuda_archs"] == [a for a in expected if a]
-    assert all(per_device["cuda"] == "CUDA C++" for per_device in info["backends"].values())
+    backends = info["backends"]
+    assert all(backends[op]["cuda"] == "CUDA C++" for op in ops.NF4_OPS)
+    assert backends["nf4_lowrank_gemv"]["cuda"] == "CUDA C++ GEMV"
+    assert backends["nf4_lowrank_linear"]["cuda"].startswith(f"CUDA C++ GEMV (M<={ops.cuda_gemv_max_tokens()})")
 
 
 def test_every_op_has_a_cpu_and_cuda_backend():
@@ -41,8 +44,16 @@ def test_every_op_has_a_cpu_and_cuda_backend():
     assert set(backends) == set(ops.OPS)
     registered = {name.split("::")[1] for name in torch._C._dispatch_get_all_op_names() if name.startswith("lowrank_kernels::")}
     assert set(ops.OPS) <= registered
-    for per_device in backends.values():
-        assert per_device["cpu"].startswith("C++")
+    for op, per_device in backends.items():
+        assert per_device["cpu"].startswith("C++") or op == "fused_pissa_linear_nf4"
+
+
+def test_build_info_reports_token_dispatch():
+    """Which kernel serves which token count is part of the compiled configuration."""
+    backends = lk.build_info()["backends"]
+    decode_max = ops.cpu_decode_max_tokens()
+    assert decode_max >= 1 and ops.cuda_gemv_max_tokens() >= 1
+    assert f"decode (M<={decode_max}), panel GEMM (M>{decode_max})" in backends["nf4_lowrank_linear"]["cpu"]
 
 
 def test_format_build_info_lists_every_op():
@@ -70,4 +81,4 @@ def test_missing_extension_gives_clear_error():
 def test_cli_info_runs():
     result = subprocess.run([sys.executable, "-m", "lowrank_kernels", "info"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert "quantize_nf4" in result.stdout
+    assert "quantize_nf4" in result.stdout and "nf4_lowrank_linear" in result.stdout

@@ -9,38 +9,20 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
-
-#if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-#define LK_HAVE_AVX2 1
-#endif
 
 #include "lowrank_kernels/checks.h"
 #include "lowrank_kernels/nf4_math.h"
+#include "nf4_simd.h"
 
 namespace lowrank_kernels {
 namespace {
 
-// Calls f(T{}) with T the C++ type of a float32/float16/bfloat16 dtype.
-template <typename F>
-void dispatch_float(at::ScalarType dtype, const char* name, F&& f) {
-  switch (dtype) {
-    case at::kFloat: return f(float{});
-    case at::kHalf: return f(c10::Half{});
-    case at::kBFloat16: return f(c10::BFloat16{});
-    default: TORCH_CHECK(false, name, ": dtype must be float32, float16 or bfloat16, got ", dtype);
-  }
-}
+using cpu::dispatch_float;
+using cpu::from_float;
+using cpu::to_float;
 
 // Blocks per parallel task: enough work per task to amortise scheduling (>= 64 KiB of input).
 int64_t grain_blocks(int64_t blocksize) { return std::max<int64_t>(1, 16384 / blocksize); }
-
-// ---------------------------------------------------------------------------------------------
-// Element loads/stores in fp32, exactly as torch converts (bf16/fp16 -> fp32 is exact;
-// fp32 -> bf16/fp16 rounds to nearest even).
-template <typename T> inline float to_float(T v) { return static_cast<float>(v); }
-template <typename T> inline T from_float(float v) { return static_cast<T>(v); }
 
 // ---------------------------------------------------------------------------------------------
 // Quantize.
@@ -101,68 +83,13 @@ void quantize_nf4_kernel(const T* x, int64_t numel, int64_t blocksize, uint8_t* 
 // Dequantize.
 
 template <typename T>
-void decode_bytes_scalar(const uint8_t* packed, int64_t first, int64_t count, float absmax,
-                         T* out) {
-  for (int64_t i = first; i < first + count; ++i)
-    out[i] = from_float<T>(nf4_decode(nf4_nibble(packed, i), absmax));
-}
-
-#ifdef LK_HAVE_AVX2
-inline void store8(float* out, __m256 v) { _mm256_storeu_ps(out, v); }
-inline void store8(c10::Half* out, __m256 v) {
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(out),
-                   _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-}
-inline void store8(c10::BFloat16* out, __m256 v) {
-  // Round to nearest even on the bit pattern (values are finite: inputs were checked).
-  __m256i bits = _mm256_castps_si256(v);
-  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
-  bits = _mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF)));
-  bits = _mm256_srli_epi32(bits, 16);
-  const __m128i packed16 =
-      _mm_packus_epi32(_mm256_castsi256_si128(bits), _mm256_extracti128_si256(bits, 1));
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(out), packed16);
-}
-
-// 8 elements from 4 packed bytes: the code lookup is a 16-entry table split into two 8-lane
-// permutes selected by the nibble's top bit.
-inline __m256 decode8(const uint8_t* bytes, __m256 table_lo, __m256 table_hi, __m256 scale) {
-  uint32_t word;
-  std::memcpy(&word, bytes, 4);
-  const __m256i shifts = _mm256_setr_epi32(4, 0, 12, 8, 20, 16, 28, 24);
-  __m256i nib = _mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(word)), shifts);
-  nib = _mm256_and_si256(nib, _mm256_set1_epi32(0xF));
-  const __m256 lo = _mm256_permutevar8x32_ps(table_lo, nib);
-  const __m256 hi = _mm256_permutevar8x32_ps(table_hi, nib);
-  const __m256 use_hi = _mm256_castsi256_ps(_mm256_slli_epi32(nib, 28));  // bit 3 -> sign bit
-  return _mm256_mul_ps(_mm256_blendv_ps(lo, hi, use_hi), scale);
-}
-#endif
-
-// Decodes elements [first, first + count) of one block (first is even).
-template <typename T>
-void decode_block(const uint8_t* packed, int64_t first, int64_t count, float absmax, T* out) {
-  int64_t i = 0;
-#ifdef LK_HAVE_AVX2
-  const __m256 table_lo = _mm256_setr_ps(nf4_code(0), nf4_code(1), nf4_code(2), nf4_code(3),
-                                         nf4_code(4), nf4_code(5), nf4_code(6), nf4_code(7));
-  const __m256 table_hi = _mm256_setr_ps(nf4_code(8), nf4_code(9), nf4_code(10), nf4_code(11),
-                                         nf4_code(12), nf4_code(13), nf4_code(14), nf4_code(15));
-  const __m256 scale = _mm256_set1_ps(absmax);
-  for (; i + 8 <= count; i += 8)
-    store8(out + first + i, decode8(packed + (first + i) / 2, table_lo, table_hi, scale));
-#endif
-  decode_bytes_scalar(packed, first + i, count - i, absmax, out);
-}
-
-template <typename T>
 void dequantize_nf4_kernel(const uint8_t* packed, const float* absmax, int64_t numel,
                            int64_t blocksize, T* out) {
   const int64_t blocks = (numel + blocksize - 1) / blocksize;
   at::parallel_for(0, blocks, grain_blocks(blocksize), [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       const int64_t first = b * blocksize;
-      decode_block(packed, first, std::min(blocksize, numel - first), absmax[b], out);
+      cpu::decode_run(packed, first, std::min(blocksize, numel - first), absmax[b], out + first);
     }
   });
 }

@@ -4,6 +4,9 @@
 
 #include <ATen/ATen.h>
 
+#include <optional>
+#include <string>
+
 namespace lowrank_kernels {
 
 inline void check_blocksize(int64_t blocksize) {
@@ -64,6 +67,52 @@ inline void check_blockwise8_storage(const at::Tensor& q, const at::Tensor& absm
   TORCH_CHECK(q.device() == absmax.device() && q.device() == code.device(),
               "q, absmax and code must be on one device, got ", q.device(), ", ", absmax.device(), ", ",
               code.device());
+}
+
+// ---- fused NF4 linear: y = x @ W^T + scale * left @ right^T (+ bias), W [rows, cols] in NF4 ----
+
+inline void check_matrix(const at::Tensor& t, const char* name, int64_t rows, int64_t cols, at::ScalarType dtype,
+                         const at::Device& device) {
+  TORCH_CHECK(t.dim() == 2 && (rows < 0 || t.size(0) == rows) && (cols < 0 || t.size(1) == cols), name,
+              " must be a matrix of shape [", rows < 0 ? std::string("*") : std::to_string(rows), ", ",
+              cols < 0 ? std::string("*") : std::to_string(cols), "], got shape ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == dtype, name, " must be ", dtype, " (the activation dtype), got ",
+              t.scalar_type(), " with shape ", t.sizes());
+  TORCH_CHECK(t.device() == device, name, " is on ", t.device(), " but the activations are on ", device);
+}
+
+inline void check_activations(const at::Tensor& a, const char* name, const at::Tensor& packed) {
+  check_float_input(a, name);
+  TORCH_CHECK(a.dim() == 2, name, " must be a matrix [tokens, features], got shape ", a.sizes());
+  TORCH_CHECK(packed.device() == a.device(), "packed is on ", packed.device(), " but ", name, " is on ", a.device());
+}
+
+// x [M, K] @ W^T, W [out_features, K]; lowrank_x [M, r]; up [out_features, r]; bias [out_features].
+inline void check_nf4_lowrank_linear_args(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                                          int64_t blocksize, int64_t out_features, const at::Tensor& lowrank_x,
+                                          const at::Tensor& up, const std::optional<at::Tensor>& bias) {
+  check_activations(x, "x", packed);
+  TORCH_CHECK(out_features >= 0, "out_features must be non-negative, got ", out_features);
+  check_nf4_storage(packed, absmax, blocksize, out_features * x.size(1));
+  check_matrix(lowrank_x, "lowrank_x", x.size(0), -1, x.scalar_type(), x.device());
+  check_matrix(up, "up", out_features, lowrank_x.size(1), x.scalar_type(), x.device());
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out_features && bias->scalar_type() == x.scalar_type() &&
+                    bias->device() == x.device(),
+                "bias must be a ", x.scalar_type(), " vector of ", out_features, " values on ", x.device(), ", got ",
+                bias->scalar_type(), " with shape ", bias->sizes(), " on ", bias->device());
+  }
+}
+
+// grad_y [M, N] @ W, W [N, in_features]; lowrank_grad [M, r]; down [r, in_features].
+inline void check_nf4_lowrank_grad_input_args(const at::Tensor& grad_y, const at::Tensor& packed,
+                                              const at::Tensor& absmax, int64_t blocksize, int64_t in_features,
+                                              const at::Tensor& lowrank_grad, const at::Tensor& down) {
+  check_activations(grad_y, "grad_y", packed);
+  TORCH_CHECK(in_features >= 0, "in_features must be non-negative, got ", in_features);
+  check_nf4_storage(packed, absmax, blocksize, grad_y.size(1) * in_features);
+  check_matrix(lowrank_grad, "lowrank_grad", grad_y.size(0), -1, grad_y.scalar_type(), grad_y.device());
+  check_matrix(down, "down", lowrank_grad.size(1), in_features, grad_y.scalar_type(), grad_y.device());
 }
 
 }  // namespace lowrank_kernels

@@ -1,0 +1,244 @@
+// C++ CPU kernels of the fused QPiSSA linear, W = NF4 residual [N, K] (DESIGN.md §2):
+//   forward      y  = x @ W^T + scale * lowrank_x @ up^T (+ bias)
+//   grad-input   dx = grad_y @ W + scale * lowrank_grad @ down
+// Two paths, chosen by token count M:
+// - decode (few tokens): stream the packed nibbles once, dequantize 8 at a time in registers and
+//   multiply-accumulate every token against them; the low-rank term and bias are added per
+//   output in the same pass. OpenMP across output rows.
+// - GEMM (many tokens): dequantize a cache-sized panel of W rows into fp32 and hand it to the
+//   BLAS GEMM (MKL), panel by panel. Only one panel ever exists: W is never materialised.
+// Activations are computed in fp32 whatever their dtype (this CPU has no faster bf16/fp16
+// arithmetic); the result is rounded once to the activation dtype.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <optional>
+#include <vector>
+
+#include "lowrank_kernels/checks.h"
+#include "lowrank_kernels/nf4_linear_math.h"
+#include "nf4_simd.h"
+
+namespace lowrank_kernels {
+namespace {
+
+using cpu::decode_row;
+using cpu::for_each_block_run;
+
+// Tokens multiplied against one decoded register of weights (accumulators live in registers).
+constexpr int kTokenGroup = 8;
+// Bytes of fp32 weights dequantized per GEMM panel: large enough for an efficient GEMM call,
+// small enough to stay in the last-level cache.
+constexpr int64_t kPanelBytes = int64_t{4} << 20;
+
+at::Tensor as_float(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
+
+// Operands of a call in fp32, contiguous: the kernels below index them directly.
+struct LinearOperands {
+  at::Tensor a;      // activations [M, inner]
+  at::Tensor left;   // low-rank activations [M, r]
+  at::Tensor right;  // low-rank weight: up [N, r] (forward) or down [r, K] (grad-input)
+};
+
+// ---------------------------------------------------------------------------------------------
+// Decode path, forward.
+
+// Adds dot(W[row, :], x[t, :]) for TOKENS tokens starting at x (row stride `cols`) into acc.
+template <int TOKENS>
+void dot_row(const uint8_t* packed, const float* absmax, int64_t row, int64_t cols, int64_t blocksize,
+             const float* x, float* acc) {
+#ifdef LK_HAVE_AVX2
+  const cpu::NF4Table table;
+  __m256 vacc[TOKENS];
+  for (int t = 0; t < TOKENS; ++t) vacc[t] = _mm256_setzero_ps();
+#endif
+  for_each_block_run(row, cols, blocksize, absmax, [&](int64_t col, int64_t count, int64_t first, float a) {
+    int64_t i = 0;
+    // Elements before the first byte boundary and after the last whole group of 8: scalar.
+    auto scalar = [&](int64_t j) {
+      const float w = nf4_decode(nf4_nibble(packed, first + j), a);
+      for (int t = 0; t < TOKENS; ++t) acc[t] += w * x[t * cols + col + j];
+    };
+    if (first & 1) scalar(i++);
+#ifdef LK_HAVE_AVX2
+    const __m256 scale = _mm256_set1_ps(a);
+    for (; i + 8 <= count; i += 8) {
+      const __m256 w = cpu::decode8(packed + (first + i) / 2, table, scale);
+      for (int t = 0; t < TOKENS; ++t)
+        vacc[t] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + t * cols + col + i), vacc[t]);
+    }
+#endif
+    for (; i < count; ++i) scalar(i);
+  });
+#ifdef LK_HAVE_AVX2
+  for (int t = 0; t < TOKENS; ++t) {
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, vacc[t]);
+    for (float v : lanes) acc[t] += v;
+  }
+#endif
+}
+
+using DotRowFn = void (*)(const uint8_t*, const float*, int64_t, int64_t, int64_t, const float*, float*);
+
+template <int... TOKENS>
+DotRowFn dot_row_for(int tokens, std::integer_sequence<int, TOKENS...>) {
+  static constexpr DotRowFn table[] = {&dot_row<TOKENS + 1>...};
+  return table[tokens - 1];
+}
+
+template <typename T>
+void decode_forward(const uint8_t* packed, const float* absmax, int64_t blocksize, int64_t rows, int64_t cols,
+                    const LinearOperands& in, float scale, const float* bias, T* y) {
+  const int64_t tokens = in.a.size(0), rank = in.left.size(1);
+  const float* x = in.a.data_ptr<float>();
+  const float* left = in.left.data_ptr<float>();
+  const float* up = in.right.data_ptr<float>();
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      for (int64_t t0 = 0; t0 < tokens; t0 += kTokenGroup) {
+        const int group = static_cast<int>(std::min<int64_t>(kTokenGroup, tokens - t0));
+        float acc[kTokenGroup] = {};
+        dot_row_for(group, std::make_integer_sequence<int, kTokenGroup>{})(packed, absmax, row, cols, blocksize,
+                                                                           x + t0 * cols, acc);
+        for (int t = 0; t < group; ++t) {
+          float lowrank = 0.0f;
+          for (int64_t j = 0; j < rank; ++j) lowrank += left[(t0 + t) * rank + j] * up[row * rank + j];
+          float v = acc[t] + scale * lowrank;
+          if (bias != nullptr) v += bias[row];
+          y[(t0 + t) * rows + row] = cpu::from_float<T>(v);
+        }
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Decode path, grad-input: each thread accumulates grad_y[:, rows] @ W[rows, :] for its rows
+// into a private [M, K] fp32 buffer (M is small), then the buffers are summed.
+
+at::Tensor decode_grad_input(const uint8_t* packed, const float* absmax, int64_t blocksize, int64_t rows,
+                             int64_t cols, const at::Tensor& grad_y) {
+  const int64_t tokens = grad_y.size(0);
+  const float* gy = grad_y.data_ptr<float>();
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), rows));
+  at::Tensor partial = at::zeros({chunks, tokens, cols}, grad_y.options());
+  float* partial_data = partial.data_ptr<float>();
+  at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
+    std::vector<float> w(cols);
+    for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
+      float* acc = partial_data + chunk * tokens * cols;
+      for (int64_t row = rows * chunk / chunks; row < rows * (chunk + 1) / chunks; ++row) {
+        decode_row(packed, absmax, row, cols, blocksize, w.data());
+        for (int64_t t = 0; t < tokens; ++t) {
+          const float g = gy[t * rows + row];
+          float* acc_t = acc + t * cols;
+#pragma omp simd
+          for (int64_t k = 0; k < cols; ++k) acc_t[k] += g * w[k];
+        }
+      }
+    }
+  });
+  return partial.sum(0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// GEMM path: W processed in panels of whole rows, each dequantized to fp32 then multiplied.
+
+int64_t panel_rows(int64_t rows, int64_t cols) {
+  return std::clamp<int64_t>(kPanelBytes / (4 * std::max<int64_t>(cols, 1)), 1, std::max<int64_t>(rows, 1));
+}
+
+// Calls f(first_row, panel) for consecutive panels of W, panel = W[first_row : first_row + n] in fp32.
+template <typename F>
+void for_each_panel(const uint8_t* packed, const float* absmax, int64_t blocksize, int64_t rows, int64_t cols,
+                    F&& f) {
+  const int64_t step = panel_rows(rows, cols);
+  at::Tensor buffer = at::empty({step, cols}, at::TensorOptions().dtype(at::kFloat));
+  float* data = buffer.data_ptr<float>();
+  for (int64_t first = 0; first < rows; first += step) {
+    const int64_t n = std::min(step, rows - first);
+    at::parallel_for(0, n, 8, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) decode_row(packed, absmax, first + r, cols, blocksize, data + r * cols);
+    });
+    f(first, buffer.narrow(0, 0, n));
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Ops.
+
+bool use_decode_path(int64_t tokens) { return tokens <= kCpuDecodeMaxTokens; }
+
+at::Tensor forward(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
+                   int64_t out_features, const at::Tensor& lowrank_x, const at::Tensor& up, double scale,
+                   const std::optional<at::Tensor>& bias, bool decode) {
+  check_nf4_lowrank_linear_args(x, packed, absmax, blocksize, out_features, lowrank_x, up, bias);
+  const int64_t tokens = x.size(0), cols = x.size(1);
+  const at::Tensor p = packed.contiguous(), a = absmax.contiguous();
+  const LinearOperands in{as_float(x), as_float(lowrank_x), as_float(up)};
+  const std::optional<at::Tensor> bias32 = bias.has_value() ? std::optional(as_float(*bias)) : std::nullopt;
+  if (decode) {
+    at::Tensor y = at::empty({tokens, out_features}, x.options());
+    cpu::dispatch_float(x.scalar_type(), "nf4_lowrank_linear", [&](auto tag) {
+      decode_forward(p.data_ptr<uint8_t>(), a.data_ptr<float>(), blocksize, out_features, cols, in,
+                     static_cast<float>(scale), bias32 ? bias32->data_ptr<float>() : nullptr,
+                     y.data_ptr<decltype(tag)>());
+    });
+    return y;
+  }
+  at::Tensor y = bias32 ? bias32->expand({tokens, out_features}).contiguous()
+                        : at::zeros({tokens, out_features}, in.a.options());
+  y.addmm_(in.left, in.right.t(), 1.0, scale);
+  for_each_panel(p.data_ptr<uint8_t>(), a.data_ptr<float>(), blocksize, out_features, cols,
+                 [&](int64_t first, const at::Tensor& panel) {
+                   y.narrow(1, first, panel.size(0)).addmm_(in.a, panel.t());
+                 });
+  return y.to(x.scalar_type());
+}
+
+at::Tensor nf4_lowrank_linear_cpu(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                                  int64_t blocksize, int64_t out_features, const at::Tensor& lowrank_x,
+                                  const at::Tensor& up, double scale, const std::optional<at::Tensor>& bias) {
+  return forward(x, packed, absmax, blocksize, out_features, lowrank_x, up, scale, bias,
+                 use_decode_path(x.dim() == 2 ? x.size(0) : 0));
+}
+
+at::Tensor nf4_lowrank_gemv_cpu(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                                int64_t blocksize, int64_t out_features, const at::Tensor& lowrank_x,
+                                const at::Tensor& up, double scale, const std::optional<at::Tensor>& bias) {
+  return forward(x, packed, absmax, blocksize, out_features, lowrank_x, up, scale, bias, /*decode=*/true);
+}
+
+at::Tensor nf4_lowrank_linear_grad_input_cpu(const at::Tensor& grad_y, const at::Tensor& packed,
+                                             const at::Tensor& absmax, int64_t blocksize, int64_t in_features,
+                                             const at::Tensor& lowrank_grad, const at::Tensor& down, double scale) {
+  check_nf4_lowrank_grad_input_args(grad_y, packed, absmax, blocksize, in_features, lowrank_grad, down);
+  const int64_t tokens = grad_y.size(0), rows = grad_y.size(1);
+  const at::Tensor p = packed.contiguous(), a = absmax.contiguous();
+  const LinearOperands in{as_float(grad_y), as_float(lowrank_grad), as_float(down)};
+  at::Tensor dx;
+  if (use_decode_path(tokens)) {
+    dx = decode_grad_input(p.data_ptr<uint8_t>(), a.data_ptr<float>(), blocksize, rows, in_features, in.a);
+  } else {
+    dx = at::zeros({tokens, in_features}, in.a.options());
+    for_each_panel(p.data_ptr<uint8_t>(), a.data_ptr<float>(), blocksize, rows, in_features,
+                   [&](int64_t first, const at::Tensor& panel) {
+                     dx.addmm_(in.a.narrow(1, first, panel.size(0)), panel);
+                   });
+  }
+  dx.addmm_(in.left, in.right, 1.0, scale);
+  return dx.to(grad_y.scalar_type());
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lowrank_kernels, CPU, m) {
+  m.impl("nf4_lowrank_linear", &nf4_lowrank_linear_cpu);
+  m.impl("nf4_lowrank_gemv", &nf4_lowrank_gemv_cpu);
+  m.impl("nf4_lowrank_linear_grad_input", &nf4_lowrank_linear_grad_input_cpu);
+}
+
+}  // namespace lowrank_kernels

@@ -1,0 +1,118 @@
+// CPU building blocks shared by the NF4 kernels (nf4_cpu.cpp) and the fused linear kernels
+// (nf4_linear_cpu.cpp): dtype dispatch, element conversion, and NF4 decoding of runs of
+// elements that lie in one quantization block (AVX2 where the build targets it, else scalar,
+// both on the element math of nf4_math.h).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define LK_HAVE_AVX2 1
+#endif
+
+#include "lowrank_kernels/nf4_math.h"
+
+namespace lowrank_kernels {
+namespace cpu {
+
+// Calls f(T{}) with T the C++ type of a float32/float16/bfloat16 dtype.
+template <typename F>
+void dispatch_float(at::ScalarType dtype, const char* name, F&& f) {
+  switch (dtype) {
+    case at::kFloat: return f(float{});
+    case at::kHalf: return f(c10::Half{});
+    case at::kBFloat16: return f(c10::BFloat16{});
+    default: TORCH_CHECK(false, name, ": dtype must be float32, float16 or bfloat16, got ", dtype);
+  }
+}
+
+// Element loads/stores in fp32, exactly as torch converts (bf16/fp16 -> fp32 is exact;
+// fp32 -> bf16/fp16 rounds to nearest even).
+template <typename T> inline float to_float(T v) { return static_cast<float>(v); }
+template <typename T> inline T from_float(float v) { return static_cast<T>(v); }
+
+#ifdef LK_HAVE_AVX2
+inline void store8(float* out, __m256 v) { _mm256_storeu_ps(out, v); }
+inline void store8(c10::Half* out, __m256 v) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(out),
+                   _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+inline void store8(c10::BFloat16* out, __m256 v) {
+  // Round to nearest even on the bit pattern (values are finite: inputs were checked).
+  __m256i bits = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  bits = _mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF)));
+  bits = _mm256_srli_epi32(bits, 16);
+  const __m128i packed16 =
+      _mm_packus_epi32(_mm256_castsi256_si128(bits), _mm256_extracti128_si256(bits, 1));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(out), packed16);
+}
+
+// The 16 NF4 codes as two 8-lane halves, for decode8's table lookup.
+struct NF4Table {
+  __m256 lo = _mm256_setr_ps(nf4_code(0), nf4_code(1), nf4_code(2), nf4_code(3), nf4_code(4),
+                             nf4_code(5), nf4_code(6), nf4_code(7));
+  __m256 hi = _mm256_setr_ps(nf4_code(8), nf4_code(9), nf4_code(10), nf4_code(11), nf4_code(12),
+                             nf4_code(13), nf4_code(14), nf4_code(15));
+};
+
+// 8 elements (times `scale`) from 4 packed bytes: the code lookup is a 16-entry table split into
+// two 8-lane permutes selected by the nibble's top bit.
+inline __m256 decode8(const uint8_t* bytes, const NF4Table& table, __m256 scale) {
+  uint32_t word;
+  std::memcpy(&word, bytes, 4);
+  const __m256i shifts = _mm256_setr_epi32(4, 0, 12, 8, 20, 16, 28, 24);
+  __m256i nib = _mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(word)), shifts);
+  nib = _mm256_and_si256(nib, _mm256_set1_epi32(0xF));
+  const __m256 lo = _mm256_permutevar8x32_ps(table.lo, nib);
+  const __m256 hi = _mm256_permutevar8x32_ps(table.hi, nib);
+  const __m256 use_hi = _mm256_castsi256_ps(_mm256_slli_epi32(nib, 28));  // bit 3 -> sign bit
+  return _mm256_mul_ps(_mm256_blendv_ps(lo, hi, use_hi), scale);
+}
+#endif
+
+// Decodes the `count` elements starting at flat index `first`, all in one quantization block
+// with the given absmax, into dst[0 .. count). `first` may be odd (a run starting mid-byte).
+template <typename T>
+void decode_run(const uint8_t* packed, int64_t first, int64_t count, float absmax, T* dst) {
+  int64_t i = 0;
+  if ((first & 1) && count > 0) {
+    dst[0] = from_float<T>(nf4_decode(nf4_nibble(packed, first), absmax));
+    i = 1;
+  }
+#ifdef LK_HAVE_AVX2
+  const NF4Table table;
+  const __m256 scale = _mm256_set1_ps(absmax);
+  for (; i + 8 <= count; i += 8) store8(dst + i, decode8(packed + (first + i) / 2, table, scale));
+#endif
+  for (; i < count; ++i) dst[i] = from_float<T>(nf4_decode(nf4_nibble(packed, first + i), absmax));
+}
+
+// Calls f(col, count, first, absmax) for each run of row `row` of an NF4 matrix [rows, cols]
+// that lies in one quantization block: columns [col, col + count), flat indices from `first`.
+template <typename F>
+inline void for_each_block_run(int64_t row, int64_t cols, int64_t blocksize, const float* absmax, F&& f) {
+  const int64_t row_first = row * cols, row_end = row_first + cols;
+  int64_t block = row_first / blocksize;  // one division per row: it costs as much as a run's decode
+  for (int64_t i = row_first; i < row_end; ++block) {
+    const int64_t stop = std::min(row_end, (block + 1) * blocksize);
+    f(i - row_first, stop - i, i, absmax[block]);
+    i = stop;
+  }
+}
+
+// Row `row` of the NF4 matrix [rows, cols], dequantized into dst[0 .. cols).
+template <typename T>
+void decode_row(const uint8_t* packed, const float* absmax, int64_t row, int64_t cols, int64_t blocksize, T* dst) {
+  for_each_block_run(row, cols, blocksize, absmax, [&](int64_t col, int64_t count, int64_t first, float a) {
+    decode_run(packed, first, count, a, dst + col);
+  });
+}
+
+}  // namespace cpu
+}  // namespace lowrank_kernels
