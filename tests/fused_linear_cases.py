@@ -13,9 +13,10 @@ import torch
 from lowrank_kernels.reference.fused_linear import _weight
 from lowrank_kernels.reference.nf4 import quantize_nf4_ref
 
-# (out_features N, in_features K, blocksize): aligned rows; rows straddling blocks; odd K (rows
-# starting mid-byte); N, K not multiples of 64 or of any tile size.
-SHAPES = [(64, 128, 64), (37, 100, 64), (33, 77, 32), (130, 64, 128), (5, 257, 32)]
+# (out_features N, in_features K, blocksize): rows aligned to blocks (the CPU decode kernels'
+# split-order path); rows straddling blocks; odd K (rows starting mid-byte); N, K not multiples
+# of 64 or of any tile size.
+SHAPES = [(64, 128, 64), (24, 384, 128), (37, 100, 64), (33, 77, 32), (130, 64, 128), (5, 257, 32)]
 RANKS = [1, 3, 16]
 FP32_UNIT_ROUNDOFF = 2.0 ** -24
 

@@ -13,6 +13,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <optional>
 #include <vector>
@@ -81,19 +82,112 @@ void dot_row(const uint8_t* packed, const float* absmax, int64_t row, int64_t co
 #endif
 }
 
+#ifdef LK_HAVE_AVX2
+// dot_row for rows that start a quantization block (nf4_rows_aligned) with x in split order
+// (cpu::split_columns): 32 codes per 16 bytes. Few tokens fold the block's absmax into
+// per-block sums (one FMA per block instead of a multiply per code vector) and keep CHAINS
+// independent accumulators per token, so the FMA latency does not serialise the loop; more
+// tokens scale the decoded codes instead (their accumulators fill the registers).
+template <int TOKENS>
+void dot_row_split(const uint8_t* packed, const float* absmax, int64_t row, int64_t cols, int64_t blocksize,
+                   const float* x, float* acc) {
+  constexpr bool FOLD = TOKENS <= 2;
+  constexpr int CHAINS = TOKENS == 1 ? 4 : TOKENS == 2 ? 2 : 1;
+  const cpu::NF4BytePlanes codes;
+  const uint8_t* bytes = packed + row * cols / 2;
+  const float* row_absmax = absmax + row * cols / blocksize;
+  __m256 total[TOKENS], sum[TOKENS][CHAINS];
+  for (int t = 0; t < TOKENS; ++t) total[t] = _mm256_setzero_ps();
+  for (int64_t block = 0; block < cols / blocksize; ++block) {
+    const __m256 scale = _mm256_set1_ps(row_absmax[block]);
+    for (int t = 0; t < TOKENS; ++t)
+      for (int c = 0; c < CHAINS; ++c) sum[t][c] = FOLD ? _mm256_setzero_ps() : total[t];
+    for (int64_t col = block * blocksize; col < (block + 1) * blocksize; col += 32) {  // blocksize >= 32
+      __m256 w[4];
+      cpu::decode32_split(bytes + col / 2, codes, w);
+      for (int j = 0; j < 4; ++j) {
+        if (!FOLD) w[j] = _mm256_mul_ps(w[j], scale);
+        for (int t = 0; t < TOKENS; ++t)
+          sum[t][j % CHAINS] = _mm256_fmadd_ps(w[j], _mm256_loadu_ps(x + t * cols + col + 8 * j), sum[t][j % CHAINS]);
+      }
+    }
+    for (int t = 0; t < TOKENS; ++t) {
+      if (!FOLD) {
+        total[t] = sum[t][0];
+        continue;
+      }
+      __m256 block_sum = sum[t][0];
+      for (int c = 1; c < CHAINS; ++c) block_sum = _mm256_add_ps(block_sum, sum[t][c]);
+      total[t] = _mm256_fmadd_ps(scale, block_sum, total[t]);
+    }
+  }
+  for (int t = 0; t < TOKENS; ++t) {
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, total[t]);
+    for (float v : lanes) acc[t] += v;
+  }
+}
+
+// W[row, :] dequantized into dst in split order (aligned rows, as dot_row_split).
+void decode_row_split(const uint8_t* packed, const float* absmax, int64_t row, int64_t cols, int64_t blocksize,
+                      float* dst) {
+  const cpu::NF4BytePlanes codes;
+  const uint8_t* bytes = packed + row * cols / 2;
+  const float* row_absmax = absmax + row * cols / blocksize;
+  for (int64_t block = 0; block < cols / blocksize; ++block) {
+    const __m256 scale = _mm256_set1_ps(row_absmax[block]);
+    for (int64_t col = block * blocksize; col < (block + 1) * blocksize; col += 32) {
+      __m256 w[4];
+      cpu::decode32_split(bytes + col / 2, codes, w);
+      for (int j = 0; j < 4; ++j) _mm256_storeu_ps(dst + col + 8 * j, _mm256_mul_ps(w[j], scale));
+    }
+  }
+}
+constexpr bool kHaveSplitDecode = true;
+#else
+constexpr bool kHaveSplitDecode = false;
+#endif
+
+// The decode kernels use split order when every row starts a quantization block (the common
+// case: in_features a multiple of the blocksize), natural order otherwise.
+bool use_split_order(int64_t cols, int64_t blocksize) { return kHaveSplitDecode && nf4_rows_aligned(cols, blocksize); }
+
+// Activations [M, K] in split order (a copy), or the input itself for natural order.
+at::Tensor in_order(const at::Tensor& a, bool split) {
+  if (!split) return a;
+  at::Tensor out = at::empty_like(a);
+  for (int64_t t = 0; t < a.size(0); ++t)
+    cpu::split_columns(a.data_ptr<float>() + t * a.size(1), a.size(1), out.data_ptr<float>() + t * a.size(1));
+  return out;
+}
+
+void decode_row_in_order(bool split, const uint8_t* packed, const float* absmax, int64_t row, int64_t cols,
+                         int64_t blocksize, float* dst) {
+#ifdef LK_HAVE_AVX2
+  if (split) return decode_row_split(packed, absmax, row, cols, blocksize, dst);
+#endif
+  decode_row(packed, absmax, row, cols, blocksize, dst);
+}
+
 using DotRowFn = void (*)(const uint8_t*, const float*, int64_t, int64_t, int64_t, const float*, float*);
 
 template <int... TOKENS>
-DotRowFn dot_row_for(int tokens, std::integer_sequence<int, TOKENS...>) {
-  static constexpr DotRowFn table[] = {&dot_row<TOKENS + 1>...};
-  return table[tokens - 1];
+DotRowFn dot_row_for(int tokens, bool split, std::integer_sequence<int, TOKENS...>) {
+  static constexpr DotRowFn natural[] = {&dot_row<TOKENS + 1>...};
+#ifdef LK_HAVE_AVX2
+  static constexpr DotRowFn split_order[] = {&dot_row_split<TOKENS + 1>...};
+  if (split) return split_order[tokens - 1];
+#endif
+  return natural[tokens - 1];
 }
 
 template <typename T>
 void decode_forward(const uint8_t* packed, const float* absmax, int64_t blocksize, int64_t rows, int64_t cols,
                     const LinearOperands& in, float scale, const float* bias, T* y) {
   const int64_t tokens = in.a.size(0), rank = in.left.size(1);
-  const float* x = in.a.data_ptr<float>();
+  const bool split = use_split_order(cols, blocksize);
+  const at::Tensor x_ordered = in_order(in.a, split);
+  const float* x = x_ordered.data_ptr<float>();
   const float* left = in.left.data_ptr<float>();
   const float* up = in.right.data_ptr<float>();
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
@@ -101,8 +195,8 @@ void decode_forward(const uint8_t* packed, const float* absmax, int64_t blocksiz
       for (int64_t t0 = 0; t0 < tokens; t0 += kTokenGroup) {
         const int group = static_cast<int>(std::min<int64_t>(kTokenGroup, tokens - t0));
         float acc[kTokenGroup] = {};
-        dot_row_for(group, std::make_integer_sequence<int, kTokenGroup>{})(packed, absmax, row, cols, blocksize,
-                                                                           x + t0 * cols, acc);
+        dot_row_for(group, split, std::make_integer_sequence<int, kTokenGroup>{})(packed, absmax, row, cols,
+                                                                                  blocksize, x + t0 * cols, acc);
         for (int t = 0; t < group; ++t) {
           float lowrank = 0.0f;
           for (int64_t j = 0; j < rank; ++j) lowrank += left[(t0 + t) * rank + j] * up[row * rank + j];
@@ -119,10 +213,21 @@ void decode_forward(const uint8_t* packed, const float* absmax, int64_t blocksiz
 // Decode path, grad-input: each thread accumulates grad_y[:, rows] @ W[rows, :] for its rows
 // into a private [M, K] fp32 buffer (M is small), then the buffers are summed.
 
+// y[0 .. n) += a * x[0 .. n), fused multiply-adds (the build disables implicit contraction).
+void axpy(int64_t n, float a, const float* x, float* y) {
+  int64_t i = 0;
+#ifdef LK_HAVE_AVX2
+  const __m256 va = _mm256_set1_ps(a);
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+#endif
+  for (; i < n; ++i) y[i] = std::fma(a, x[i], y[i]);
+}
+
 at::Tensor decode_grad_input(const uint8_t* packed, const float* absmax, int64_t blocksize, int64_t rows,
                              int64_t cols, const at::Tensor& grad_y) {
   const int64_t tokens = grad_y.size(0);
   const float* gy = grad_y.data_ptr<float>();
+  const bool split = use_split_order(cols, blocksize);
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), rows));
   at::Tensor partial = at::zeros({chunks, tokens, cols}, grad_y.options());
   float* partial_data = partial.data_ptr<float>();
@@ -131,17 +236,21 @@ at::Tensor decode_grad_input(const uint8_t* packed, const float* absmax, int64_t
     for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
       float* acc = partial_data + chunk * tokens * cols;
       for (int64_t row = rows * chunk / chunks; row < rows * (chunk + 1) / chunks; ++row) {
-        decode_row(packed, absmax, row, cols, blocksize, w.data());
+        decode_row_in_order(split, packed, absmax, row, cols, blocksize, w.data());
         for (int64_t t = 0; t < tokens; ++t) {
           const float g = gy[t * rows + row];
           float* acc_t = acc + t * cols;
-#pragma omp simd
-          for (int64_t k = 0; k < cols; ++k) acc_t[k] += g * w[k];
+          axpy(cols, g, w.data(), acc_t);
         }
       }
     }
   });
-  return partial.sum(0);
+  at::Tensor dx = partial.sum(0);
+  if (!split) return dx;
+  at::Tensor natural = at::empty_like(dx);
+  for (int64_t t = 0; t < tokens; ++t)
+    cpu::merge_columns(dx.data_ptr<float>() + t * cols, cols, natural.data_ptr<float>() + t * cols);
+  return natural;
 }
 
 // ---------------------------------------------------------------------------------------------
