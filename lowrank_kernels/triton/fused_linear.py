@@ -1,0 +1,339 @@
+"""Triton fused QPiSSA linear: NF4 residual GEMM + low-rank correction + bias in one kernel.
+
+Semantics are those of :mod:`lowrank_kernels.reference.fused_linear` (the fp64 oracle). ``W`` is
+the NF4 residual viewed ``[N, K]`` (N = out_features, K = in_features) in its flat row-major
+storage: element ``(n, k)`` is flat index ``i = n*K + k``, its 4-bit code is the high nibble of
+byte ``i // 2`` when ``i`` is even and the low nibble otherwise, its value is
+``code[nibble] * absmax[i // blocksize]``.
+
+Design
+------
+* W is never materialized. Each GEMM loop step loads the packed bytes of one W tile, decodes
+  them in registers (16-entry fp32 code table, absmax gathered per element) and feeds tl.dot.
+  One ``@triton.jit`` helper, :func:`_load_nf4_tile`, does this for both kernels; it takes
+  broadcastable row / column offsets, so the forward reads the tile as ``W^T [BLOCK_K, BLOCK_N]``
+  and the grad-input kernel as ``W [BLOCK_N, BLOCK_K]`` from the same storage (no transposed copy).
+* The decode is per element on the flat index (int64: N*K exceeds 2^31 on large models), so rows
+  that start mid-byte (odd K) and quantization blocks that straddle rows (K % blocksize != 0) need
+  no special case.
+* fp32 activations: the tile stays fp32 and tl.dot runs with input_precision="ieee", because
+  torch's fp32 matmul (what callers compare against) does not use TF32 by default.
+  bf16/fp16 activations: the decoded tile is rounded to the activation dtype and tl.dot runs in
+  that dtype (tensor cores) with an fp32 accumulator.
+* Epilogue: ``acc += scale * (lowrank @ factor)`` over the rank in BLOCK_R chunks (tl.dot needs
+  every dim >= 16, and r may be 1 or 3: loads are masked up to the padded width), ``+ bias``, and
+  a single rounding to the output dtype with ``_round_to`` (round to nearest even, also under the
+  interpreter).
+* Program ids are grouped GROUP_M tiles at a time along M (Triton matmul tutorial) so programs
+  that run together share W tiles in L2.
+* Autotuning is keyed on (bucketed M, N, K); the activation dtype is part of the key implicitly
+  (Triton adds tensor dtypes). Under TRITON_INTERPRET=1 a single small config is used: the
+  interpreter runs kernels in numpy and benchmarking configs there is pointless and slow.
+
+Interpreter notes (TRITON_INTERPRET=1, CPU tensors): its tl.dot multiplies bf16 operands as their
+raw uint16 bit patterns, so under the interpreter bf16 tiles are rounded to bf16 and then widened
+exactly to fp32 for the dot (DOT_TY = fp32); on a GPU DOT_TY is the activation dtype.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from lowrank_kernels.codebooks import nf4_code
+from lowrank_kernels.triton.nf4 import _TL_DTYPES, _check_device, _round_to
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_MAX_BLOCK_R = 64  # rank chunk of the epilogue: bounds registers for large r
+
+
+def _config(block_m: int, block_n: int, block_k: int, warps: int, stages: int, group_m: int = 8) -> triton.Config:
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": group_m},
+                         num_warps=warps, num_stages=stages)
+
+
+def _configs() -> list[triton.Config]:
+    """Candidate tiles. Forward: output tile BLOCK_M x BLOCK_N, reduction BLOCK_K. Grad-input:
+    output tile BLOCK_M x BLOCK_K, reduction BLOCK_N. The small-M configs serve decoding /
+    short batches, where the GEMM is bound by reading the packed weight."""
+    if _INTERPRET:
+        return [_config(16, 32, 32, 4, 1, group_m=2)]
+    return [
+        _config(128, 128, 64, 8, 3),
+        _config(128, 64, 64, 4, 4),
+        _config(64, 128, 64, 4, 4),
+        _config(64, 64, 64, 4, 4),
+        _config(32, 128, 64, 4, 4),
+        _config(32, 64, 128, 4, 3),
+        _config(16, 128, 128, 4, 3),
+        _config(16, 64, 128, 4, 4),
+    ]
+
+
+_CONFIGS = _configs()
+_KEY = ["M_BUCKET", "N", "K"]
+
+
+@triton.jit
+def _load_nf4_tile(packed_ptr, absmax_ptr, code_ptr, rows, cols, mask, ROW_LEN, BLOCKSIZE: tl.constexpr):
+    """fp32 ``W[rows, cols]`` of the NF4 matrix with ``ROW_LEN`` columns; ``rows`` and ``cols`` are
+    offset vectors shaped to broadcast (``[R, 1]`` x ``[1, C]`` or ``[1, C]`` x ``[R, 1]``), so the
+    caller picks the tile orientation. Masked-off elements are 0."""
+    idx = rows.to(tl.int64) * ROW_LEN + cols  # flat element index, int64
+    byte = tl.load(packed_ptr + (idx >> 1), mask=mask, other=0).to(tl.int32)
+    # Even elements sit in the high nibble, odd ones in the low nibble.
+    shift = (4 - (idx & 1) * 4).to(tl.int32)
+    nibble = (byte >> shift) & 0xF
+    value = tl.load(code_ptr + nibble)  # nibble is in [0, 16) even where masked
+    absmax = tl.load(absmax_ptr + idx // BLOCKSIZE, mask=mask, other=0.0)
+    return value * absmax
+
+
+@triton.jit
+def _dot(a, b, acc, DOT_TY: tl.constexpr):
+    """acc + a @ b with operands in DOT_TY; fp32 runs as true fp32 ("ieee"), not TF32."""
+    if DOT_TY == tl.float32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a.to(DOT_TY), b.to(DOT_TY), acc)
+
+
+@triton.jit
+def _weight_operand(w, W_TY: tl.constexpr, DOT_TY: tl.constexpr):
+    """Decoded fp32 tile -> dot operand: rounded to the activation dtype W_TY (RNE), in DOT_TY."""
+    if DOT_TY == W_TY:
+        return w.to(W_TY)  # native cast: round to nearest even on GPUs
+    else:
+        # Interpreter bf16: round on the bit pattern (its own cast truncates), widen exactly.
+        return _round_to(w, W_TY).to(DOT_TY)
+
+
+@triton.jit
+def _grouped_tile(M, COLS, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_c) of this program, walking GROUP_M row-tiles per column-tile for L2 reuse."""
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_c = tl.cdiv(COLS, BLOCK_C)
+    num_pid_in_group = GROUP_M * num_pid_c
+    first_pid_m = (pid // num_pid_in_group) * GROUP_M
+    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + (pid % num_pid_in_group) % group_size_m
+    pid_c = (pid % num_pid_in_group) // group_size_m
+    return pid_m, pid_c
+
+
+@triton.autotune(configs=_CONFIGS, key=_KEY)
+@triton.jit
+def _nf4_lowrank_linear_kernel(
+    # pointers
+    x_ptr, packed_ptr, absmax_ptr, code_ptr, lowrank_ptr, up_ptr, bias_ptr, y_ptr,
+    # sizes and scalars
+    M, N, K, R, M_BUCKET, scale,
+    # strides
+    stride_xm, stride_xk, stride_lm, stride_lr, stride_un, stride_ur, stride_ym, stride_yn,
+    # meta-parameters
+    BLOCKSIZE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr,
+    W_TY: tl.constexpr, DOT_TY: tl.constexpr, OUT_TY: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """y[M, N] = x @ W^T + scale * lowrank @ up^T + bias; one program per [BLOCK_M, BLOCK_N] tile.
+    M_BUCKET only keys the autotuner."""
+    pid_m, pid_n = _grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    rows_m = offs_m.to(tl.int64)  # M * stride can exceed 2^31
+    rows_n = offs_n.to(tl.int64)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        x = tl.load(x_ptr + rows_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        # W^T tile [BLOCK_K, BLOCK_N]: rows of W along the tile's columns.
+        w = _load_nf4_tile(packed_ptr, absmax_ptr, code_ptr, offs_n[None, :], offs_k[:, None],
+                           mask_k[:, None] & mask_n[None, :], K, BLOCKSIZE)
+        acc = _dot(x, _weight_operand(w, W_TY, DOT_TY), acc, DOT_TY)
+
+    # Low-rank correction, accumulated apart so that `scale` multiplies the whole product.
+    low = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        mask_r = offs_r < R
+        lx = tl.load(lowrank_ptr + rows_m[:, None] * stride_lm + offs_r[None, :] * stride_lr,
+                     mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+        up_t = tl.load(up_ptr + rows_n[None, :] * stride_un + offs_r[:, None] * stride_ur,
+                       mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+        low = _dot(lx, up_t, low, DOT_TY)
+    acc += low * scale
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+
+    y = _round_to(acc.to(tl.float32), OUT_TY)
+    tl.store(y_ptr + rows_m[:, None] * stride_ym + offs_n[None, :] * stride_yn, y,
+             mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.autotune(configs=_CONFIGS, key=_KEY)
+@triton.jit
+def _nf4_lowrank_linear_grad_input_kernel(
+    # pointers
+    grad_y_ptr, packed_ptr, absmax_ptr, code_ptr, lowrank_ptr, down_ptr, dx_ptr,
+    # sizes and scalars
+    M, N, K, R, M_BUCKET, scale,
+    # strides
+    stride_gm, stride_gn, stride_lm, stride_lr, stride_dr, stride_dk, stride_xm, stride_xk,
+    # meta-parameters
+    BLOCKSIZE: tl.constexpr, BLOCK_R: tl.constexpr,
+    W_TY: tl.constexpr, DOT_TY: tl.constexpr, OUT_TY: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """dx[M, K] = grad_y @ W + scale * lowrank_grad @ down; one program per [BLOCK_M, BLOCK_K]
+    tile, reducing over N. M_BUCKET only keys the autotuner."""
+    pid_m, pid_k = _grouped_tile(M, K, BLOCK_M, BLOCK_K, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_k = offs_k < K
+    rows_m = offs_m.to(tl.int64)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        g = tl.load(grad_y_ptr + rows_m[:, None] * stride_gm + offs_n[None, :] * stride_gn,
+                    mask=mask_m[:, None] & mask_n[None, :], other=0.0)
+        # W tile [BLOCK_N, BLOCK_K], read in place from the row-major NF4 storage.
+        w = _load_nf4_tile(packed_ptr, absmax_ptr, code_ptr, offs_n[:, None], offs_k[None, :],
+                           mask_n[:, None] & mask_k[None, :], K, BLOCKSIZE)
+        acc = _dot(g, _weight_operand(w, W_TY, DOT_TY), acc, DOT_TY)
+
+    low = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        mask_r = offs_r < R
+        lg = tl.load(lowrank_ptr + rows_m[:, None] * stride_lm + offs_r[None, :] * stride_lr,
+                     mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+        down = tl.load(down_ptr + offs_r[:, None].to(tl.int64) * stride_dr + offs_k[None, :] * stride_dk,
+                       mask=mask_r[:, None] & mask_k[None, :], other=0.0)
+        low = _dot(lg, down, low, DOT_TY)
+    acc += low * scale
+
+    dx = _round_to(acc.to(tl.float32), OUT_TY)
+    tl.store(dx_ptr + rows_m[:, None] * stride_xm + offs_k[None, :] * stride_xk, dx,
+             mask=mask_m[:, None] & mask_k[None, :])
+
+
+# ---------------------------------------------------------------------------------------------
+# launchers
+
+
+def _describe(t: torch.Tensor) -> str:
+    return f"shape {tuple(t.shape)} and dtype {t.dtype}"
+
+
+def _expect(t: torch.Tensor, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+    _check_device(t, name)
+    if tuple(t.shape) != shape or t.dtype != dtype:
+        raise ValueError(f"{name} must have shape {shape} and dtype {dtype}, got {_describe(t)}")
+
+
+def _check_nf4(packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, numel: int) -> None:
+    if blocksize <= 0:
+        raise ValueError(f"blocksize must be positive, got {blocksize}")
+    _expect(packed, "packed", ((numel + 1) // 2,), torch.uint8)
+    _expect(absmax, "absmax", ((numel + blocksize - 1) // blocksize,), torch.float32)
+
+
+def _check_activation(t: torch.Tensor, name: str) -> None:
+    _check_device(t, name)
+    if t.dim() != 2 or t.dtype not in _TL_DTYPES:
+        raise ValueError(f"{name} must be a 2-D float32/bfloat16/float16 tensor, got {_describe(t)}")
+
+
+def _dtypes(dtype: torch.dtype) -> dict:
+    w_ty = _TL_DTYPES[dtype]
+    # The interpreter's tl.dot reads bf16 operands as raw integers: widen them (exactly) to fp32.
+    dot_ty = tl.float32 if _INTERPRET and dtype == torch.bfloat16 else w_ty
+    return {"W_TY": w_ty, "DOT_TY": dot_ty, "OUT_TY": w_ty}
+
+
+def _block_r(rank: int) -> int:
+    return min(max(16, triton.next_power_of_2(rank)), _MAX_BLOCK_R)
+
+
+def nf4_lowrank_linear(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, blocksize: int,
+                       out_features: int, lowrank_x: torch.Tensor, up: torch.Tensor, scale: float,
+                       bias: torch.Tensor | None) -> torch.Tensor:
+    """Fused QPiSSA forward ``y = x W^T + scale * lowrank_x up^T + bias``.
+
+    ``x [M, K]`` fp32/bf16/fp16 (any strides); ``packed`` uint8 ``[ceil(N*K/2)]`` and ``absmax``
+    fp32 ``[ceil(N*K/blocksize)]`` hold ``W [N, K]`` (N = ``out_features``); ``lowrank_x [M, r]``,
+    ``up [N, r]``, ``bias [N]`` or None, all in x's dtype. Returns ``y [M, N]`` in x's dtype,
+    accumulated in fp32 and rounded once.
+    """
+    _check_activation(x, "x")
+    m, k = x.shape
+    n = out_features
+    if n < 0:
+        raise ValueError(f"out_features must be >= 0, got {n}")
+    _check_nf4(packed, absmax, blocksize, n * k)
+    _check_activation(lowrank_x, "lowrank_x")
+    rank = lowrank_x.shape[1]
+    _expect(lowrank_x, "lowrank_x", (m, rank), x.dtype)
+    _expect(up, "up", (n, rank), x.dtype)
+    if bias is not None:
+        _expect(bias, "bias", (n,), x.dtype)
+
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0 or n == 0:
+        return y
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+    _nf4_lowrank_linear_kernel[grid](
+        x, packed.contiguous(), absmax.contiguous(), nf4_code(x.device), lowrank_x, up,
+        None if bias is None else bias.contiguous(), y,
+        m, n, k, rank, triton.next_power_of_2(m), float(scale),
+        x.stride(0), x.stride(1), lowrank_x.stride(0), lowrank_x.stride(1), up.stride(0), up.stride(1),
+        y.stride(0), y.stride(1),
+        BLOCKSIZE=blocksize, HAS_BIAS=bias is not None, BLOCK_R=_block_r(rank), **_dtypes(x.dtype),
+    )
+    return y
+
+
+def nf4_lowrank_linear_grad_input(grad_y: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor,
+                                  blocksize: int, in_features: int, lowrank_grad: torch.Tensor,
+                                  down: torch.Tensor, scale: float) -> torch.Tensor:
+    """Fused QPiSSA input gradient ``dx = grad_y W + scale * lowrank_grad down``.
+
+    ``grad_y [M, N]`` fp32/bf16/fp16 (any strides); ``packed``/``absmax`` hold ``W [N, K]`` as in
+    :func:`nf4_lowrank_linear` (K = ``in_features``), read transposed in place;
+    ``lowrank_grad [M, r]`` and ``down [r, K]`` in grad_y's dtype. Returns ``dx [M, K]`` in
+    grad_y's dtype, accumulated in fp32 and rounded once.
+    """
+    _check_activation(grad_y, "grad_y")
+    m, n = grad_y.shape
+    k = in_features
+    if k < 0:
+        raise ValueError(f"in_features must be >= 0, got {k}")
+    _check_nf4(packed, absmax, blocksize, n * k)
+    _check_activation(lowrank_grad, "lowrank_grad")
+    rank = lowrank_grad.shape[1]
+    _expect(lowrank_grad, "lowrank_grad", (m, rank), grad_y.dtype)
+    _expect(down, "down", (rank, k), grad_y.dtype)
+
+    dx = torch.empty((m, k), dtype=grad_y.dtype, device=grad_y.device)
+    if m == 0 or k == 0:
+        return dx
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_K"]),)  # noqa: E731
+    _nf4_lowrank_linear_grad_input_kernel[grid](
+        grad_y, packed.contiguous(), absmax.contiguous(), nf4_code(grad_y.device), lowrank_grad, down, dx,
+        m, n, k, rank, triton.next_power_of_2(m), float(scale),
+        grad_y.stride(0), grad_y.stride(1), lowrank_grad.stride(0), lowrank_grad.stride(1),
+        down.stride(0), down.stride(1), dx.stride(0), dx.stride(1),
+        BLOCKSIZE=blocksize, BLOCK_R=_block_r(rank), **_dtypes(grad_y.dtype),
+    )
+    return dx
