@@ -1,0 +1,203 @@
+"""fused_pissa_linear vs the ways people run QPiSSA/LoRA layers today, measured in one run.
+
+Compared on the same NF4 residual, adapter and activations:
+  fused         lowrank_kernels.fused_pissa_linear (NF4 dequantized inside the kernel)
+  dense+LoRA    F.linear on the dequantized fp weight + two LoRA matmuls (the cuBLAS / MKL path)
+  bnb+LoRA      bitsandbytes.matmul_4bit + two LoRA matmuls
+  unfused       our dequantize_nf4 each call, then F.linear + LoRA
+Forward, and forward+backward (gradients for x, A, B; W_res frozen). Prints times, ratios,
+achieved weight GB/s (decode, few tokens) or GFLOP/s (GEMM), the issue's targets, and for an
+H100 the analytic minimum bytes moved by the fused vs unfused paths; writes a PNG.
+
+Usage: python bench/bench_fused_linear.py [--quick] [--shapes 4096x4096,...] [--ranks 16,64]
+       [--tokens 1,8,512,2048] [--dtype fp32] [--plot PATH]
+On a GPU machine the same script measures on the GPU.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import machine_description, print_table, time_call  # noqa: E402
+
+import lowrank_kernels as lk  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+METHODS = ("fused", "dense+LoRA", "bnb+LoRA", "unfused")
+H100_BANDWIDTH = 3.35e12  # bytes/s, H100 SXM HBM3
+SCALE = 0.5
+
+
+def parse_shapes(text: str) -> list[tuple[int, int]]:
+    """"4096x11008" -> (out_features, in_features) = (4096, 11008)."""
+    return [tuple(int(v) for v in item.split("x")) for item in text.split(",")]
+
+
+class Layer:
+    """One QPiSSA layer in every representation the methods need."""
+
+    def __init__(self, out_features, in_features, rank, dtype, device):
+        g = torch.Generator().manual_seed(0)
+        w = torch.randn(out_features, in_features, generator=g).to(device)
+        self.q = lk.quantize_nf4(w)
+        self.dense = self.q.dequantize().to(dtype)
+        self.A = (torch.randn(out_features, rank, generator=g) / rank).to(device, dtype).requires_grad_()
+        self.B = (torch.randn(rank, in_features, generator=g) / in_features ** 0.5).to(device, dtype).requires_grad_()
+        self.bnb_weight, self.bnb_state = self.q.to_bnb()
+        self.dtype = dtype
+
+    def lora(self, x):
+        return SCALE * F.linear(F.linear(x, self.B), self.A)
+
+    def forward(self, method: str, x: torch.Tensor) -> torch.Tensor:
+        if method == "fused":
+            return lk.fused_pissa_linear(x, self.q, self.A, self.B, scale=SCALE)
+        if method == "dense+LoRA":
+            return F.linear(x, self.dense) + self.lora(x)
+        if method == "bnb+LoRA":
+            import bitsandbytes
+
+            return bitsandbytes.matmul_4bit(x, self.bnb_weight.t(), quant_state=self.bnb_state) + self.lora(x)
+        return F.linear(x, self.q.dequantize().to(self.dtype)) + self.lora(x)
+
+
+def measure(layer: Layer, method: str, tokens: int, backward: bool, seconds: float = 1.0) -> float:
+    """Median seconds per call; repeats fit roughly `seconds` of measurement."""
+    x = torch.randn(tokens, layer.dense.shape[1], device=layer.dense.device, dtype=layer.dtype)
+    if backward:
+        x.requires_grad_()
+        grad = torch.randn(tokens, layer.dense.shape[0], device=x.device, dtype=x.dtype)
+
+        def step():
+            torch.autograd.backward(layer.forward(method, x), grad, inputs=[x, layer.A, layer.B])
+    else:
+        def step():
+            with torch.no_grad():
+                layer.forward(method, x)
+    first = time_call(step, repeat=1, warmup=1)
+    return time_call(step, repeat=max(3, min(20, int(seconds / max(first, 1e-6)))), warmup=0)
+
+
+def weight_bytes(layer: Layer, method: str) -> int:
+    n = layer.dense.numel()
+    return layer.dense.nbytes if method == "dense+LoRA" else n // 2 + layer.q.absmax.nbytes
+
+
+def throughput(layer: Layer, method: str, tokens: int, seconds: float, backward: bool) -> str:
+    if tokens <= 8 and not backward:
+        return f"{weight_bytes(layer, method) / seconds / 1e9:.1f} GB/s"
+    flops = 2 * tokens * layer.dense.numel() * (2 if backward else 1)  # x W^T, and dy W
+    return f"{flops / seconds / 1e9:.0f} GFLOP/s"
+
+
+def h100_bytes(out_features: int, in_features: int, rank: int, tokens: int, blocksize: int = 64) -> tuple[int, int]:
+    """Minimum HBM bytes of one bf16 forward: fused kernel vs dequantize + GEMM + separate LoRA."""
+    n = out_features * in_features
+    nf4 = n // 2 + n // blocksize * 4
+    x, y = 2 * tokens * in_features, 2 * tokens * out_features
+    adapter = 2 * rank * (out_features + in_features)
+    lowrank = 2 * tokens * rank
+    fused = nf4 + x + y + adapter + lowrank * 2  # + x B^T written and read back
+    unfused = (nf4 + 2 * n) + (2 * n + x + y) + (x + 2 * rank * in_features + lowrank) \
+        + (lowrank + 2 * rank * out_features + y) + 3 * y  # dequant, GEMM, x B^T, (.)A^T, add
+    return fused, unfused
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="only the configurations the targets use")
+    parser.add_argument("--shapes", default="4096x4096,4096x11008,11008x4096", help="OUTxIN,...")
+    parser.add_argument("--ranks", default="16,64")
+    parser.add_argument("--tokens", default="1,8,512,2048")
+    parser.add_argument("--dtype", default="fp32", choices=DTYPES)
+    parser.add_argument("--plot", default=str(Path(__file__).parent / "results" / "fused_linear.png"))
+    args = parser.parse_args()
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = DTYPES[args.dtype]
+    if args.quick:
+        configs = [((4096, 4096), 16, [1, 512])]
+    else:
+        configs = [(shape, int(r), [int(t) for t in args.tokens.split(",")])
+                   for shape in parse_shapes(args.shapes) for r in args.ranks.split(",")]
+    print(f"machine: {machine_description()}")
+    print(lk.format_build_info(), end="\n\n")
+
+    results = {}  # (shape, r, tokens, backward, method) -> seconds
+    rows = []
+    for shape, rank, token_list in configs:
+        layer = Layer(*shape, rank, dtype, device)
+        for tokens in token_list:
+            for backward in (False, True):
+                times = {m: measure(layer, m, tokens, backward) for m in METHODS}
+                for m, t in times.items():
+                    results[(shape, rank, tokens, backward, m)] = t
+                mode = "fwd+bwd" if backward else "fwd"
+                rows.append([f"{shape[0]}x{shape[1]}", rank, tokens, mode]
+                            + [f"{times[m] * 1e3:.2f}" for m in METHODS]
+                            + [f"{times['dense+LoRA'] / times['fused']:.2f}x", f"{times['bnb+LoRA'] / times['fused']:.1f}x",
+                               throughput(layer, "fused", tokens, times["fused"], backward)])
+                print(f"  measured {shape} r={rank} tokens={tokens} {mode}", file=sys.stderr, flush=True)
+        del layer
+
+    print(f"fused_pissa_linear, {args.dtype} activations, NF4 blocksize 64, scale {SCALE}, device {device} "
+          "(median wall time, ms; speed-up = other / fused)")
+    print_table(["W_res [out x in]", "r", "tokens", "pass", *METHODS, "vs dense", "vs bnb", "fused throughput"], rows)
+
+    print("\nH100 (3.35 TB/s), bf16 forward: analytic minimum bytes moved")
+    h100_rows = []
+    for shape, rank, token_list in configs:
+        for tokens in token_list:
+            fused, unfused = h100_bytes(*shape, rank, tokens)
+            h100_rows.append([f"{shape[0]}x{shape[1]}", rank, tokens, f"{fused / 2**20:.1f}", f"{unfused / 2**20:.1f}",
+                              f"{fused / H100_BANDWIDTH * 1e6:.1f}", f"{unfused / H100_BANDWIDTH * 1e6:.1f}",
+                              f"{unfused / fused:.2f}x"])
+    print_table(["W_res", "r", "tokens", "fused MiB", "unfused MiB", "fused us", "unfused us", "ratio"], h100_rows)
+
+    key = ((4096, 4096), 16)
+    if all((*key, t, False, "fused") in results for t in (1, 512)) and args.dtype == "fp32":
+        r = lambda t, bwd, m: results[(*key, t, bwd, m)]  # noqa: E731
+        targets = [
+            ("1 token fwd: speed-up vs bitsandbytes + LoRA", r(1, False, "bnb+LoRA") / r(1, False, "fused"), 20.0, ">="),
+            ("1 token fwd: speed-up vs dense F.linear + LoRA", r(1, False, "dense+LoRA") / r(1, False, "fused"), 2.0, ">="),
+            ("512 tokens fwd: time / dense F.linear + LoRA", r(512, False, "fused") / r(512, False, "dense+LoRA"), 1.15, "<="),
+            ("512 tokens fwd: speed-up vs bitsandbytes + LoRA", r(512, False, "bnb+LoRA") / r(512, False, "fused"), 1.0, ">"),
+            ("512 tokens fwd+bwd: time / dense", r(512, True, "fused") / r(512, True, "dense+LoRA"), 1.3, "<="),
+        ]
+        print(f"\ntargets (4096x4096, r=16, fp32, {device})")
+        print_table(["target", "measured", "required", "met"], [
+            [name, f"{v:.2f}x", f"{op} {need}x", {">=": v >= need, "<=": v <= need, ">": v > need}[op]]
+            for name, v, need, op in targets])
+    write_plot(results, configs, args.plot)
+    return 0
+
+
+def write_plot(results, configs, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, len(configs), figsize=(4.5 * len(configs), 7), squeeze=False)
+    for col, (shape, rank, token_list) in enumerate(configs):
+        for row, backward in enumerate((False, True)):
+            ax = axes[row][col]
+            for m in METHODS:
+                ax.plot(token_list, [results[(shape, rank, t, backward, m)] * 1e3 for t in token_list], "o-", label=m)
+            ax.set(xscale="log", yscale="log", xlabel="tokens", ylabel="ms",
+                   title=f"{shape[0]}x{shape[1]} r={rank} {'fwd+bwd' if backward else 'fwd'}")
+            ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].legend()
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    print(f"\nplot: {path}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
