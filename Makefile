@@ -25,6 +25,7 @@ test: $(BUILD_STAMP)
 
 bench: $(BUILD_STAMP)
 	$(PY) bench/bench_nf4.py
+	$(PY) bench/bench_fused_linear.py
 
 info: $(BUILD_STAMP)
 	$(PY) -m lowrank_kernels info

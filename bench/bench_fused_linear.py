@@ -16,6 +16,7 @@ On a GPU machine the same script measures on the GPU.
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 from pathlib import Path
 
@@ -66,21 +67,32 @@ class Layer:
         return F.linear(x, self.q.dequantize().to(self.dtype)) + self.lora(x)
 
 
-def measure(layer: Layer, method: str, tokens: int, backward: bool, seconds: float = 1.0) -> float:
-    """Median seconds per call; repeats fit roughly `seconds` of measurement."""
+def make_step(layer: Layer, method: str, tokens: int, backward: bool):
     x = torch.randn(tokens, layer.dense.shape[1], device=layer.dense.device, dtype=layer.dtype)
-    if backward:
-        x.requires_grad_()
-        grad = torch.randn(tokens, layer.dense.shape[0], device=x.device, dtype=x.dtype)
-
-        def step():
-            torch.autograd.backward(layer.forward(method, x), grad, inputs=[x, layer.A, layer.B])
-    else:
+    if not backward:
         def step():
             with torch.no_grad():
                 layer.forward(method, x)
-    first = time_call(step, repeat=1, warmup=1)
-    return time_call(step, repeat=max(3, min(20, int(seconds / max(first, 1e-6)))), warmup=0)
+        return step
+    x.requires_grad_()
+    grad = torch.randn(tokens, layer.dense.shape[0], device=x.device, dtype=x.dtype)
+
+    def step():
+        torch.autograd.backward(layer.forward(method, x), grad, inputs=[x, layer.A, layer.B])
+    return step
+
+
+def measure(layer: Layer, tokens: int, backward: bool, seconds: float = 2.0) -> dict[str, float]:
+    """Median seconds per call of every method. The methods are timed round-robin, one call each
+    per round, so that drifts of this shared machine (clock, neighbours) hit all of them alike."""
+    steps = {m: make_step(layer, m, tokens, backward) for m in METHODS}
+    first = {m: time_call(step, repeat=1, warmup=1) for m, step in steps.items()}
+    rounds = max(3, min(31, int(seconds / sum(first.values()))))
+    samples = {m: [] for m in METHODS}
+    for _ in range(rounds):
+        for m, step in steps.items():
+            samples[m].append(time_call(step, repeat=1, warmup=0))
+    return {m: statistics.median(v) for m, v in samples.items()}
 
 
 def weight_bytes(layer: Layer, method: str) -> int:
@@ -134,7 +146,7 @@ def main() -> int:
         layer = Layer(*shape, rank, dtype, device)
         for tokens in token_list:
             for backward in (False, True):
-                times = {m: measure(layer, m, tokens, backward) for m in METHODS}
+                times = measure(layer, tokens, backward)
                 for m, t in times.items():
                     results[(shape, rank, tokens, backward, m)] = t
                 mode = "fwd+bwd" if backward else "fwd"
@@ -146,7 +158,7 @@ def main() -> int:
         del layer
 
     print(f"fused_pissa_linear, {args.dtype} activations, NF4 blocksize 64, scale {SCALE}, device {device} "
-          "(median wall time, ms; speed-up = other / fused)")
+          "(median of round-robin wall times, ms; speed-up = other / fused)")
     print_table(["W_res [out x in]", "r", "tokens", "pass", *METHODS, "vs dense", "vs bnb", "fused throughput"], rows)
 
     print("\nH100 (3.35 TB/s), bf16 forward: analytic minimum bytes moved")

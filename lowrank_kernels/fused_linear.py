@@ -49,11 +49,18 @@ def fused_pissa_linear(x: torch.Tensor, w_res: NF4Weight | torch.Tensor, A: torc
     out_features, in_features = _check_args(x, w_res, A, B, bias, scale)
     x2d = x.reshape(-1, in_features)
     if isinstance(w_res, NF4Weight):
-        y = ops.op("fused_pissa_linear_nf4")(x2d, w_res.packed, w_res.block_absmax(), w_res.blocksize, A, B, bias,
-                                             float(scale))
+        args = (x2d, w_res.packed, w_res.block_absmax(), w_res.blocksize)
+        if _needs_grad(x, A, B, bias):
+            y = ops.op("fused_pissa_linear_nf4")(*args, A, B, bias, float(scale))
+        else:  # inference: skip the autograd op's Python wrapper (~0.1 ms, a tenth of a decode call)
+            y = ops.op("nf4_lowrank_linear")(*args, out_features, x2d @ B.T, A, float(scale), bias)
     else:
         y = _dense_pissa_linear(x2d, w_res, A, B, bias, float(scale))
     return y.reshape(*x.shape[:-1], out_features)
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def _dense_pissa_linear(x, w_res, A, B, bias, scale):

@@ -4,21 +4,11 @@
 #include <torch/library.h>
 
 #include "lowrank_kernels/checks.h"
+#include "torch_launch.h"
 #include "nf4_cuda.h"
 
 namespace lowrank_kernels {
 namespace {
-
-cuda::FloatKind float_kind(at::ScalarType dtype) {
-  switch (dtype) {
-    case at::kFloat: return cuda::FloatKind::kFloat32;
-    case at::kHalf: return cuda::FloatKind::kFloat16;
-    case at::kBFloat16: return cuda::FloatKind::kBFloat16;
-    default: TORCH_CHECK(false, "dtype must be float32, float16 or bfloat16, got ", dtype);
-  }
-}
-
-cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
 void check_launch() { C10_CUDA_KERNEL_LAUNCH_CHECK(); }
 

@@ -8,19 +8,11 @@
 #include <optional>
 
 #include "lowrank_kernels/checks.h"
+#include "torch_launch.h"
 #include "nf4_linear_cuda.h"
 
 namespace lowrank_kernels {
 namespace {
-
-cuda::FloatKind float_kind(at::ScalarType dtype) {
-  switch (dtype) {
-    case at::kFloat: return cuda::FloatKind::kFloat32;
-    case at::kHalf: return cuda::FloatKind::kFloat16;
-    case at::kBFloat16: return cuda::FloatKind::kBFloat16;
-    default: TORCH_CHECK(false, "dtype must be float32, float16 or bfloat16, got ", dtype);
-  }
-}
 
 bool aligned16(const at::Tensor& t) { return reinterpret_cast<std::uintptr_t>(t.data_ptr()) % 16 == 0; }
 
@@ -43,7 +35,7 @@ at::Tensor nf4_lowrank_gemv_cuda(const at::Tensor& x, const at::Tensor& packed, 
   cuda::nf4_lowrank_gemv(xc.data_ptr(), float_kind(xc.scalar_type()), p.data_ptr<uint8_t>(), a.data_ptr<float>(),
                          blocksize, xc.size(0), out_features, xc.size(1), lx.data_ptr(), u.data_ptr(), lx.size(1),
                          static_cast<float>(scale), b.defined() ? b.data_ptr() : nullptr, y.data_ptr(),
-                         c10::cuda::getCurrentCUDAStream().stream());
+                         current_stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return y;
 }
