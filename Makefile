@@ -26,6 +26,7 @@ test: $(BUILD_STAMP)
 bench: $(BUILD_STAMP)
 	$(PY) bench/bench_nf4.py
 	$(PY) bench/bench_fused_linear.py
+	$(PY) bench/bench_decompose.py
 
 info: $(BUILD_STAMP)
 	$(PY) -m lowrank_kernels info
@@ -35,8 +36,9 @@ build: $(BUILD_STAMP)
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-$(DEPS_STAMP): requirements.txt | $(PY)
+$(DEPS_STAMP): requirements.txt requirements-nodeps.txt | $(PY)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -r requirements-nodeps.txt
 	touch $@
 
 $(BUILD_STAMP): $(DEPS_STAMP) $(SOURCES)

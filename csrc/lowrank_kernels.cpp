@@ -59,6 +59,11 @@ TORCH_LIBRARY(lowrank_kernels, m) {
         "int in_features, Tensor lowrank_grad, Tensor down, float scale) -> Tensor");
   m.def("fused_pissa_linear_nf4(Tensor x, Tensor packed, Tensor absmax, int blocksize, Tensor A, Tensor B, "
         "Tensor? bias, float scale) -> Tensor");
+  // Decompositions, W / Y batched over leading dims, results in fp32:
+  //   row_col_sq_norms: (sum_j W_ij^2 [..., m], sum_i W_ij^2 [..., n]) in one pass over W [..., m, n]
+  //   gram:             Y^T Y [..., k, k] of a tall-skinny Y [..., m, k], accumulated in fp32
+  m.def("row_col_sq_norms(Tensor w) -> (Tensor row_norms, Tensor col_norms)");
+  m.def("gram(Tensor y) -> Tensor");
 }
 
 }  // namespace lowrank_kernels

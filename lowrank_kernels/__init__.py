@@ -1,10 +1,12 @@
 """lowrank_kernels: compiled kernels for PiSSA-family fine-tuning.
 
 Public API: NF4 storage bit-compatible with bitsandbytes; fused_pissa_linear (the QPiSSA /
-PiSSA training op); build_info().
+PiSSA training op); decompositions for adapter initialisation (rsvd, pissa_factors, cur,
+cur_factors, random_pissa_factors); build_info().
 """
 from lowrank_kernels._extension import ExtensionNotBuiltError
 from lowrank_kernels.build_info import build_info, format_build_info
+from lowrank_kernels.decompose import cur, cur_factors, pissa_factors, random_pissa_factors, rsvd
 from lowrank_kernels.fused_linear import fused_pissa_linear
 from lowrank_kernels.nf4 import NF4Weight, dequantize_nf4, load_nf4, quantize_nf4, save_nf4
 
@@ -14,10 +16,15 @@ __all__ = [
     "ExtensionNotBuiltError",
     "NF4Weight",
     "build_info",
+    "cur",
+    "cur_factors",
     "dequantize_nf4",
     "format_build_info",
     "fused_pissa_linear",
     "load_nf4",
+    "pissa_factors",
     "quantize_nf4",
+    "random_pissa_factors",
+    "rsvd",
     "save_nf4",
 ]

@@ -18,8 +18,9 @@ from lowrank_kernels.reference import nf4 as reference
 NAMESPACE = "lowrank_kernels"
 NF4_OPS = ("quantize_nf4", "dequantize_nf4", "quantize_blockwise8", "dequantize_blockwise8")
 FUSED_LINEAR_OPS = ("nf4_lowrank_linear", "nf4_lowrank_gemv", "nf4_lowrank_linear_grad_input", "fused_pissa_linear_nf4")
-OPS = NF4_OPS + FUSED_LINEAR_OPS
-_TRITON_OPS = ("quantize_nf4", "dequantize_nf4")
+DECOMPOSE_OPS = ("row_col_sq_norms", "gram")
+OPS = NF4_OPS + FUSED_LINEAR_OPS + DECOMPOSE_OPS
+_TRITON_OPS = ("quantize_nf4", "dequantize_nf4", "row_col_sq_norms")
 
 
 def triton_available() -> bool:
@@ -48,6 +49,8 @@ def _cuda_backend(op: str) -> str:
             "nf4_lowrank_linear_grad_input": f"{gemm} GEMM",
             "fused_pissa_linear_nf4": "autograd over nf4_lowrank_linear(_grad_input)",
         }[op]
+    if op == "gram":  # GEMM-shaped: Triton only
+        return gemm
     if cuda_cpp:
         return "CUDA C++"
     return gemm if op in _TRITON_OPS else "PyTorch reference"

@@ -1,0 +1,223 @@
+"""Decompositions: rsvd (subspace, krylov) vs torch.svd_lowrank (PEFT's q = r), sklearn's
+randomized_svd and torch.linalg.svd; cur vs both; batched vs loop; the one-pass norm kernel.
+
+Error metrics in fp64: Frobenius suboptimality ‖W − W_k‖_F / ‖W − W_k*‖_F − 1 and the relative
+error of the top-k singular values. Matrices: LLM-like synthetic spectra with known singular
+values (σ_i = (1 + i / c)^-1/2, c = min(m, n) / 48, random singular vectors) at 4096×4096 and
+4096×11008, and the real all-MiniLM-L6-v2 weights. Prints tables (with GEMM-pass and QR counts),
+the issue's targets, and writes a PNG of error vs time.
+
+Usage: python bench/bench_decompose.py [--quick] [--plot PATH]
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import machine_description, minilm_linear_weights, print_table, time_call  # noqa: E402
+
+import lowrank_kernels as lk  # noqa: E402
+from lowrank_kernels import decompose as D  # noqa: E402
+
+TARGET_SUBOPTIMALITY = 0.005
+
+
+def llm_like(m: int, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """W [m, n] fp32 with singular values σ_i = (1 + i / c)^-1/2 (returned, fp64)."""
+    g = torch.Generator().manual_seed(seed)
+    k = min(m, n)
+    sigma = (1 + torch.arange(k, dtype=torch.float64) / (k / 48)) ** -0.5
+    U = torch.linalg.qr(torch.randn(m, k, generator=g)).Q
+    V = torch.linalg.qr(torch.randn(n, k, generator=g)).Q
+    return (U * sigma.float()) @ V.T, sigma
+
+
+class Errors:
+    """fp64 error metrics of rank-k factors of one matrix with known singular values."""
+
+    def __init__(self, W: torch.Tensor, sigma: torch.Tensor):
+        self.W = W.double()
+        self.sigma = sigma
+        self.total = self.W.square().sum()
+
+    def __call__(self, U, S, Vh, k):
+        """(Frobenius suboptimality, max relative error of the top-k singular values)."""
+        U, S, Vh = U.double(), S.double(), Vh.double()
+        # ‖W − U S Vh‖² = ‖W‖² − 2 tr(S Uᵀ W Vhᵀ) + ‖U S Vh‖², all in fp64, no m×n temporary.
+        cross = (S * ((U.T @ self.W) * Vh).sum(-1)).sum()
+        own = ((U.T @ U) * ((S[:, None] * (Vh @ Vh.T)) * S[None, :])).sum()
+        err = (self.total - 2 * cross + own).clamp(min=0).sqrt()
+        best = self.sigma[k:].square().sum().sqrt()
+        return (err / best - 1).item(), ((S - self.sigma[:k]).abs() / self.sigma[:k]).max().item()
+
+
+def timed(fn, long: bool):
+    out = fn()
+    return out, time_call(fn, repeat=1 if long else 3, warmup=0)
+
+
+def methods(rank: int, quick: bool):
+    """name -> (callable W -> (U, S, Vh), GEMM passes over W, QR factorisations)."""
+    out = {}
+    for niter in ([2, 4] if quick else [0, 1, 2, 4, 8, 16]):
+        out[f"torch.svd_lowrank q=r niter={niter}"] = (
+            lambda W, niter=niter: _lowrank(W, rank, niter), 2 * niter + 2, f"{2 * niter + 1} Householder")
+    for q in ([1, 2] if quick else [0, 1, 2, 3]):
+        out[f"rsvd subspace q={q}"] = (
+            lambda W, q=q: D.rsvd(W, rank, n_iter=q, method="subspace", generator=torch.Generator().manual_seed(0))[:3],
+            2 * q + 2, f"{2 * q + 1} CholeskyQR2")
+    for q in ([1] if quick else [1, 2, 3]):
+        out[f"rsvd krylov q={q}"] = (
+            lambda W, q=q: D.rsvd(W, rank, n_iter=q, method="krylov", generator=torch.Generator().manual_seed(0))[:3],
+            2 * q + 2, f"{2 * q + 2} CholeskyQR2")
+    if not quick:
+        out["sklearn randomized_svd (auto)"] = (lambda W: _sklearn(W, rank), None, "LU / QR")
+    return out
+
+
+def _lowrank(W, rank, niter):
+    U, S, V = torch.svd_lowrank(W, q=rank, niter=niter)
+    return U, S, V.T
+
+
+def _sklearn(W, rank):
+    from sklearn.utils.extmath import randomized_svd
+
+    U, S, Vh = randomized_svd(W.numpy(), rank, random_state=0)
+    return torch.from_numpy(U), torch.from_numpy(S), torch.from_numpy(Vh)
+
+
+def error_vs_time(name, W, sigma, ranks, quick, rows, curves, targets):
+    errors = Errors(W, sigma)
+    long = W.numel() > 2**24
+    svd_time = time_call(lambda: torch.linalg.svd(W, full_matrices=False), repeat=1, warmup=0) if not quick else None
+    for rank in ranks:
+        results = {}
+        for method, (fn, passes, qrs) in methods(rank, quick).items():
+            (U, S, Vh), seconds = timed(lambda: fn(W), long)
+            sub, sv = errors(U, S, Vh, rank)
+            results[method] = (seconds, sub)
+            rows.append([name, rank, method, passes if passes is not None else "-", qrs, f"{seconds * 1e3:.1f}",
+                         f"{sub * 100:.3f}", f"{sv * 100:.3f}"])
+            curves.setdefault((name, rank), []).append((method, seconds, sub))
+            print(f"  {name} r={rank} {method}: {seconds * 1e3:.1f} ms, {sub * 100:.3f} %", file=sys.stderr, flush=True)
+        if svd_time is not None:
+            rows.append([name, rank, "torch.linalg.svd (exact)", "-", "-", f"{svd_time * 1e3:.1f}", "0", "0"])
+        ours = _fastest(results, "rsvd")
+        theirs = _fastest(results, "torch.svd_lowrank")
+        if ours and theirs:
+            targets.append([f"{name} r={rank}: time to <= 0.5 % vs svd_lowrank ({ours[0]} vs {theirs[0]})",
+                            f"{ours[1] / theirs[1]:.2f}x", "<= 0.7x", ours[1] / theirs[1] <= 0.7])
+        if ours and svd_time is not None:
+            targets.append([f"{name} r={rank}: speed-up vs torch.linalg.svd ({ours[0]})", f"{svd_time / ours[1]:.0f}x",
+                            ">= 40x", svd_time / ours[1] >= 40])
+
+
+def _fastest(results, prefix):
+    """(method, seconds) of the fastest method with this prefix reaching the target accuracy."""
+    hits = [(m, t) for m, (t, sub) in results.items() if m.startswith(prefix) and sub <= TARGET_SUBOPTIMALITY]
+    return min(hits, key=lambda x: x[1]) if hits else None
+
+
+def batched_vs_loop(quick, targets):
+    batch, size, rank = (8 if quick else 32), 1024, 16
+    g = torch.Generator().manual_seed(1)
+    sigma = (1 + torch.arange(size, dtype=torch.float64) / (size / 48)) ** -0.5
+    U = torch.linalg.qr(torch.randn(batch, size, size, generator=g)).Q
+    V = torch.linalg.qr(torch.randn(batch, size, size, generator=g)).Q
+    W = (U * sigma.float()) @ V.mT
+    errs = [Errors(W[i], sigma) for i in range(batch)]
+    ours, t_ours = timed(lambda: D.rsvd(W, rank, n_iter=2, generator=torch.Generator().manual_seed(0)), True)
+    ours_err = max(errs[i](ours.U[i], ours.S[i], ours.Vh[i], rank)[0] for i in range(batch))
+    rows = [["rsvd krylov q=2 (defaults), one batched call", f"{t_ours * 1e3:.1f}", f"{ours_err * 100:.3f}"]]
+    best = None
+    for niter in (1, 2, 3, 4, 6, 8):
+        out, t = timed(lambda: [_lowrank(W[i], rank, niter) for i in range(batch)], True)
+        err = max(errs[i](*out[i], rank)[0] for i in range(batch))
+        rows.append([f"loop of torch.svd_lowrank q=r niter={niter}", f"{t * 1e3:.1f}", f"{err * 100:.3f}"])
+        if best is None and err <= ours_err:
+            best = (niter, t)
+    print(f"\nbatched: {batch} matrices {size}x{size}, rank {rank} (worst suboptimality over the batch)")
+    print_table(["method", "time [ms]", "subopt. [%]"], rows)
+    if best:
+        targets.append([f"batched {batch}x{size}^2 r={rank}: speed-up vs loop of svd_lowrank niter={best[0]} "
+                        "(first niter at equal or better accuracy)", f"{best[1] / t_ours:.1f}x", ">= 2x", best[1] / t_ours >= 2])
+
+
+def cur_and_norms(W, targets):
+    rank = 64
+    _, t_cur = timed(lambda: D.cur(W, rank, generator=torch.Generator().manual_seed(0)), False)
+    _, t_rsvd = timed(lambda: D.rsvd(W, rank, generator=torch.Generator().manual_seed(0)), True)
+    _, t_norms = timed(lambda: torch.ops.lowrank_kernels.row_col_sq_norms(W), False)
+    _, t_torch = timed(lambda: (W.square().sum(1), W.square().sum(0)), False)
+    _, t_vnorm = timed(lambda: (torch.linalg.vector_norm(W, dim=1) ** 2, torch.linalg.vector_norm(W, dim=0) ** 2), False)
+    t_two = min(t_torch, t_vnorm)
+    print(f"\ncur / norms on {W.shape[0]}x{W.shape[1]} {W.dtype}, rank {rank}")
+    print_table(["operation", "time [ms]"], [
+        ["cur (u=pinv)", f"{t_cur * 1e3:.1f}"], ["rsvd (defaults)", f"{t_rsvd * 1e3:.1f}"],
+        ["row_col_sq_norms (one pass)", f"{t_norms * 1e3:.2f}"],
+        ["W.square().sum(1), .sum(0)", f"{t_torch * 1e3:.2f}"],
+        ["vector_norm(dim=1)**2, (dim=0)**2", f"{t_vnorm * 1e3:.2f}"]])
+    targets.append([f"cur r={rank} speed-up vs rsvd r={rank}", f"{t_rsvd / t_cur:.1f}x", ">= 10x", t_rsvd / t_cur >= 10])
+    targets.append(["one-pass norms vs two torch reductions (fastest)", f"{t_two / t_norms:.2f}x", ">= 1.7x",
+                    t_two / t_norms >= 1.7])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small grid (no exact SVD, no sklearn)")
+    parser.add_argument("--plot", default=str(Path(__file__).parent / "results" / "decompose.png"))
+    args = parser.parse_args()
+    print(f"machine: {machine_description()}")
+    print(lk.format_build_info(), end="\n\n")
+    rows, curves, targets = [], {}, []
+    shapes = [(4096, 4096)] if args.quick else [(4096, 4096), (4096, 11008)]
+    big = None
+    for m, n in shapes:
+        W, sigma = llm_like(m, n)
+        error_vs_time(f"llm-like {m}x{n}", W, sigma, [16, 128], args.quick, rows, curves, targets)
+        big = W
+    for name, W in list(minilm_linear_weights().items())[:2 if args.quick else 4]:
+        W = W.contiguous()
+        error_vs_time(f"MiniLM {name.removeprefix('encoder.')}", W, torch.linalg.svdvals(W.double()), [16],
+                      args.quick, rows, curves, targets)
+    print("\nerror vs time (fp64 metrics; passes = GEMM passes over W)")
+    print_table(["matrix", "r", "method", "passes", "QRs", "time [ms]", "subopt. [%]", "top-k sv err [%]"], rows)
+    batched_vs_loop(args.quick, targets)
+    cur_and_norms(big, targets)
+    print(f"\ntargets (suboptimality <= {TARGET_SUBOPTIMALITY * 100} %)")
+    print_table(["target", "measured", "required", "met"], targets)
+    write_plot(curves, args.plot)
+    return 0
+
+
+def write_plot(curves, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(curves), figsize=(4.5 * len(curves), 4), squeeze=False)
+    for ax, ((name, rank), points) in zip(axes[0], curves.items()):
+        for family, marker in (("torch.svd_lowrank", "o"), ("rsvd subspace", "s"), ("rsvd krylov", "^"), ("sklearn", "x")):
+            pts = sorted((t, max(sub, 1e-6)) for m, t, sub in points if m.startswith(family))
+            if pts:
+                ax.plot([p[0] * 1e3 for p in pts], [p[1] * 100 for p in pts], marker + "-", label=family)
+        ax.axhline(TARGET_SUBOPTIMALITY * 100, color="gray", lw=0.8, ls="--")
+        ax.set(xscale="log", yscale="log", xlabel="time [ms]", ylabel="suboptimality [%]", title=f"{name} r={rank}")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    print(f"\nplot: {path}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,422 @@
+"""Decompositions for PiSSA-family initialisation: randomized SVD, CUR, Random PiSSA.
+
+Every function takes ``W [..., m, n]`` (fp32/bf16/fp16, leading dims = a batch of same-shape
+layers decomposed at once) and is deterministic for a given ``torch.Generator``.
+
+* `rsvd`: Halko-Martinsson-Tropp randomized SVD with oversampling and power (subspace)
+  iterations, or block Krylov. The passes over W are GEMMs in W's dtype (fp32 accumulation);
+  the thin blocks are orthonormalised in fp32 by CholeskyQR2 (Gram matrix by the `gram` kernel,
+  shifted CholeskyQR3 when the block is ill-conditioned, Householder QR as the last resort);
+  the small SVD runs in fp32/fp64.
+* `pissa_factors`: ``A = U √S``, ``B = √S Vh``, ``W_res = W − A B`` (DESIGN.md §2).
+* `cur`: rows and columns sampled without replacement with probability ∝ their squared norms
+  (exponential race, exact), norms from one pass over W (`row_col_sq_norms` kernel), and a
+  choice of the core ``U``; `cur_factors` gives the PiSSA-style split ``A = C``, ``B = U R``.
+* `random_pissa_factors` (seed report §3): principal components plus randomly chosen minor ones.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import torch
+
+from lowrank_kernels import ops
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_METHODS = ("subspace", "krylov")
+_CUR_CORES = ("pinv", "stable", "optimal")
+
+
+class SVDResult(NamedTuple):
+    """``U [..., m, k]``, ``S [..., k]`` (descending), ``Vh [..., k, n]``, fp32; and, if asked
+    for, ``error [...]`` = ‖W − U diag(S) Vh‖_F / ‖W‖_F (exact for the computed factors up to
+    rounding: the factors are an orthogonal projection of W)."""
+
+    U: torch.Tensor
+    S: torch.Tensor
+    Vh: torch.Tensor
+    error: torch.Tensor | None = None
+
+
+class PiSSAFactors(NamedTuple):
+    """``A [..., m, r]``, ``B [..., r, n]``, ``W_res [..., m, n]`` in W's dtype: W = W_res + A B."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+    W_res: torch.Tensor
+
+
+class CURResult(NamedTuple):
+    """``C = W[..., :, cols] [..., m, r]``, ``U [..., r, r]`` (fp32), ``R = W[..., rows, :] [..., r, n]``,
+    ``rows [..., r]``, ``cols [..., r]`` (int64); W ≈ C U R."""
+
+    C: torch.Tensor
+    U: torch.Tensor
+    R: torch.Tensor
+    rows: torch.Tensor
+    cols: torch.Tensor
+
+
+def _describe(t: torch.Tensor) -> str:
+    return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
+
+
+# ---- argument checks -------------------------------------------------------------------------------
+
+def _check_matrix(W: Any) -> torch.Tensor:
+    if not isinstance(W, torch.Tensor):
+        raise TypeError(f"W must be a torch.Tensor, got {type(W).__name__}")
+    if W.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"W must be float32, float16 or bfloat16, got {_describe(W)}")
+    if W.dim() < 2:
+        raise ValueError(f"W must be a matrix [m, n] or a batch [..., m, n], got {_describe(W)}")
+    if W.shape[-1] == 0 or W.shape[-2] == 0:
+        raise ValueError(f"W must have m, n >= 1, got {_describe(W)}")
+    # One cheap reduction: a NaN or Inf element makes the sum non-finite (so does an overflowing
+    # sum of huge finite values, which the exact elementwise check then clears).
+    if not torch.isfinite(W.sum(dtype=torch.float32)) and not torch.isfinite(W).all():
+        raise ValueError(f"W contains NaN or Inf ({_describe(W)})")
+    return W
+
+
+def _check_int(value: Any, name: str, low: int, high: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < low or (high is not None and value > high):
+        bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
+        raise ValueError(f"{name} must be {bound}, got {value}")
+    return value
+
+
+def _check_rank(W: torch.Tensor, rank: Any) -> int:
+    return _check_int(rank, "rank", 1, min(W.shape[-2:]))
+
+
+def _check_choice(value: Any, name: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+    return value
+
+
+# ---- orthonormalisation --------------------------------------------------------------------------
+
+def _gram(Y: torch.Tensor) -> torch.Tensor:
+    """fp32 ``Yᵀ Y [..., k, k]`` of ``Y [..., m, k]`` (exactly symmetric)."""
+    return torch.ops.lowrank_kernels.gram(Y)
+
+
+def _cholesky_qr(Y: torch.Tensor, shift: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """One CholeskyQR step on fp32 ``Y``: (Q, ok [...]) with Q = Y R⁻¹, R = chol(YᵀY (+ shift)).
+    The shift (Fukaya et al. 2020) makes the factorisation succeed for any full-rank-in-fp32
+    block at the cost of orthogonality, which the following unshifted steps restore."""
+    G = _gram(Y)
+    if shift:
+        m, k = Y.shape[-2:]
+        norm2 = G.diagonal(dim1=-2, dim2=-1).sum(-1)  # ‖Y‖_F² >= ‖Y‖_2²
+        s = 11 * (m * k + k * (k + 1)) * torch.finfo(torch.float32).eps * norm2
+        G = G + s[..., None, None] * torch.eye(k, dtype=G.dtype, device=G.device)
+    R, info = torch.linalg.cholesky_ex(G, upper=True)
+    # Q = Y R⁻¹ as a GEMM with the small explicit inverse: faster than a right-sided
+    # triangular solve on the tall block, and as accurate for CholeskyQR's purposes.
+    eye = torch.eye(R.shape[-1], dtype=R.dtype, device=R.device)
+    return Y @ torch.linalg.solve_triangular(R, eye, upper=True), info == 0
+
+
+def orthonormalize(Y: torch.Tensor) -> torch.Tensor:
+    """Orthonormal basis ``Q [..., m, k]`` (fp32) of the columns of ``Y [..., m, k]`` (k <= m).
+
+    CholeskyQR2 (GEMM-shaped, batched); where Cholesky fails (an ill-conditioned block),
+    shifted CholeskyQR3; where that fails too (a numerically rank-deficient block),
+    Householder QR, batch element by batch element.
+    """
+    Y = Y.float()
+    Q, ok = _cholesky_qr(Y)
+    if not ok.all():
+        shifted, ok_shifted = _cholesky_qr(Y, shift=True)
+        Q = torch.where(ok[..., None, None], Q, shifted)
+        ok = ok | ok_shifted
+        Q, ok_second = _cholesky_qr(Q)
+        ok = ok & ok_second
+    Q, ok_final = _cholesky_qr(Q)
+    ok = ok & ok_final
+    if not ok.all():
+        Q = torch.where(ok[..., None, None], Q, torch.linalg.qr(Y).Q)
+    return Q
+
+
+# ---- randomized SVD ------------------------------------------------------------------------------
+
+def _default_oversample(rank: int, max_width: int) -> int:
+    return max(0, min(max(8, rank // 4), max_width - rank))
+
+
+def rsvd(W: torch.Tensor, rank: int, *, oversample: int | None = None, n_iter: int = 2, method: str = "krylov",
+         generator: torch.Generator | None = None, error: bool = False) -> SVDResult:
+    """Truncated randomized SVD of ``W [..., m, n]``: ``U [..., m, rank]``, ``S [..., rank]``,
+    ``Vh [..., rank, n]`` (fp32), W ≈ U diag(S) Vh.
+
+    oversample: extra sketch columns p (default max(8, rank/4), capped by min(m, n)).
+    n_iter:     power iterations q (subspace) or Krylov depth (krylov). Each costs two GEMM
+                passes over W; the sketch and the projection cost one each.
+    method:     "krylov" (default: the block Krylov space [WΩ, (WWᵀ)WΩ, ...] of blocks of rank + p
+                columns: the same passes over W, an (n_iter + 1)-times larger search space,
+                much more accuracy per pass on slowly decaying spectra) or "subspace"
+                (sketch width rank + p, re-orthonormalised every half step).
+    generator:  for the Gaussian test matrix (same generator state -> same result).
+    error:      also return ‖W − U diag(S) Vh‖_F / ‖W‖_F per matrix.
+    """
+    W = _check_matrix(W)
+    rank = _check_rank(W, rank)
+    method = _check_choice(method, "method", _METHODS)
+    n_iter = _check_int(n_iter, "n_iter", 0)
+    m, n = W.shape[-2:]
+    width_cap = min(m, n)
+    oversample = _default_oversample(rank, width_cap) if oversample is None else _check_int(oversample, "oversample", 0)
+    width = min(rank + oversample, width_cap)
+    transpose = m < n  # sketch the longer side: every GEMM then has the short side as its output rows
+    A = W.mT if transpose else W  # [..., M, N] with M >= N
+    basis = _subspace_basis if method == "subspace" else _krylov_basis
+    Q, Bt = basis(A, width, n_iter, generator)  # Q [..., M, l] orthonormal, Bt = Aᵀ Q [..., N, l]
+    Uh, S, Vb = _top_svd(Bt, rank)  # Qᵀ A = Uh S Vbᵀ (top rank triplets)
+    U = Q @ Uh
+    Vh = Vb.mT
+    if transpose:
+        U, Vh = Vh.mT, U.mT
+    err = _relative_error(W, S) if error else None
+    return SVDResult(U.contiguous(), S, Vh.contiguous(), err)
+
+
+def _top_svd(Bt: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top ``rank`` singular triplets of the small projected matrix ``Bᵀ = Bt [..., N, c]``
+    (fp32): ``(Uh [..., c, rank], S [..., rank], V [..., N, rank])`` with B = Uh S Vᵀ.
+
+    Rayleigh-Ritz on the c×c Gram matrix in fp64 (eigh) instead of an SVD of the tall Bt,
+    which costs several times more; V = Bt Uh S⁻¹ is then re-orthonormalised, which also turns
+    the columns of (numerically) zero singular values into valid orthonormal directions.
+    """
+    G = _gram(Bt).double()
+    eigenvalues, vectors = torch.linalg.eigh(G)  # ascending
+    top = vectors[..., -rank:].flip(-1)
+    S = eigenvalues[..., -rank:].flip(-1).clamp(min=0).sqrt().float()
+    V = orthonormalize(Bt @ top.float())
+    return top.float(), S, V
+
+
+def _gaussian(shape: tuple[int, ...], generator: torch.Generator | None, like: torch.Tensor) -> torch.Tensor:
+    """Standard normal test matrix ``[..., N, l]`` drawn in fp32 on the generator's device (CPU
+    by default, so a seed gives the same matrix everywhere), one batch element after the other
+    (so a batch sees the same draws as a loop over its matrices with the same generator), then
+    moved to W's device and dtype."""
+    device = generator.device if generator is not None else torch.device("cpu")
+    batch, matrix = shape[:-2], shape[-2:]
+    draws = [torch.randn(matrix, generator=generator, device=device) for _ in range(math.prod(batch))]
+    return torch.stack(draws).reshape(shape).to(like.device, like.dtype)
+
+
+def _subspace_basis(A: torch.Tensor, width: int, n_iter: int, generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Orthonormal ``Q [..., M, width]`` ≈ range of A's top singular vectors after q power
+    iterations, and ``Aᵀ Q`` (fp32). Passes over A: 2q + 2."""
+    Q = orthonormalize(A @ _gaussian((*A.shape[:-2], A.shape[-1], width), generator, A))
+    for _ in range(n_iter):
+        Z = orthonormalize(A.mT @ Q.to(A.dtype))
+        Q = orthonormalize(A @ Z.to(A.dtype))
+    return Q, (A.mT @ Q.to(A.dtype)).float()
+
+
+def _krylov_basis(A: torch.Tensor, width: int, n_iter: int, generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Orthonormal basis ``Q [..., M, (q + 1)·width]`` of the block Krylov space
+    [AΩ, (AAᵀ)AΩ, ..., (AAᵀ)^q AΩ] (block Lanczos with full re-orthogonalisation; Musco &
+    Musco 2015), and ``Aᵀ Q`` (fp32).
+
+    Each new block A Z is orthogonalised against all previous blocks (classical Gram-Schmidt,
+    twice, normalising after each) *before* its product with Aᵀ is taken; that product is the next iteration's input,
+    so Aᵀ Q comes out of the iteration itself: 2q + 2 passes of ``width`` columns, as for
+    subspace iteration, for a (q + 1)-times larger search space. A block that adds nothing new
+    (an exhausted space) becomes random orthonormal directions, which do no harm.
+    """
+    blocks = [orthonormalize(A @ _gaussian((*A.shape[:-2], A.shape[-1], width), generator, A))]
+    products = [(A.mT @ blocks[0].to(A.dtype)).float()]
+    for _ in range(n_iter):
+        basis = torch.cat(blocks, dim=-1)
+        if basis.shape[-1] + width > min(A.shape[-2:]):
+            break  # the space can grow no further than A's rank bound
+        Y = (A @ orthonormalize(products[-1]).to(A.dtype)).float()
+        for _ in range(2):  # normalising in between keeps a residual that is pure rounding noise orthogonal too
+            Y = orthonormalize(Y - basis @ (basis.mT @ Y))
+        blocks.append(Y)
+        products.append((A.mT @ blocks[-1].to(A.dtype)).float())
+    return torch.cat(blocks, dim=-1), torch.cat(products, dim=-1)
+
+
+def _relative_error(W: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
+    """‖W − U S Vh‖_F / ‖W‖_F for factors that project W: ‖W‖² − ‖S‖² (Pythagoras), in fp64."""
+    total = frobenius_sq(W).double()
+    residual = (total - S.double().square().sum(-1)).clamp(min=0)
+    return (residual / total.clamp(min=torch.finfo(torch.float64).tiny)).sqrt().float()
+
+
+def frobenius_sq(W: torch.Tensor) -> torch.Tensor:
+    """‖W‖_F² [...] (fp32) from the one-pass norm kernel."""
+    rows, _ = torch.ops.lowrank_kernels.row_col_sq_norms(W)
+    return rows.sum(-1)
+
+
+def _split(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, W: torch.Tensor) -> PiSSAFactors:
+    """A = U √S, B = √S Vh in W's dtype; W_res = W − A B formed in fp32 from the stored A, B."""
+    root = S.clamp(min=0).sqrt()
+    A = (U * root[..., None, :]).to(W.dtype)
+    B = (root[..., :, None] * Vh).to(W.dtype)
+    return PiSSAFactors(A, B, residual(W, A, B))
+
+
+def residual(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """``W − A B`` computed in fp32 and rounded once to W's dtype."""
+    return torch.baddbmm(W.float().reshape(-1, *W.shape[-2:]), A.float().reshape(-1, *A.shape[-2:]),
+                         B.float().reshape(-1, *B.shape[-2:]), alpha=-1).reshape(W.shape).to(W.dtype)
+
+
+def pissa_factors(W: torch.Tensor, rank: int, *, exact: bool = False, **rsvd_options) -> PiSSAFactors:
+    """PiSSA split of ``W [..., m, n]``: ``A [..., m, rank]``, ``B [..., rank, n]``, ``W_res``.
+
+    exact=True uses the full SVD (torch.linalg.svd), otherwise `rsvd` with ``rsvd_options``.
+    """
+    W = _check_matrix(W)
+    rank = _check_rank(W, rank)
+    if exact:
+        U, S, Vh = torch.linalg.svd(W.float(), full_matrices=False)
+        return _split(U[..., :rank], S[..., :rank], Vh[..., :rank, :], W)
+    U, S, Vh, _ = rsvd(W, rank, **rsvd_options)
+    return _split(U, S, Vh, W)
+
+
+def random_pissa_factors(W: torch.Tensor, rank: int, *, n_random: int | None = None,
+                         generator: torch.Generator | None = None) -> PiSSAFactors:
+    """Random PiSSA (seed report §3): the adapter gets the top ``rank − n_random`` singular
+    triplets plus ``n_random`` triplets drawn uniformly without replacement from the remaining
+    (minor) ones, so training can also move directions the pretrained weight barely uses; the
+    residual keeps everything else. Default n_random = rank // 2. Needs the full SVD.
+    """
+    W = _check_matrix(W)
+    rank = _check_rank(W, rank)
+    n_random = rank // 2 if n_random is None else _check_int(n_random, "n_random", 0, rank)
+    U, S, Vh = torch.linalg.svd(W.float(), full_matrices=False)
+    top = rank - n_random
+    minor = S.shape[-1] - top  # >= n_random since rank <= min(m, n)
+    keys = torch.rand((*S.shape[:-1], minor), generator=generator,
+                      device=generator.device if generator is not None else "cpu").to(S.device)
+    picked = top + keys.topk(n_random, dim=-1).indices.sort(dim=-1).values
+    index = torch.cat([torch.arange(top, device=S.device).expand(*S.shape[:-1], top), picked], dim=-1)
+    U = U.gather(-1, index[..., None, :].expand(*U.shape[:-1], rank))
+    Vh = Vh.gather(-2, index[..., :, None].expand(*index.shape, Vh.shape[-1]))
+    return _split(U, S.gather(-1, index), Vh, W)
+
+
+# ---- CUR -----------------------------------------------------------------------------------------
+
+def sample_proportional(weights: torch.Tensor, k: int, uniform: torch.Tensor) -> torch.Tensor:
+    """``k`` distinct indices per row of ``weights [..., N]`` (non-negative), drawn without
+    replacement with probability ∝ weight by the exponential race: the k smallest arrival
+    times E_i / w_i, E_i = −log(1 − U_i) ~ Exp(1) from ``uniform [..., N]`` (fp64, U(0, 1)),
+    which is exactly successive weighted sampling. Zero-weight indices come after all positive
+    ones, in uniformly random order (so an all-zero row still gives k distinct indices).
+    Returns int64 ``[..., k]``, ascending."""
+    w = weights.double()
+    # Arrival times are < 37 / (smallest positive fp32) < 1e47; zero weights queue from 2e300 on.
+    arrival = torch.where(w > 0, -torch.log1p(-uniform) / w.clamp(min=torch.finfo(torch.float64).tiny),
+                          2e300 * (1 + uniform))
+    return arrival.topk(k, dim=-1, largest=False).indices.sort(dim=-1).values
+
+
+def _uniforms(batch: tuple[int, ...], sizes: tuple[int, ...], generator, device) -> list[torch.Tensor]:
+    """fp64 U(0, 1) draws ``[*batch, size]`` for each size, drawn matrix by matrix (a batch sees
+    the same draws as a loop over its matrices with the same generator)."""
+    source = generator.device if generator is not None else torch.device("cpu")
+    per_matrix = [[torch.rand(size, generator=generator, device=source, dtype=torch.float64) for size in sizes]
+                  for _ in range(math.prod(batch))]
+    return [torch.stack([draws[j] for draws in per_matrix]).reshape(*batch, size).to(device)
+            for j, size in enumerate(sizes)]
+
+
+def cur(W: torch.Tensor, rank: int, *, u: str = "pinv", generator: torch.Generator | None = None) -> CURResult:
+    """CUR decomposition of ``W [..., m, n]`` by norm-proportional sampling (seed report §4).
+
+    ``rank`` rows and ``rank`` columns are sampled without replacement with probability
+    ∝ their squared norms (both norms from one pass over W). The core ``U [..., r, r]`` (fp32):
+      "pinv"     the pseudo-inverse of the intersection W[rows, cols], as the seed report does
+                 (exact recovery when that intersection has W's rank; unstable when it is
+                 nearly singular);
+      "stable"   its ε-pseudo-inverse, singular values below √eps(fp32) · σ_max dropped;
+      "optimal"  C⁺ W R⁺, the Frobenius-optimal core for the sampled C and R (one more
+                 GEMM pass over W).
+    """
+    W = _check_matrix(W)
+    rank = _check_rank(W, rank)
+    u = _check_choice(u, "u", _CUR_CORES)
+    row_norms, col_norms = torch.ops.lowrank_kernels.row_col_sq_norms(W)
+    row_uniform, col_uniform = _uniforms(W.shape[:-2], W.shape[-2:], generator, W.device)
+    rows = sample_proportional(row_norms, rank, row_uniform)
+    cols = sample_proportional(col_norms, rank, col_uniform)
+    C = W.gather(-1, cols[..., None, :].expand(*W.shape[:-1], rank))
+    R = W.gather(-2, rows[..., :, None].expand(*rows.shape, W.shape[-1]))
+    if u == "optimal":
+        U = torch.linalg.pinv(C.float()) @ (W.float() @ torch.linalg.pinv(R.float()))
+    else:
+        core = C.gather(-2, rows[..., :, None].expand(*rows.shape, rank)).float()
+        U = torch.linalg.pinv(core, rtol=math.sqrt(torch.finfo(torch.float32).eps) if u == "stable" else None)
+    return CURResult(C, U, R, rows, cols)
+
+
+def cur_factors(W: torch.Tensor, rank: int, **cur_options) -> PiSSAFactors:
+    """PiSSA-style CUR split (CURA): ``A = C [..., m, r]``, ``B = U R [..., r, n]``, ``W_res = W − A B``."""
+    C, U, R, _, _ = cur(W, rank, **cur_options)
+    B = (U @ R.float()).to(W.dtype)
+    return PiSSAFactors(C, B, residual(W, C, B))
+
+
+# ---- op registration: fake kernels and CUDA kernels that are not C++ ----------------------------
+
+def _register() -> None:
+    from lowrank_kernels import _extension
+
+    if _extension.load_error() is not None:
+        return
+
+    @torch.library.register_fake(f"{ops.NAMESPACE}::row_col_sq_norms")
+    def _(w):
+        return w.new_empty(w.shape[:-1], dtype=torch.float32), w.new_empty((*w.shape[:-2], w.shape[-1]), dtype=torch.float32)
+
+    @torch.library.register_fake(f"{ops.NAMESPACE}::gram")
+    def _(y):
+        return y.new_empty((*y.shape[:-2], y.shape[-1], y.shape[-1]), dtype=torch.float32)
+
+    if not torch.version.cuda:
+        return
+    torch.library.register_kernel(f"{ops.NAMESPACE}::gram", "cuda", _gram_cuda)
+    if not _extension.compiled_config().get("cuda_kernels"):
+        torch.library.register_kernel(f"{ops.NAMESPACE}::row_col_sq_norms", "cuda", _row_col_sq_norms_cuda)
+
+
+def _gram_cuda(y):
+    """Triton (imported on first use), or the reference where Triton is missing."""
+    if ops.triton_available():
+        from lowrank_kernels.triton import gram
+
+        return gram.gram(y)
+    from lowrank_kernels.reference.decompose import gram_ref
+
+    return gram_ref(y)
+
+
+def _row_col_sq_norms_cuda(w):
+    """CUDA fallback when the extension was built without nvcc: Triton, else the reference."""
+    if ops.triton_available():
+        from lowrank_kernels.triton import norms
+
+        return norms.row_col_sq_norms(w)
+    from lowrank_kernels.reference.decompose import row_col_sq_norms_ref
+
+    return row_col_sq_norms_ref(w)
+
+
+_register()
