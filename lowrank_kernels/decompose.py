@@ -123,6 +123,13 @@ def _cholesky_qr(Y: torch.Tensor, shift: bool = False) -> tuple[torch.Tensor, to
     return Y @ torch.linalg.solve_triangular(R, eye, upper=True), info == 0
 
 
+def _reorthonormalize(Y: torch.Tensor) -> torch.Tensor:
+    """orthonormalize for a block that is already nearly orthonormal: one CholeskyQR step
+    suffices; the full procedure runs only where that step fails."""
+    Q, ok = _cholesky_qr(Y)
+    return Q if ok.all() else orthonormalize(Y)
+
+
 def orthonormalize(Y: torch.Tensor) -> torch.Tensor:
     """Orthonormal basis ``Q [..., m, k]`` (fp32) of the columns of ``Y [..., m, k]`` (k <= m).
 
@@ -242,9 +249,10 @@ def _krylov_basis(A: torch.Tensor, width: int, n_iter: int, generator) -> tuple[
         if basis.shape[-1] + width > min(A.shape[-2:]):
             break  # the space can grow no further than A's rank bound
         Y = (A @ orthonormalize(products[-1]).to(A.dtype)).float()
-        for _ in range(2):  # normalising in between keeps a residual that is pure rounding noise orthogonal too
-            Y = orthonormalize(Y - basis @ (basis.mT @ Y))
-        blocks.append(Y)
+        Y = orthonormalize(Y - basis @ (basis.mT @ Y))
+        # Second Gram-Schmidt pass: after the normalisation above, a residual that was pure
+        # rounding noise (an exhausted space) is O(1) along the basis, and is removed here.
+        blocks.append(_reorthonormalize(Y - basis @ (basis.mT @ Y)))
         products.append((A.mT @ blocks[-1].to(A.dtype)).float())
     return torch.cat(blocks, dim=-1), torch.cat(products, dim=-1)
 
