@@ -138,9 +138,7 @@ void reduce_partials(const float* partial, int64_t batch, int64_t chunks, int64_
 }
 
 std::tuple<at::Tensor, at::Tensor> row_col_sq_norms_cpu(const at::Tensor& w) {
-  check_float_input(w, "w");
-  TORCH_CHECK(w.dim() >= 2, "w must have at least 2 dimensions [..., m, n], got shape ", w.sizes(), " and dtype ",
-              w.scalar_type());
+  const auto [row_shape, col_shape] = row_col_norm_shapes(w);
   // A transposed contiguous matrix (w = v.mT) is read as v: v's row norms are w's column norms.
   if (!w.is_contiguous() && w.mT().is_contiguous()) {
     auto [rows, cols] = row_col_sq_norms_cpu(w.mT());
@@ -148,9 +146,6 @@ std::tuple<at::Tensor, at::Tensor> row_col_sq_norms_cpu(const at::Tensor& w) {
   }
   const at::Tensor x = w.contiguous();
   const int64_t m = x.size(-2), n = x.size(-1);
-  std::vector<int64_t> row_shape(x.sizes().begin(), x.sizes().end() - 1);
-  std::vector<int64_t> col_shape(row_shape.begin(), row_shape.end() - 1);
-  col_shape.push_back(n);
   const auto options = x.options().dtype(at::kFloat);
   if (x.numel() == 0) return {at::zeros(row_shape, options), at::zeros(col_shape, options)};
 

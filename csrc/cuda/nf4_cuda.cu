@@ -5,6 +5,7 @@
 #include <cuda_fp16.h>
 
 #include "lowrank_kernels/nf4_math.h"
+#include "cuda_common.cuh"
 #include "nf4_cuda.h"
 
 namespace lowrank_kernels::cuda {
@@ -12,18 +13,6 @@ namespace {
 
 constexpr int kWarp = 32;
 constexpr int kThreads = 256;
-
-template <typename T> __device__ __forceinline__ float load_float(const T* p, int64_t i);
-template <> __device__ __forceinline__ float load_float(const float* p, int64_t i) { return p[i]; }
-template <> __device__ __forceinline__ float load_float(const __half* p, int64_t i) { return __half2float(p[i]); }
-template <> __device__ __forceinline__ float load_float(const __nv_bfloat16* p, int64_t i) {
-  return __bfloat162float(p[i]);
-}
-
-template <typename T> __device__ __forceinline__ T store_float(float v);
-template <> __device__ __forceinline__ float store_float(float v) { return v; }
-template <> __device__ __forceinline__ __half store_float(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 store_float(float v) { return __float2bfloat16_rn(v); }
 
 __device__ __forceinline__ float warp_max(float v) {
 #pragma unroll
@@ -121,17 +110,6 @@ __global__ void dequantize_blockwise8_kernel(const uint8_t* __restrict__ q, cons
   if (i < numel) out[i] = blockwise8_decode(code, q[i], absmax[i / blocksize]);
 }
 
-unsigned grid_for(int64_t work_items) { return static_cast<unsigned>((work_items + kThreads - 1) / kThreads); }
-
-template <typename F>
-void dispatch_kind(FloatKind kind, F&& f) {
-  switch (kind) {
-    case FloatKind::kFloat32: f(static_cast<float*>(nullptr)); break;
-    case FloatKind::kFloat16: f(static_cast<__half*>(nullptr)); break;
-    case FloatKind::kBFloat16: f(static_cast<__nv_bfloat16*>(nullptr)); break;
-  }
-}
-
 }  // namespace
 
 void quantize_nf4(const void* x, FloatKind kind, int64_t numel, int64_t blocksize, uint8_t* packed,
@@ -140,7 +118,7 @@ void quantize_nf4(const void* x, FloatKind kind, int64_t numel, int64_t blocksiz
   const int64_t blocks = (numel + blocksize - 1) / blocksize;
   dispatch_kind(kind, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    quantize_nf4_kernel<T><<<grid_for(blocks * kWarp), kThreads, 0, stream>>>(
+    quantize_nf4_kernel<T><<<grid_for(blocks * kWarp, kThreads), kThreads, 0, stream>>>(
         static_cast<const T*>(x), numel, blocksize, packed, absmax);
   });
 }
@@ -150,7 +128,7 @@ void dequantize_nf4(const uint8_t* packed, const float* absmax, int64_t numel, i
   if (numel == 0) return;
   dispatch_kind(kind, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    dequantize_nf4_kernel<T><<<grid_for((numel + 7) / 8), kThreads, 0, stream>>>(
+    dequantize_nf4_kernel<T><<<grid_for((numel + 7) / 8, kThreads), kThreads, 0, stream>>>(
         packed, absmax, numel, blocksize, static_cast<T*>(out));
   });
 }
@@ -159,14 +137,14 @@ void quantize_blockwise8(const float* x, int64_t numel, const float* code, int64
                          float* absmax, cudaStream_t stream) {
   if (numel == 0) return;
   const int64_t blocks = (numel + blocksize - 1) / blocksize;
-  quantize_blockwise8_kernel<<<grid_for(blocks * kWarp), kThreads, 0, stream>>>(x, numel, code, blocksize, q,
+  quantize_blockwise8_kernel<<<grid_for(blocks * kWarp, kThreads), kThreads, 0, stream>>>(x, numel, code, blocksize, q,
                                                                                absmax);
 }
 
 void dequantize_blockwise8(const uint8_t* q, const float* absmax, const float* code, int64_t numel,
                            int64_t blocksize, float* out, cudaStream_t stream) {
   if (numel == 0) return;
-  dequantize_blockwise8_kernel<<<grid_for(numel), kThreads, 0, stream>>>(q, absmax, code, numel, blocksize, out);
+  dequantize_blockwise8_kernel<<<grid_for(numel, kThreads), kThreads, 0, stream>>>(q, absmax, code, numel, blocksize, out);
 }
 
 }  // namespace lowrank_kernels::cuda

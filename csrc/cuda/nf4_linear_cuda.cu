@@ -13,6 +13,7 @@
 #include <type_traits>
 
 #include "lowrank_kernels/nf4_linear_math.h"
+#include "cuda_common.cuh"
 #include "nf4_linear_cuda.h"
 
 namespace lowrank_kernels::cuda {
@@ -35,18 +36,6 @@ constexpr int kWordsPerChunk = 4;
 constexpr int64_t kMaxGridY = 65535;  // CUDA limit on gridDim.y; blockIdx.y strides beyond it
 
 static_assert(kRowsPerWarp * kMaxTokens <= kWarp, "each output of a warp is stored by its own lane");
-
-template <typename T> __device__ __forceinline__ float load_float(const T* p, int64_t i);
-template <> __device__ __forceinline__ float load_float(const float* p, int64_t i) { return p[i]; }
-template <> __device__ __forceinline__ float load_float(const __half* p, int64_t i) { return __half2float(p[i]); }
-template <> __device__ __forceinline__ float load_float(const __nv_bfloat16* p, int64_t i) {
-  return __bfloat162float(p[i]);
-}
-
-template <typename T> __device__ __forceinline__ T store_float(float v);
-template <> __device__ __forceinline__ float store_float(float v) { return v; }
-template <> __device__ __forceinline__ __half store_float(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 store_float(float v) { return __float2bfloat16_rn(v); }
 
 // 8 consecutive values from a 16-byte aligned address, as fp32.
 __device__ __forceinline__ void load8(const float* p, float (&v)[8]) {
@@ -283,15 +272,6 @@ void with_token_count(int64_t count, F&& f) {
   }
 }
 static_assert(kMaxTokens == 8, "with_token_count covers the remainders 1..kMaxTokens-1");
-
-template <typename F>
-void dispatch_kind(FloatKind kind, F&& f) {
-  switch (kind) {
-    case FloatKind::kFloat32: f(static_cast<float*>(nullptr)); break;
-    case FloatKind::kFloat16: f(static_cast<__half*>(nullptr)); break;
-    case FloatKind::kBFloat16: f(static_cast<__nv_bfloat16*>(nullptr)); break;
-  }
-}
 
 }  // namespace
 

@@ -19,6 +19,7 @@
 
 #include <type_traits>
 
+#include "cuda_common.cuh"
 #include "norms_cuda.h"
 
 namespace lowrank_kernels::cuda {
@@ -31,11 +32,6 @@ constexpr int kRows = static_cast<int>(kNormRowsPerBlock);
 constexpr int kColsPerThread = static_cast<int>(kNormColsPerBlock) / kThreads;
 static_assert(kRows == kWarp, "the warp reduce-scatter leaves row l's sum in lane l");
 static_assert(kColsPerThread * kThreads == kNormColsPerBlock, "a tile's columns split evenly over the threads");
-
-template <typename T> __device__ __forceinline__ float load_float(const T* p);
-template <> __device__ __forceinline__ float load_float(const float* p) { return *p; }
-template <> __device__ __forceinline__ float load_float(const __half* p) { return __half2float(*p); }
-template <> __device__ __forceinline__ float load_float(const __nv_bfloat16* p) { return __bfloat162float(*p); }
 
 // One step of warp_reduce_scatter: v[0 .. 2 HALF) -> v[0 .. HALF). A lane keeps the half its
 // lane bit HALF selects and adds its partner's (lane ^ HALF) copy of that half.
@@ -84,7 +80,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
     for (int k = 0; k < kColsPerThread; ++k) {
       const int64_t col = col0 + k * kThreads;
-      const float x = r < rows_here && col < n ? load_float(tile_w + r * n + col) : 0.0f;
+      const float x = r < rows_here && col < n ? load_float(tile_w, r * n + col) : 0.0f;
       row_acc[r] = fmaf(x, x, row_acc[r]);
       col_acc[k] = fmaf(x, x, col_acc[k]);
     }
@@ -120,17 +116,6 @@ __global__ void sum_parts_kernel(const float* __restrict__ partial, int64_t batc
   out[i] = sum;
 }
 
-unsigned grid_for(int64_t work_items) { return static_cast<unsigned>((work_items + kThreads - 1) / kThreads); }
-
-template <typename F>
-void dispatch_kind(FloatKind kind, F&& f) {
-  switch (kind) {
-    case FloatKind::kFloat32: f(static_cast<float*>(nullptr)); break;
-    case FloatKind::kFloat16: f(static_cast<__half*>(nullptr)); break;
-    case FloatKind::kBFloat16: f(static_cast<__nv_bfloat16*>(nullptr)); break;
-  }
-}
-
 }  // namespace
 
 void row_col_sq_norms(const void* w, FloatKind kind, int64_t batch, int64_t m, int64_t n, float* row_partial,
@@ -144,8 +129,8 @@ void row_col_sq_norms(const void* w, FloatKind kind, int64_t batch, int64_t m, i
     norms_tile_kernel<T><<<static_cast<unsigned>(batch * row_blocks * col_blocks), kThreads, 0, stream>>>(
         static_cast<const T*>(w), m, n, row_blocks, col_blocks, row_out, col_out);
   });
-  if (col_blocks > 1) sum_parts_kernel<<<grid_for(batch * m), kThreads, 0, stream>>>(row_partial, batch, col_blocks, m, rows);
-  if (row_blocks > 1) sum_parts_kernel<<<grid_for(batch * n), kThreads, 0, stream>>>(col_partial, batch, row_blocks, n, cols);
+  if (col_blocks > 1) sum_parts_kernel<<<grid_for(batch * m, kThreads), kThreads, 0, stream>>>(row_partial, batch, col_blocks, m, rows);
+  if (row_blocks > 1) sum_parts_kernel<<<grid_for(batch * n, kThreads), kThreads, 0, stream>>>(col_partial, batch, row_blocks, n, cols);
 }
 
 }  // namespace lowrank_kernels::cuda

@@ -124,6 +124,25 @@ def _grouped_tile(M, COLS, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, GROUP_M
     return pid_m, pid_c
 
 
+@triton.jit
+def _lowrank_term(left_ptr, right_ptr, rows_m, mask_m, cols, mask_c, R,
+                  stride_lm, stride_lr, stride_rr, stride_rc,
+                  BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, DOT_TY: tl.constexpr):
+    """left[rows_m, :R] @ right[:R, cols] as an fp32 [BLOCK_M, BLOCK_C] tile, over the rank in
+    BLOCK_R chunks (masked: r may be below the 16 tl.dot needs). Accumulated apart from the main
+    product so that the caller's `scale` multiplies the whole low-rank term."""
+    low = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        mask_r = offs_r < R
+        left = tl.load(left_ptr + rows_m[:, None] * stride_lm + offs_r[None, :] * stride_lr,
+                       mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+        right = tl.load(right_ptr + offs_r[:, None].to(tl.int64) * stride_rr + cols[None, :].to(tl.int64) * stride_rc,
+                        mask=mask_r[:, None] & mask_c[None, :], other=0.0)
+        low = _dot(left, right, low, DOT_TY)
+    return low
+
+
 @triton.autotune(configs=_CONFIGS, key=_KEY)
 @triton.jit
 def _nf4_lowrank_linear_kernel(
@@ -159,17 +178,10 @@ def _nf4_lowrank_linear_kernel(
                            mask_k[:, None] & mask_n[None, :], K, BLOCKSIZE)
         acc = _dot(x, _weight_operand(w, W_TY, DOT_TY), acc, DOT_TY)
 
-    # Low-rank correction, accumulated apart so that `scale` multiplies the whole product.
-    low = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r0 in range(0, R, BLOCK_R):
-        offs_r = r0 + tl.arange(0, BLOCK_R)
-        mask_r = offs_r < R
-        lx = tl.load(lowrank_ptr + rows_m[:, None] * stride_lm + offs_r[None, :] * stride_lr,
-                     mask=mask_m[:, None] & mask_r[None, :], other=0.0)
-        up_t = tl.load(up_ptr + rows_n[None, :] * stride_un + offs_r[:, None] * stride_ur,
-                       mask=mask_r[:, None] & mask_n[None, :], other=0.0)
-        low = _dot(lx, up_t, low, DOT_TY)
-    acc += low * scale
+    # up^T [R, N]: element (j, n) at up_ptr + n * stride_un + j * stride_ur.
+    acc += scale * _lowrank_term(lowrank_ptr, up_ptr, rows_m, mask_m, rows_n, mask_n, R,
+                                 stride_lm, stride_lr, stride_ur, stride_un,
+                                 BLOCK_M, BLOCK_N, BLOCK_R, DOT_TY)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
 
@@ -212,16 +224,9 @@ def _nf4_lowrank_linear_grad_input_kernel(
                            mask_n[:, None] & mask_k[None, :], K, BLOCKSIZE)
         acc = _dot(g, _weight_operand(w, W_TY, DOT_TY), acc, DOT_TY)
 
-    low = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-    for r0 in range(0, R, BLOCK_R):
-        offs_r = r0 + tl.arange(0, BLOCK_R)
-        mask_r = offs_r < R
-        lg = tl.load(lowrank_ptr + rows_m[:, None] * stride_lm + offs_r[None, :] * stride_lr,
-                     mask=mask_m[:, None] & mask_r[None, :], other=0.0)
-        down = tl.load(down_ptr + offs_r[:, None].to(tl.int64) * stride_dr + offs_k[None, :] * stride_dk,
-                       mask=mask_r[:, None] & mask_k[None, :], other=0.0)
-        low = _dot(lg, down, low, DOT_TY)
-    acc += low * scale
+    acc += scale * _lowrank_term(lowrank_ptr, down_ptr, rows_m, mask_m, offs_k, mask_k, R,
+                                 stride_lm, stride_lr, stride_dr, stride_dk,
+                                 BLOCK_M, BLOCK_K, BLOCK_R, DOT_TY)
 
     dx = _round_to(acc.to(tl.float32), OUT_TY)
     tl.store(dx_ptr + rows_m[:, None] * stride_xm + offs_k[None, :] * stride_xk, dx,
