@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DEPS_STAMP := $(VENV)/.stamp-deps
 BUILD_STAMP := $(VENV)/.stamp-build
-SOURCES := $(shell find csrc lowrank_kernels -name '*.cpp' -o -name '*.cu' -o -name '*.h') setup.py pyproject.toml
+SOURCES := $(shell find csrc lowrank_kernels -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh') setup.py pyproject.toml
 
 # torch's extension builder finds ninja on PATH; two compile jobs match the machine.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
