@@ -2,12 +2,14 @@
 
 Public API: NF4 storage bit-compatible with bitsandbytes; fused_pissa_linear (the QPiSSA /
 PiSSA training op); decompositions for adapter initialisation (rsvd, pissa_factors, cur,
-cur_factors, random_pissa_factors); build_info().
+cur_factors, random_pissa_factors); Robust PiSSA (huber_factorize,
+robust_pissa_factors); build_info().
 """
 from lowrank_kernels._extension import ExtensionNotBuiltError
 from lowrank_kernels.build_info import build_info, format_build_info
 from lowrank_kernels.decompose import cur, cur_factors, pissa_factors, random_pissa_factors, rsvd
 from lowrank_kernels.fused_linear import fused_pissa_linear
+from lowrank_kernels.robust import huber_factorize, robust_pissa_factors
 from lowrank_kernels.nf4 import NF4Weight, dequantize_nf4, load_nf4, quantize_nf4, save_nf4
 
 __version__ = "0.1.0"
@@ -24,7 +26,9 @@ __all__ = [
     "load_nf4",
     "pissa_factors",
     "quantize_nf4",
+    "huber_factorize",
     "random_pissa_factors",
+    "robust_pissa_factors",
     "rsvd",
     "save_nf4",
 ]
