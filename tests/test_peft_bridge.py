@@ -225,6 +225,10 @@ def test_conv1d_fan_in_fan_out_layers():
         use_fused_forward(model)
 
 
+def ia3():
+    return peft.get_peft_model(tiny_bert(), peft.IA3Config(target_modules=["query"], feedforward_modules=[]))
+
+
 def _merged(model):
     model.merge_adapter()
     return model
@@ -246,9 +250,7 @@ BAD_INPUTS = {
     "rank too large": (lambda m: lora(tiny_bert(), r=40), {}, ValueError, r"rank r=40 exceeds min\(out, in\) = 32"),
     "missing adapter": (lambda m: m, dict(adapter_name="nope"), ValueError, r"'nope' is not an adapter.*\['default'\]"),
     "not a PEFT model": (lambda m: tiny_bert(), {}, TypeError, "must be a peft.PeftModel"),
-    "not LoRA": (lambda m: peft.get_peft_model(tiny_bert(), peft.IA3Config(target_modules=["query"],
-                                                                          feedforward_modules=[])),
-                 {}, TypeError, "IA3 adapter, not LoRA"),
+    "not LoRA": (lambda m: ia3(), {}, TypeError, "IA3 adapter, not LoRA"),
     "generator option": (lambda m: m, dict(generator=torch.Generator()), TypeError, "seed="),
     "bad option": (lambda m: m, dict(init="cur", n_iter=3), TypeError, "n_iter"),
     "embedding layer": (lambda m: lora(tiny_bert(), target_modules=["query", "word_embeddings"]), {},
@@ -371,6 +373,8 @@ def test_fused_forward_refuses_models_it_cannot_serve():
         use_fused_forward(tiny_bert())
     with pytest.raises(ValueError, match="no LoRA layer of this model can use the fused forward"):
         use_fused_forward(lora(tiny_bert(), target_modules=["word_embeddings"]))
+    with pytest.raises(ValueError, match="it has none"):
+        use_fused_forward(ia3())
 
 
 # ---- pissa_to_lora -----------------------------------------------------------------------------------

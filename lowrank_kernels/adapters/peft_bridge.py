@@ -30,10 +30,7 @@ from torch import nn
 from lowrank_kernels.adapters.inits import check_init, init_factors
 from lowrank_kernels.fused_linear import fused_pissa_linear
 
-#: inits that draw random numbers and therefore take the derived ``generator``.
-_SEEDED_INITS = frozenset({"rsvd", "cur", "random"})
 _WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_SAFETENSORS_NAME = "adapter_model.safetensors"  # PEFT's file names (peft.utils.constants)
 
 
 def _peft():
@@ -112,9 +109,9 @@ def init_peft_adapters(peft_model: Any, init: str = "rsvd", adapter_name: str = 
     rank) are split as one batch.
 
     init:    a name in ``lowrank_kernels.adapters.INITS`` ("svd", "rsvd", "cur", "robust", "random").
-    seed:    randomised inits ("rsvd", "cur", "random") draw from a generator seeded by a hash of
-             ``seed`` and the names of the batch's layers: the same model, seed and targets give the
-             same adapters on every run and device.
+    seed:    randomised inits draw from a generator seeded by a hash of ``seed`` and the names of
+             the batch's layers: the same model, seed and targets give the same adapters on every
+             run and device.
     options: passed to the init function (e.g. ``n_iter=4`` for "rsvd", ``u="stable"`` for "cur").
 
     Every argument and layer is checked before the first weight is written (unknown init, rank >
@@ -205,10 +202,9 @@ def _init_batch(layers: dict[str, Any], adapter_name: str, rank: int, init: str,
                 options: dict) -> dict[str, LayerInit]:
     """Splits the same-shape ``layers`` as one batch ``[b, out, in]`` and writes the results."""
     W = torch.stack([_effective_weight(layer, adapter_name) for layer in layers.values()])
-    if init in _SEEDED_INITS:
-        options = {**options, "generator": _batch_generator(seed, list(layers))}
     start = time.perf_counter()
-    A, B, W_res = init_factors(W, rank, init, **options)
+    # Every init takes a generator (deterministic ones such as "svd" ignore it).
+    A, B, W_res = init_factors(W, rank, init, generator=_batch_generator(seed, list(layers)), **options)
     seconds = (time.perf_counter() - start) / len(layers)
     report = {}
     for i, (name, layer) in enumerate(layers.items()):
@@ -273,7 +269,7 @@ def use_fused_forward(peft_model: Any, enable: bool = True) -> dict[str, str]:
         report[name] = "fused" if fallback is None else f"fused (now PEFT's forward: {fallback})"
     if enable and not any(status.startswith("fused") for status in report.values()):
         raise ValueError("use_fused_forward: no LoRA layer of this model can use the fused forward: "
-                         + "; ".join(f"{name}: {status}" for name, status in report.items()))
+                         + ("; ".join(f"{name}: {status}" for name, status in report.items()) or "it has none"))
     return report
 
 
@@ -392,9 +388,11 @@ def _initial_state(initial) -> Mapping[str, torch.Tensor]:
     if isinstance(initial, Mapping):
         return initial
     if isinstance(initial, (str, os.PathLike)):
-        path = os.path.join(initial, _SAFETENSORS_NAME)
+        from peft.utils import SAFETENSORS_WEIGHTS_NAME
+
+        path = os.path.join(initial, SAFETENSORS_WEIGHTS_NAME)
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"initial: no {_SAFETENSORS_NAME} in {os.fspath(initial)!r} "
+            raise FileNotFoundError(f"initial: no {SAFETENSORS_WEIGHTS_NAME} in {os.fspath(initial)!r} "
                                     "(save the initial adapter with save_pretrained(..., safe_serialization=True))")
         from safetensors.torch import load_file
 
@@ -444,8 +442,9 @@ def _doubled_config(config):
 
 
 def _save_adapter(output_dir, state: dict[str, torch.Tensor], config) -> None:
+    from peft.utils import SAFETENSORS_WEIGHTS_NAME
     from safetensors.torch import save_file
 
-    config.save_pretrained(output_dir)  # makes the directory
-    save_file({key: value.contiguous() for key, value in state.items()}, os.path.join(output_dir, _SAFETENSORS_NAME),
-              metadata={"format": "pt"})
+    config.save_pretrained(output_dir)  # makes the directory; writes adapter_config.json
+    save_file({key: value.contiguous() for key, value in state.items()},
+              os.path.join(output_dir, SAFETENSORS_WEIGHTS_NAME), metadata={"format": "pt"})
