@@ -68,7 +68,7 @@ def assert_untouched(model: torch.nn.Module, before: dict[str, torch.Tensor]) ->
     after = model.state_dict()
     assert after.keys() == before.keys()
     for name, value in before.items():
-        assert torch.equal(after[name], value) or torch.allclose(after[name], value, equal_nan=True, rtol=0, atol=0), name
+        torch.testing.assert_close(after[name], value, rtol=0, atol=0, equal_nan=True, msg=name)
 
 
 def assert_splits_original(peft_model, original: torch.nn.Module, adapter: str = "default", rtol: float = 1e-5):
@@ -293,7 +293,8 @@ def outputs_and_grads(model, ids):
     model.zero_grad()
     out = model(input_ids=ids)
     g = torch.Generator().manual_seed(5)
-    loss = sum((t.float() * torch.randn(t.shape, generator=g)).sum() for t in (out.last_hidden_state, out.pooler_output))
+    loss = sum((t.float() * torch.randn(t.shape, generator=g)).sum()
+               for t in (out.last_hidden_state, out.pooler_output))
     loss.backward()
     grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
     return out.last_hidden_state.detach(), grads
@@ -366,6 +367,19 @@ def test_fused_forward_skips_non_linear_layers_and_reverts_after_unmerge(fused_c
     assert not fused_calls  # adapters disabled: PEFT's forward
     hidden(model, tokens())
     assert len(fused_calls) == 2
+
+
+def test_fused_model_survives_deepcopy_and_torch_save(fused_calls, tmp_path):
+    model = lora(tiny_bert())
+    expected = hidden(model, tokens())
+    use_fused_forward(model)
+    torch.save(model, tmp_path / "model.pt")
+    for copied in (copy.deepcopy(model), torch.load(tmp_path / "model.pt", weights_only=False)):
+        fused_calls.clear()
+        torch.testing.assert_close(hidden(copied, tokens()), expected, rtol=1e-5, atol=1e-5)
+        assert len(fused_calls) == 11
+        for name, layer in lora_layers(copied).items():
+            assert layer.forward.args[0] is layer, name  # the copy's own layer, not the original's
 
 
 def test_fused_forward_refuses_models_it_cannot_serve():

@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import hashlib
 import math
 import os
 import time
-import types
 from collections.abc import Mapping
 from typing import Any
 
@@ -116,8 +116,9 @@ def init_peft_adapters(peft_model: Any, init: str = "rsvd", adapter_name: str = 
 
     Every argument and layer is checked before the first weight is written (unknown init, rank >
     min(out, in), non-Linear layers, merged adapters, layers shared with other adapters, DoRA and
-    other variants, non-float or non-finite weights): on such errors the model is untouched.
-    Returns one `LayerInit` per layer, in module order.
+    other variants, non-float or non-finite weights): on such errors the model is untouched, as it
+    is when the init function rejects ``options`` (that happens in the first batch, before any
+    write). Returns one `LayerInit` per layer, in module order.
     """
     _lora_config(peft_model, adapter_name)
     check_init(init)
@@ -264,7 +265,9 @@ def use_fused_forward(peft_model: Any, enable: bool = True) -> dict[str, str]:
         if reason is not None:
             report[name] = f"PEFT's forward: {reason}"
             continue
-        layer.forward = types.MethodType(_fused_forward, layer)
+        # An instance attribute, a partial rather than a bound method: deepcopy rebinds it to the
+        # copy and torch.save / pickle can store it (a bound method pickles as getattr by name).
+        layer.forward = functools.partial(_fused_forward, layer)
         fallback = _state_fallback(layer)
         report[name] = "fused" if fallback is None else f"fused (now PEFT's forward: {fallback})"
     if enable and not any(status.startswith("fused") for status in report.values()):
@@ -275,7 +278,7 @@ def use_fused_forward(peft_model: Any, enable: bool = True) -> dict[str, str]:
 
 def _is_fused(layer) -> bool:
     forward = layer.__dict__.get("forward")
-    return isinstance(forward, types.MethodType) and forward.__func__ is _fused_forward
+    return isinstance(forward, functools.partial) and forward.func is _fused_forward
 
 
 def _unsupported(layer) -> str | None:
@@ -330,7 +333,7 @@ def _call_fallback(layer, x: torch.Tensor, args: tuple, kwargs: dict) -> str | N
 
 
 def _fused_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-    """Forward of a routed PEFT lora.Linear (bound to the layer as ``layer.forward``)."""
+    """Forward of a routed PEFT lora.Linear (set on the layer as ``layer.forward``)."""
     if _call_fallback(self, x, args, kwargs) or _state_fallback(self):
         return type(self).forward(self, x, *args, **kwargs)
     adapter = next(name for name in self.active_adapters if name in self.lora_A)
@@ -360,8 +363,10 @@ def pissa_to_lora(trained: Any, initial: Mapping[str, torch.Tensor] | str | os.P
                 ``get_peft_model_state_dict`` output) or a directory saved by ``save_pretrained``.
     output_dir: if given, write ``adapter_config.json`` + ``adapter_model.safetensors`` there, which
                 ``PeftModel.from_pretrained(original_model, output_dir)`` loads.
-    Non-LoRA entries (modules_to_save, trained biases) pass through unchanged; PEFT's own conversion
-    drops them. Returns (state dict, LoraConfig) of the LoRA adapter.
+    The original model is the one whose weights `init_peft_adapters` split (with PEFT's default
+    zero-delta LoRA init, the pretrained model itself). Non-LoRA entries (modules_to_save, trained
+    biases) pass through unchanged; PEFT's own conversion drops them. Returns (state dict,
+    LoraConfig) of the LoRA adapter.
     """
     peft = _peft()
     if isinstance(trained, peft.PeftModel):
