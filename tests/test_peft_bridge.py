@@ -369,6 +369,25 @@ def test_fused_forward_skips_non_linear_layers_and_reverts_after_unmerge(fused_c
     assert len(fused_calls) == 2
 
 
+def test_fused_forward_falls_back_under_autocast_and_mixed_adapter_batches(fused_calls):
+    model = lora(tiny_bert())
+    init_peft_adapters(model, "rsvd")
+    model.add_adapter("other", peft.LoraConfig(r=2, target_modules=TARGETS))
+    model.eval()  # PEFT takes adapter_names only in eval mode
+    ids, names = tokens(), ["default", "other"]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected_autocast = model(input_ids=ids).last_hidden_state
+    with torch.no_grad():
+        expected_mixed = model(input_ids=ids, adapter_names=names).last_hidden_state
+    use_fused_forward(model)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.testing.assert_close(model(input_ids=ids).last_hidden_state, expected_autocast, rtol=0, atol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids, adapter_names=names).last_hidden_state, expected_mixed,
+                                   rtol=0, atol=0)
+    assert not fused_calls
+
+
 def test_fused_model_survives_deepcopy_and_torch_save(fused_calls, tmp_path):
     model = lora(tiny_bert())
     expected = hidden(model, tokens())
