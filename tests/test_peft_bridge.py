@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import os
 import shutil
+import sys
 
 import pytest
 import torch
@@ -477,3 +478,9 @@ def test_pissa_to_lora_bad_input(tmp_path):
     with pytest.raises(ValueError, match="DoRA"):
         pissa_to_lora(dora, peft.get_peft_model_state_dict(dora))
     assert not os.listdir(tmp_path)  # nothing written on errors
+
+
+def test_missing_peft_is_a_clear_import_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "peft", None)  # what `import peft` sees when it is absent
+    with pytest.raises(ImportError, match=r"pip install 'lowrank_kernels\[peft\]'"):
+        init_peft_adapters(tiny_bert())
