@@ -27,6 +27,7 @@ bench: $(BUILD_STAMP)
 	$(PY) bench/bench_nf4.py
 	$(PY) bench/bench_fused_linear.py
 	$(PY) bench/bench_decompose.py
+	$(PY) bench/bench_robust.py
 
 info: $(BUILD_STAMP)
 	$(PY) -m lowrank_kernels info

@@ -8,10 +8,12 @@ batch gives the per-matrix results) and is deterministic for a given ``torch.Gen
   Each Huber term is bounded above by the quadratic with weight ω = ρ'(e)/e = min(1, δ/|e|)
   touching it at the current residual, so minimising the weighted least squares exactly over A
   (B fixed: one r×r solve per row of W, all rows batched) and then over B never increases the
-  loss. A sweep = A step + B step; three passes of the fused `huber_weights` kernel (residual,
-  ω, ψ and the loss, E = A B − W never stored) and four skinny GEMMs forming the normal
-  equations. On top of plain IRLS:
-  - warm start from the truncated SVD (`rsvd`): the δ = ∞ solution;
+  loss. A sweep = A step + B step, each one read of W by the fused `huber_normal_equations`
+  kernel (residual, ω, ψ and the r×r normal equations of every row/column; E = A B − W is never
+  stored) and one batched `spd_solve`; two cheap `huber_loss` passes evaluate the candidates.
+  On top of plain IRLS:
+  - warm start from the truncated SVD (`rsvd`), or from the SVD of W with outliers clipped when
+    that fits better (the ℓ1 problem's local minima: see `_initial_factors`);
   - δ continuation: the weights use δ_k = max(δ, δ₀ ρᵏ), starting at the initial mean |E|, so
     early sweeps move like least squares and later ones like ℓ1; a sweep that would raise the
     loss at the target δ is rejected and ends the continuation for that matrix;
