@@ -11,7 +11,6 @@ Usage: python bench/bench_decompose.py [--quick] [--plot PATH]
 """
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 import time
@@ -20,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import machine_description, minilm_linear_weights, print_table, time_call  # noqa: E402
+from common import bench_parser, minilm_linear_weights, print_header, print_table, pyplot, save_figure, time_call  # noqa: E402
 
 import lowrank_kernels as lk  # noqa: E402
 from lowrank_kernels import decompose as D  # noqa: E402
@@ -170,12 +169,10 @@ def cur_and_norms(W, targets):
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench_parser(__doc__, "decompose.png")
     parser.add_argument("--quick", action="store_true", help="small grid (no exact SVD, no sklearn)")
-    parser.add_argument("--plot", default=str(Path(__file__).parent / "results" / "decompose.png"))
     args = parser.parse_args()
-    print(f"machine: {machine_description()}")
-    print(lk.format_build_info(), end="\n\n")
+    print_header()
     rows, curves, targets = [], {}, []
     shapes = [(4096, 4096)] if args.quick else [(4096, 4096), (4096, 11008)]
     big = None
@@ -198,11 +195,7 @@ def main() -> int:
 
 
 def write_plot(curves, path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(curves), figsize=(4.5 * len(curves), 4), squeeze=False)
     for ax, ((name, rank), points) in zip(axes[0], curves.items()):
         for family, marker in (("torch.svd_lowrank", "o"), ("rsvd subspace", "s"), ("rsvd krylov", "^"), ("sklearn", "x")):
@@ -213,10 +206,7 @@ def write_plot(curves, path) -> None:
         ax.set(xscale="log", yscale="log", xlabel="time [ms]", ylabel="suboptimality [%]", title=f"{name} r={rank}")
         ax.grid(True, which="both", alpha=0.3)
     axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    print(f"\nplot: {path}")
+    save_figure(fig, path, dpi=90)
 
 
 if __name__ == "__main__":

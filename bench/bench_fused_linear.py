@@ -15,7 +15,6 @@ On a GPU machine the same script measures on the GPU.
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 from pathlib import Path
@@ -24,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import machine_description, print_table, time_call  # noqa: E402
+from common import bench_parser, print_header, print_table, pyplot, save_figure, time_call  # noqa: E402
 
 import lowrank_kernels as lk  # noqa: E402
 
@@ -121,13 +120,12 @@ def h100_bytes(out_features: int, in_features: int, rank: int, tokens: int, bloc
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench_parser(__doc__, "fused_linear.png")
     parser.add_argument("--quick", action="store_true", help="only the configurations the targets use")
     parser.add_argument("--shapes", default="4096x4096,4096x11008,11008x4096", help="OUTxIN,...")
     parser.add_argument("--ranks", default="16,64")
     parser.add_argument("--tokens", default="1,8,512,2048")
     parser.add_argument("--dtype", default="fp32", choices=DTYPES)
-    parser.add_argument("--plot", default=str(Path(__file__).parent / "results" / "fused_linear.png"))
     args = parser.parse_args()
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -137,8 +135,7 @@ def main() -> int:
     else:
         configs = [(shape, int(r), [int(t) for t in args.tokens.split(",")])
                    for shape in parse_shapes(args.shapes) for r in args.ranks.split(",")]
-    print(f"machine: {machine_description()}")
-    print(lk.format_build_info(), end="\n\n")
+    print_header()
 
     results = {}  # (shape, r, tokens, backward, method) -> seconds
     rows = []
@@ -190,11 +187,7 @@ def main() -> int:
 
 
 def write_plot(results, configs, path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(2, len(configs), figsize=(4.5 * len(configs), 7), squeeze=False)
     for col, (shape, rank, token_list) in enumerate(configs):
         for row, backward in enumerate((False, True)):
@@ -205,10 +198,7 @@ def write_plot(results, configs, path) -> None:
                    title=f"{shape[0]}x{shape[1]} r={rank} {'fwd+bwd' if backward else 'fwd'}")
             ax.grid(True, which="both", alpha=0.3)
     axes[0][0].legend()
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    print(f"\nplot: {path}")
+    save_figure(fig, path, dpi=100)
 
 
 if __name__ == "__main__":

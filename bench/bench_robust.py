@@ -12,7 +12,6 @@ Usage: python bench/bench_robust.py [--quick] [--plot PATH]
 """
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 import time
@@ -21,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import machine_description, minilm_linear_weights, print_table  # noqa: E402
+from common import bench_parser, minilm_linear_weights, print_header, print_table, pyplot, save_figure  # noqa: E402
 
 import lowrank_kernels as lk  # noqa: E402
 
@@ -132,12 +131,10 @@ def _timed(fn) -> float:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench_parser(__doc__, "robust.png")
     parser.add_argument("--quick", action="store_true", help="fewer curve points, smaller synthetic case")
-    parser.add_argument("--plot", default=str(Path(__file__).parent / "results" / "robust.png"))
     args = parser.parse_args()
-    print(f"machine: {machine_description()}")
-    print(lk.format_build_info(), end="\n\n")
+    print_header()
     rows, curves, targets = [], {}, []
     W = minilm_linear_weights()["encoder.layer.0.intermediate.dense.weight"].contiguous()
     minilm_target(W, 8, args.quick, rows, curves, targets)
@@ -155,11 +152,7 @@ def main() -> int:
 
 
 def write_plot(curves, path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(curves), figsize=(6, 4.5), squeeze=False)
     for ax, (name, families) in zip(axes[0], curves.items()):
         for (family, points), marker in zip(families.items(), ("o", "s", "*")):
@@ -167,10 +160,7 @@ def write_plot(curves, path) -> None:
         ax.set(xscale="log", xlabel="time [ms]", ylabel="mean absolute error", title=name)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    print(f"\nplot: {path}")
+    save_figure(fig, path, dpi=90)
 
 
 if __name__ == "__main__":

