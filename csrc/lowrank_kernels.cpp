@@ -64,6 +64,8 @@ TORCH_LIBRARY(lowrank_kernels, m) {
   //   gram:             Y^T Y [..., k, k] of a tall-skinny Y [..., m, k], accumulated in fp32
   m.def("row_col_sq_norms(Tensor w) -> (Tensor row_norms, Tensor col_norms)");
   m.def("gram(Tensor y) -> Tensor");
+  //   skinny_matmul:    W @ X or Wᵀ @ X [..., M|N, l] fp32 for W [..., M, N] (any float dtype), thin fp32 X
+  m.def("skinny_matmul(Tensor w, Tensor x, bool transpose_w) -> Tensor");
   // Robust PiSSA (IRLS for min Σ huber(A B − W)), E = A B − W formed in registers, never stored:
   //   huber_weights: (ω(E) [..., m, n], ψ(E) [..., m, n] at weight_delta, [Σ huber(E) at loss_delta, Σ |E|] [..., 2] fp64),
   //                  deltas: fp32 [...], one per matrix

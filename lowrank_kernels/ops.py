@@ -18,7 +18,7 @@ from lowrank_kernels.reference import nf4 as reference
 NAMESPACE = "lowrank_kernels"
 NF4_OPS = ("quantize_nf4", "dequantize_nf4", "quantize_blockwise8", "dequantize_blockwise8")
 FUSED_LINEAR_OPS = ("nf4_lowrank_linear", "nf4_lowrank_gemv", "nf4_lowrank_linear_grad_input", "fused_pissa_linear_nf4")
-DECOMPOSE_OPS = ("row_col_sq_norms", "gram")
+DECOMPOSE_OPS = ("row_col_sq_norms", "gram", "skinny_matmul")
 ROBUST_OPS = ("huber_weights", "huber_normal_equations", "huber_loss", "spd_solve")
 OPS = NF4_OPS + FUSED_LINEAR_OPS + DECOMPOSE_OPS + ROBUST_OPS
 _TRITON_OPS = ("quantize_nf4", "dequantize_nf4", "row_col_sq_norms", "huber_weights")
@@ -54,6 +54,8 @@ def _cuda_backend(op: str) -> str:
         }[op]
     if op in _TRITON_ONLY_OPS:
         return gemm
+    if op == "skinny_matmul":  # CPU only: rsvd calls cuBLAS on a GPU
+        return "unused (rsvd uses cuBLAS)"
     if op == "spd_solve":  # tiny batched factorizations: cuSOLVER via torch.linalg
         return "torch.linalg (batched Cholesky)"
     if op in ("huber_normal_equations", "huber_loss"):

@@ -345,10 +345,6 @@ at::Tensor skinny_matmul_cpu(const at::Tensor& w, const at::Tensor& x, bool tran
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(lowrank_kernels, m) {
-  m.def("skinny_matmul(Tensor w, Tensor x, bool transpose_w) -> Tensor");
-}
-
 TORCH_LIBRARY_IMPL(lowrank_kernels, CPU, m) { m.impl("skinny_matmul", &skinny_matmul_cpu); }
 
 }  // namespace lowrank_kernels
