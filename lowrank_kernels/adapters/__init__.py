@@ -1,4 +1,44 @@
-"""Adapters: turning linear layers and models into PiSSA-family adapters built on the kernels."""
-from lowrank_kernels.adapters.inits import INITS, init_factors
+"""Adapters: turning linear layers and models into PiSSA-family adapters built on the kernels.
 
-__all__ = ["INITS", "init_factors"]
+* `PiSSALinear`: frozen residual (dense or NF4) + trainable ``A``/``B``, `fused_pissa_linear` forward.
+* `convert_model` / `merge_model`: in-place conversion of a model's linears (batched per shape).
+* `qpissa_factors` / `loftq_factors` and the quantization error metrics.
+* `save_converted` / `load_converted` / `read_converted`: checked safetensors checkpoints.
+* `init_factors` / `INITS`: init name -> PiSSA split.
+"""
+from lowrank_kernels.adapters.checkpoint import CheckpointError, load_converted, read_converted, save_converted
+from lowrank_kernels.adapters.convert import ConversionReport, LayerReport, convert_model, merge_model
+from lowrank_kernels.adapters.inits import INITS, init_factors
+from lowrank_kernels.adapters.pissa_linear import AdapterOptions, PiSSALinear, adapter_split
+from lowrank_kernels.adapters.qpissa import (
+    QuantizedFactors,
+    loftq_factors,
+    nuclear_norm,
+    qpissa_factors,
+    quantization_error,
+    quantization_error_reduction,
+    reconstruction_error,
+)
+
+__all__ = [
+    "INITS",
+    "AdapterOptions",
+    "CheckpointError",
+    "ConversionReport",
+    "LayerReport",
+    "PiSSALinear",
+    "QuantizedFactors",
+    "adapter_split",
+    "convert_model",
+    "init_factors",
+    "load_converted",
+    "loftq_factors",
+    "merge_model",
+    "nuclear_norm",
+    "qpissa_factors",
+    "quantization_error",
+    "quantization_error_reduction",
+    "read_converted",
+    "reconstruction_error",
+    "save_converted",
+]

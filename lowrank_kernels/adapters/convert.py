@@ -153,14 +153,14 @@ def convert_model(model: nn.Module, *, target_modules: str | Sequence[str], rank
             errors = _metrics(weights, split, options) if metrics else [(None, None)] * len(group)
             t2 = time.perf_counter()
             for i, (name, linear) in enumerate(group):
-                _replace(model, name, _layer(split, i, linear, options))
+                replace_module(model, name, _layer(split, i, linear, options))
             seconds = (time.perf_counter() - t2 + t1 - t0) / len(group)
             metric_seconds += t2 - t1
             for (name, linear), (recon, reduction) in zip(group, errors):
                 reports[name] = LayerReport(name, tuple(linear.weight.shape), rank, init, quantize, seconds, recon, reduction)
             bar.update(len(group))
     if freeze_base:
-        _freeze_all_but_adapters(model)
+        freeze_all_but_adapters(model)
     layers = [reports[name] for name, _ in targets]
     return ConversionReport(layers, options, time.perf_counter() - start, metric_seconds)
 
@@ -191,12 +191,14 @@ def _metrics(weights: torch.Tensor, split: AdapterSplit, options: AdapterOptions
     return list(zip(recon, reduction))
 
 
-def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Puts ``module`` at the dotted ``name`` of ``model``."""
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name), child, module)
 
 
-def _freeze_all_but_adapters(model: nn.Module) -> None:
+def freeze_all_but_adapters(model: nn.Module) -> None:
+    """``requires_grad=False`` on every parameter of ``model`` but the PiSSALinear adapters' A and B."""
     adapters = {id(p) for m in model.modules() if isinstance(m, PiSSALinear) for p in (m.A, m.B)}
     for p in model.parameters():
         if id(p) not in adapters:
@@ -207,5 +209,5 @@ def merge_model(model: nn.Module) -> nn.Module:
     """Replaces every `PiSSALinear` of ``model`` by its `PiSSALinear.merge` (an ``nn.Linear``), in
     place; returns the model."""
     for name, module in [(n, m) for n, m in model.named_modules() if n and isinstance(m, PiSSALinear)]:
-        _replace(model, name, module.merge())
+        replace_module(model, name, module.merge())
     return model
