@@ -151,7 +151,7 @@ def convert_model(model: nn.Module, *, target_modules: str | Sequence[str], rank
             split = adapter_split(weights, options, [layer_generator(seed, name) for name, _ in group], **init_options)
             t1 = time.perf_counter()
             errors = _metrics(weights, split, options) if metrics else [(None, None)] * len(group)
-            t2 = time.perf_counter()
+            t2 = time.perf_counter() if metrics else t1
             for i, (name, linear) in enumerate(group):
                 replace_module(model, name, _layer(split, i, linear, options))
             seconds = (time.perf_counter() - t2 + t1 - t0) / len(group)
