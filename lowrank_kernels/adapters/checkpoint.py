@@ -1,6 +1,6 @@
 """Checkpoints of converted models: every `PiSSALinear`'s tensors (dense or NF4 residual, A, B,
 bias) in one safetensors file, with each layer's config, a format version and a SHA-256 of the
-tensor bytes in the metadata.
+configs and tensor bytes in the metadata.
 
 Loading checks the format and version, the checksum (so flipped or truncated data bytes are
 caught, not only broken headers), the key set and every shape and dtype against the config, and
@@ -25,6 +25,8 @@ FORMAT_VERSION = 1
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _NF4_KEYS = ("residual_packed", "residual_absmax")
 _DOUBLE_QUANT_KEYS = ("residual_offset", "residual_absmax2", "residual_code2")
+_CONFIG_KEYS = {"in_features", "out_features", "rank", "scale", "init", "quantize", "blocksize", "double_quant",
+                "dtype", "bias"}
 
 
 class CheckpointError(ValueError):
@@ -48,9 +50,9 @@ def save_converted(model: nn.Module, path: str | os.PathLike) -> None:
         raise ValueError("model has no PiSSALinear layers: convert it first (convert_model)")
     tensors = {_prefix(name) + key: t.detach().to("cpu").contiguous()
                for name, m in layers.items() for key, t in m.state_dict().items()}
-    metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION),
-                "layers": json.dumps({name: _layer_config(m) for name, m in layers.items()}, sort_keys=True),
-                "sha256": _digest(tensors)}
+    configs = json.dumps({name: _layer_config(m) for name, m in layers.items()}, sort_keys=True)
+    metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "layers": configs,
+                "sha256": _digest(tensors, configs)}
     save_file(tensors, os.fspath(path), metadata=metadata)
 
 
@@ -60,9 +62,10 @@ def _layer_config(m: PiSSALinear) -> dict[str, Any]:
             "double_quant": m.double_quant, "dtype": str(m.dtype).removeprefix("torch."), "bias": m.bias is not None}
 
 
-def _digest(tensors: dict[str, torch.Tensor]) -> str:
-    """SHA-256 over the keys, dtypes, shapes and bytes of all tensors, in key order."""
-    h = hashlib.sha256()
+def _digest(tensors: dict[str, torch.Tensor], configs: str) -> str:
+    """SHA-256 over the layer configs (JSON) and the keys, dtypes, shapes and bytes of all tensors
+    in key order: a changed scale is as wrong as a changed code."""
+    h = hashlib.sha256(configs.encode())
     for key in sorted(tensors):
         t = tensors[key].contiguous()
         h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
@@ -76,8 +79,8 @@ def read_converted(path: str | os.PathLike) -> dict[str, PiSSALinear]:
     """The checked `PiSSALinear` layers of a checkpoint, by module name (on CPU)."""
     tensors, metadata = _read(os.fspath(path))
     configs = _configs(metadata)
-    if metadata.get("sha256") != _digest(tensors):
-        raise CheckpointError(f"{os.fspath(path)!r}: checksum mismatch, the tensor data is corrupted")
+    if metadata.get("sha256") != _digest(tensors, metadata["layers"]):
+        raise CheckpointError(f"{os.fspath(path)!r}: checksum mismatch, the tensor data or layer configs are corrupted")
     _check_keys(tensors, configs)
     return {name: _build_layer(name, config, tensors) for name, config in configs.items()}
 
@@ -131,13 +134,22 @@ def _configs(metadata: dict[str, str]) -> dict[str, dict[str, Any]]:
         raise CheckpointError(f"the checkpoint metadata lists no layers: {configs!r}")
     for name, config in configs.items():
         try:
-            _options(config)
-            if config["dtype"] not in _DTYPES or not all(isinstance(config[k], int) and config[k] >= 1
-                                                         for k in ("in_features", "out_features")):
-                raise ValueError(f"bad dtype or features in {config}")
-        except (KeyError, TypeError, ValueError) as exc:
+            _check_config(config)
+        except (TypeError, ValueError) as exc:
             raise CheckpointError(f"layer {name!r}: invalid config {config!r} ({exc})") from exc
     return configs
+
+
+def _check_config(config: Any) -> None:
+    if not isinstance(config, dict) or set(config) != _CONFIG_KEYS:
+        raise ValueError(f"a layer config has exactly the keys {sorted(_CONFIG_KEYS)}")
+    _options(config)  # rank, init, scale, quantize, blocksize, double_quant
+    if config["dtype"] not in _DTYPES or not isinstance(config["bias"], bool) or not all(
+            isinstance(config[k], int) and not isinstance(config[k], bool) and config[k] >= 1
+            for k in ("in_features", "out_features")):
+        raise ValueError("dtype must be one of float32, bfloat16, float16; bias a bool; features ints >= 1")
+    if config["quantize"] is None and config["blocksize"] is not None:
+        raise ValueError("a dense layer has blocksize None")
 
 
 def _options(config: dict[str, Any]) -> AdapterOptions:
