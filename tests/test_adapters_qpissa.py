@@ -12,6 +12,7 @@ import torch
 
 from lowrank_kernels import quantize_nf4
 from lowrank_kernels.adapters import (
+    error_metrics,
     loftq_factors,
     nuclear_norm,
     qpissa_factors,
@@ -68,6 +69,11 @@ def test_error_reduction_is_zero_for_qlora_and_matches_the_literal_formula():
     # scale: s (A / √s)(B / √s) is the same correction
     torch.testing.assert_close(quantization_error_reduction(W, residual[0], A / 2, B / 2, scale=4.0), got)
     assert got.item() > 0.05
+    recon, reduction = error_metrics(W, residual, A, B)  # both at once, from one error matrix
+    torch.testing.assert_close(reduction, reduction_reference(W, residual[0], A, B), rtol=1e-10, atol=1e-12)
+    want = torch.linalg.matrix_norm(W.double() - deq64(residual[0]) - A.double() @ B.double()) / torch.linalg.matrix_norm(W.double())
+    torch.testing.assert_close(recon, want, rtol=1e-12, atol=0)
+    assert error_metrics(W, W - A @ B, A, B)[1] is None
 
 
 def test_reconstruction_error_matches_the_literal_formula():

@@ -12,6 +12,7 @@ from lowrank_kernels.adapters.inits import INITS, init_factors
 from lowrank_kernels.adapters.pissa_linear import AdapterOptions, PiSSALinear, adapter_split
 from lowrank_kernels.adapters.qpissa import (
     QuantizedFactors,
+    error_metrics,
     loftq_factors,
     nuclear_norm,
     qpissa_factors,
@@ -30,6 +31,7 @@ __all__ = [
     "QuantizedFactors",
     "adapter_split",
     "convert_model",
+    "error_metrics",
     "init_factors",
     "load_converted",
     "loftq_factors",

@@ -18,7 +18,7 @@ from torch import nn
 from tqdm import tqdm
 
 from lowrank_kernels.adapters.pissa_linear import AdapterOptions, AdapterSplit, PiSSALinear, adapter_split
-from lowrank_kernels.adapters.qpissa import quantization_error_reduction, reconstruction_error
+from lowrank_kernels.adapters.qpissa import error_metrics
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,11 +184,8 @@ def _layer(split: AdapterSplit, i: int, linear: nn.Linear, options: AdapterOptio
 
 def _metrics(weights: torch.Tensor, split: AdapterSplit, options: AdapterOptions) -> list[tuple[float, float | None]]:
     """(reconstruction error, quantization error reduction or None) per layer of a batch."""
-    recon = reconstruction_error(weights, split.residual, split.A, split.B, options.scale).tolist()
-    if options.quantize is None:
-        return [(r, None) for r in recon]
-    reduction = quantization_error_reduction(weights, split.residual, split.A, split.B, options.scale).tolist()
-    return list(zip(recon, reduction))
+    recon, reduction = error_metrics(weights, split.residual, split.A, split.B, options.scale)
+    return list(zip(recon.tolist(), [None] * len(recon) if reduction is None else reduction.tolist()))
 
 
 def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:

@@ -15,7 +15,7 @@ import torch
 
 from lowrank_kernels import decompose
 from lowrank_kernels.adapters.inits import check_init, init_factors
-from lowrank_kernels.nf4 import NF4Weight, quantize_nf4
+from lowrank_kernels.nf4 import NF4Weight, check_blocksize, quantize_nf4
 
 #: A frozen residual: dense ``[..., m, n]``, one NF4 weight ``[m, n]``, or one per matrix of a batch.
 Residual = torch.Tensor | NF4Weight | Sequence[NF4Weight]
@@ -61,11 +61,15 @@ def qpissa_factors(W: torch.Tensor, rank: int, *, init: str = "rsvd", iters: int
     Starts from the named init's split (the principal components for "svd"/"rsvd"), then repeats
     ``iters`` times: ``Q = nf4(W − A B)``; ``A, B`` = the rank-``rank`` SVD split of ``W − deq(Q)``.
     Ending on the refit makes ``A B`` the best rank-r correction of the final quantization error.
+    (The PiSSA authors' script ends on the quantization instead, so its 1 round is plain QPiSSA,
+    ``nf4(W − A₀ B₀)``; on the 36 MiniLM linears at rank 16 that gives a mean error reduction of
+    12.7 % / 22.8 % for 1 / 5 rounds, ending on the refit 17.5 % / 24.5 %.)
     The refits are exact SVDs for init="svd", else `rsvd` (with ``init_options`` when init="rsvd",
     which are then rsvd options); ``generator`` (one, or one per matrix) drives every random step.
     """
     check_init(init)
     iters = _check_iters(iters)
+    check_blocksize(blocksize)
     A, B, _ = init_factors(W, rank, init, generator=generator, **init_options)
     refit_options = init_options if init == "rsvd" else {}
     return _alternate(W, A, B, iters, blocksize, double_quant, exact=init == "svd", generator=generator,
@@ -78,6 +82,7 @@ def loftq_factors(W: torch.Tensor, rank: int, *, iters: int = 1, blocksize: int 
     `qpissa_factors` started from ``A B = 0``, i.e. the first round quantizes W itself.
     exact=True refits by the full SVD, otherwise by `rsvd` with ``rsvd_options``."""
     iters = _check_iters(iters)
+    check_blocksize(blocksize)
     rank = decompose._check_rank(decompose._check_matrix(W), rank)
     A = W.new_zeros((*W.shape[:-1], rank))
     B = W.new_zeros((*W.shape[:-2], rank, W.shape[-1]))
@@ -115,17 +120,25 @@ def nuclear_norm(M: torch.Tensor) -> torch.Tensor:
     return torch.linalg.eigvalsh(G).clamp(min=0).sqrt().sum(-1)
 
 
-def _approximation(residual: Residual, A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
-    """fp64 ``deq(residual) + s A B [..., m, n]``."""
-    dense = dense_residual(residual, torch.Size((*A.shape[:-1], B.shape[-1])))
-    return torch.baddbmm(dense.double().reshape(-1, *dense.shape[-2:]), A.double().reshape(-1, *A.shape[-2:]),
-                         B.double().reshape(-1, *B.shape[-2:]), alpha=scale).reshape(dense.shape)
+def _error(W: torch.Tensor, residual: Residual, A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
+    """fp64 ``W − (deq(residual) + s A B) [..., m, n]``."""
+    dense = dense_residual(residual, W.shape)
+    approximation = torch.baddbmm(dense.double().reshape(-1, *W.shape[-2:]), A.double().reshape(-1, *A.shape[-2:]),
+                                  B.double().reshape(-1, *B.shape[-2:]), alpha=scale)
+    return W.double() - approximation.reshape(W.shape)
+
+
+def _qlora_error(W: torch.Tensor, like: NF4Weight | Sequence[NF4Weight]) -> torch.Tensor:
+    """``‖W − deq(nf4(W))‖_*`` (fp64 ``[...]``) with the blocksize and double quant of ``like``."""
+    first = like if isinstance(like, NF4Weight) else like[0]
+    qlora = dense_residual(quantize_batch(W, first.blocksize, first.double_quant), W.shape)
+    return nuclear_norm(W.double() - qlora.double())
 
 
 def quantization_error(W: torch.Tensor, residual: Residual, A: torch.Tensor, B: torch.Tensor,
                        scale: float = 1.0) -> torch.Tensor:
     """``‖W − (deq(residual) + s A B)‖_*`` (fp64 ``[...]``) for ``W [..., m, n]``."""
-    return nuclear_norm(W.double() - _approximation(residual, A, B, scale))
+    return nuclear_norm(_error(W, residual, A, B, scale))
 
 
 def quantization_error_reduction(W: torch.Tensor, W_res_q: NF4Weight | Sequence[NF4Weight], A: torch.Tensor,
@@ -133,14 +146,22 @@ def quantization_error_reduction(W: torch.Tensor, W_res_q: NF4Weight | Sequence[
     """PiSSA paper Table 4: ``1 − ‖W − (deq(W_res_q) + s A B)‖_* / ‖W − deq(nf4(W))‖_*`` (fp64
     ``[...]``), nf4(W) with W_res_q's blocksize and double quant: the share of plain NF4's
     (QLoRA's) error the adapter removes; 0 for QLoRA, higher is better."""
-    first = W_res_q if isinstance(W_res_q, NF4Weight) else W_res_q[0]
-    qlora = dense_residual(quantize_batch(W, first.blocksize, first.double_quant), W.shape)
-    return 1 - quantization_error(W, W_res_q, A, B, scale) / nuclear_norm(W.double() - qlora.double())
+    return 1 - quantization_error(W, W_res_q, A, B, scale) / _qlora_error(W, W_res_q)
 
 
 def reconstruction_error(W: torch.Tensor, residual: Residual, A: torch.Tensor, B: torch.Tensor,
                          scale: float = 1.0) -> torch.Tensor:
     """Relative Frobenius error ``‖W − (deq(residual) + s A B)‖_F / ‖W‖_F`` (fp64 ``[...]``): how
     far the adapted layer at init is from the original (rounding only for a dense residual)."""
-    W64 = W.double()
-    return torch.linalg.matrix_norm(W64 - _approximation(residual, A, B, scale)) / torch.linalg.matrix_norm(W64)
+    return torch.linalg.matrix_norm(_error(W, residual, A, B, scale)) / torch.linalg.matrix_norm(W.double())
+
+
+def error_metrics(W: torch.Tensor, residual: Residual, A: torch.Tensor, B: torch.Tensor,
+                  scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(`reconstruction_error`, `quantization_error_reduction` or None for a dense residual),
+    sharing one fp64 error matrix."""
+    error = _error(W, residual, A, B, scale)
+    recon = torch.linalg.matrix_norm(error) / torch.linalg.matrix_norm(W.double())
+    if isinstance(residual, torch.Tensor):
+        return recon, None
+    return recon, 1 - nuclear_norm(error) / _qlora_error(W, residual)
