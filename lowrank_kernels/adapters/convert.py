@@ -130,7 +130,10 @@ def convert_model(model: nn.Module, *, target_modules: str | Sequence[str], rank
     freeze_base: set ``requires_grad=False`` on every parameter but the adapters' A and B.
 
     Options, target names, ranks, dtypes and finiteness of the weights are checked before
-    anything is modified; on an error the model is untouched. Returns a `ConversionReport`.
+    anything is modified (init options by the first batch, before its layers are swapped), so
+    bad arguments leave the model untouched. Batches are swapped in as they finish, so that only
+    one batch of new tensors is alive next to the old weights; an error inside a later batch's
+    decomposition therefore leaves the earlier batches converted. Returns a `ConversionReport`.
     """
     start = time.perf_counter()
     options = AdapterOptions(rank, init, scale, quantize, quant_iters, blocksize, double_quant)
