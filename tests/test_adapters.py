@@ -207,6 +207,19 @@ def test_state_dict_and_safetensors_round_trips_are_bit_exact(residual, tmp_path
         assert torch.equal(other(x), m(x))
 
 
+def test_casting_an_nf4_layer_keeps_its_codes_and_statistics():
+    m = PiSSALinear.from_linear(make_linear(), R, quantize="nf4", double_quant=True, generator=gen(1))
+    before = {k: v.clone() for k, v in m.state_dict().items() if k.startswith("residual_")}
+    m.to(torch.bfloat16)
+    assert m.A.dtype == m.B.dtype == m.bias.dtype == m.dtype == torch.bfloat16
+    assert all(torch.equal(m.get_buffer(k), v) and m.get_buffer(k).dtype == v.dtype for k, v in before.items())
+    x = torch.randn(5, IN, generator=gen(2)).bfloat16()
+    want = x.double() @ residual64(m).T + (x.double() @ m.B.double().T) @ m.A.double().T + m.bias.double()
+    torch.testing.assert_close(m(x).double(), want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
+    m.float()
+    assert m.dequantized_residual().dtype == torch.float32
+
+
 # ---- robust init (Huber factorization, when available) ------------------------------------------------
 
 def test_robust_init_layer_at_init_computes_the_original_layer():

@@ -149,6 +149,20 @@ class PiSSALinear(nn.Module):
         bias = None if linear.bias is None else linear.bias.detach().clone()
         return cls(residual[0] if isinstance(residual, list) else residual, A, B, bias, scale=scale, init=init)
 
+    def _apply(self, fn, recurse=True):
+        """``.to(dtype)`` / ``.half()`` must not cast the NF4 statistics (fp32 absmax, uint8
+        codes): they only follow the device. The adapter and bias take the new dtype, and the
+        residual then dequantizes to it."""
+        nf4 = {name: buffer for name, buffer in self._buffers.items() if self.quantize and name.startswith("residual_")}
+        for name in nf4:
+            self._buffers[name] = None
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            for name, buffer in nf4.items():
+                self._buffers[name] = buffer.to(self.A.device)
+        return self
+
     # ---- views of the residual ----
 
     @property
