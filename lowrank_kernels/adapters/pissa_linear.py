@@ -106,7 +106,8 @@ class PiSSALinear(nn.Module):
     Buffers: ``residual [out, in]`` (dense) or ``residual_packed`` / ``residual_absmax`` (+
     ``residual_offset`` / ``residual_absmax2`` / ``residual_code2`` with double quant), NF4 in
     bitsandbytes' layout; ``bias [out]`` or None. Parameters: ``A [out, r]``, ``B [r, in]``.
-    All floating tensors share one dtype (that of the original layer).
+    A, B, the bias and a dense residual share one dtype (the original layer's, or what ``.to``
+    casts them to); the NF4 statistics stay fp32 and the NF4 residual dequantizes to that dtype.
     Build one with `from_linear`; `merge` turns it back into an ``nn.Linear``.
     """
 
@@ -114,6 +115,7 @@ class PiSSALinear(nn.Module):
                  bias: torch.Tensor | None = None, *, scale: float = 1.0, init: str = "rsvd") -> None:
         super().__init__()
         _check_parts(residual, A, B, bias)
+        AdapterOptions(A.shape[1], init, scale)  # checks init and scale
         self.out_features, self.in_features = residual.shape
         self.rank = A.shape[1]
         self.scale = float(scale)
