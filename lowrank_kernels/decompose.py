@@ -17,7 +17,8 @@ layers decomposed at once) and is deterministic for a given ``torch.Generator``.
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+from collections.abc import Sequence
+from typing import Any, NamedTuple, Union
 
 import torch
 
@@ -26,6 +27,10 @@ from lowrank_kernels import ops
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _METHODS = ("subspace", "krylov")
 _CUR_CORES = ("pinv", "stable", "optimal")
+
+#: Randomness of a (batched) decomposition: one generator shared by the batch's matrices (drawn
+#: from matrix after matrix; None = torch's default), or one generator per matrix.
+Generators = Union[torch.Generator, Sequence[torch.Generator], None]
 
 
 class SVDResult(NamedTuple):
@@ -99,6 +104,26 @@ def _check_choice(value: Any, name: str, choices: tuple[str, ...]) -> str:
     return value
 
 
+def _matrix_generators(generator: Any, batch: tuple[int, ...]) -> list[torch.Generator | None]:
+    """One generator per matrix of the batch (row-major over the leading dims). A sequence gives
+    every matrix its own stream, so a matrix's draws do not depend on its batch-mates (per-layer
+    seeds for model conversion); a single generator or None is shared, matrix after matrix."""
+    count = math.prod(batch)
+    if generator is None or isinstance(generator, torch.Generator):
+        return [generator] * count
+    generators = list(generator) if isinstance(generator, Sequence) else None
+    if generators is None or len(generators) != count or not all(isinstance(g, torch.Generator) for g in generators):
+        raise ValueError(f"generator must be a torch.Generator, None or a sequence of {count} torch.Generators "
+                         f"(one per matrix of batch {tuple(batch)}), got {generator!r}")
+    return generators
+
+
+def _draw_device(generator: torch.Generator | None) -> torch.device:
+    """Random numbers are drawn on the generator's device (CPU by default), so a seed gives the
+    same numbers whatever device W is on."""
+    return generator.device if generator is not None else torch.device("cpu")
+
+
 # ---- orthonormalisation --------------------------------------------------------------------------
 
 def _gram(Y: torch.Tensor) -> torch.Tensor:
@@ -159,7 +184,7 @@ def _default_oversample(rank: int, max_width: int) -> int:
 
 
 def rsvd(W: torch.Tensor, rank: int, *, oversample: int | None = None, n_iter: int = 2, method: str = "krylov",
-         generator: torch.Generator | None = None, error: bool = False) -> SVDResult:
+         generator: Generators = None, error: bool = False) -> SVDResult:
     """Truncated randomized SVD of ``W [..., m, n]``: ``U [..., m, rank]``, ``S [..., rank]``,
     ``Vh [..., rank, n]`` (fp32), W ≈ U diag(S) Vh.
 
@@ -170,13 +195,16 @@ def rsvd(W: torch.Tensor, rank: int, *, oversample: int | None = None, n_iter: i
                 columns: the same passes over W, an (n_iter + 1)-times larger search space,
                 much more accuracy per pass on slowly decaying spectra) or "subspace"
                 (sketch width rank + p, re-orthonormalised every half step).
-    generator:  for the Gaussian test matrix (same generator state -> same result).
+    generator:  for the Gaussian test matrix (same generator state -> same result); a sequence
+                of generators, one per matrix of the batch, makes each matrix's result
+                independent of the others in the batch.
     error:      also return ‖W − U diag(S) Vh‖_F / ‖W‖_F per matrix.
     """
     W = _check_matrix(W)
     rank = _check_rank(W, rank)
     method = _check_choice(method, "method", _METHODS)
     n_iter = _check_int(n_iter, "n_iter", 0)
+    generators = _matrix_generators(generator, W.shape[:-2])
     m, n = W.shape[-2:]
     width_cap = min(m, n)
     oversample = _default_oversample(rank, width_cap) if oversample is None else _check_int(oversample, "oversample", 0)
@@ -184,7 +212,7 @@ def rsvd(W: torch.Tensor, rank: int, *, oversample: int | None = None, n_iter: i
     transpose = m < n  # sketch the longer side: every GEMM then has the short side as its output rows
     A = W.mT if transpose else W  # [..., M, N] with M >= N
     basis = _subspace_basis if method == "subspace" else _krylov_basis
-    Q, Bt = basis(A, width, n_iter, generator)  # Q [..., M, l] orthonormal, Bt = Aᵀ Q [..., N, l]
+    Q, Bt = basis(A, width, n_iter, generators)  # Q [..., M, l] orthonormal, Bt = Aᵀ Q [..., N, l]
     Uh, S, Vb = _top_svd(Bt, rank)  # Qᵀ A = Uh S Vbᵀ (top rank triplets)
     U = Q @ Uh
     Vh = Vb.mT
@@ -210,14 +238,11 @@ def _top_svd(Bt: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, t
     return top.float(), S, V
 
 
-def _gaussian(shape: tuple[int, ...], generator: torch.Generator | None, like: torch.Tensor) -> torch.Tensor:
-    """Standard normal test matrix ``[..., N, l]`` drawn in fp32 on the generator's device (CPU
-    by default, so a seed gives the same matrix everywhere), one batch element after the other
-    (so a batch sees the same draws as a loop over its matrices with the same generator), then
-    moved to W's device and dtype."""
-    device = generator.device if generator is not None else torch.device("cpu")
-    batch, matrix = shape[:-2], shape[-2:]
-    draws = [torch.randn(matrix, generator=generator, device=device) for _ in range(math.prod(batch))]
+def _gaussian(shape: tuple[int, ...], generators: list[torch.Generator | None], like: torch.Tensor) -> torch.Tensor:
+    """Standard normal test matrix ``[..., N, l]`` drawn in fp32 on the generators' device, one
+    batch element after the other from its generator (so a batch sees the same draws as a loop
+    over its matrices with the same generator), then moved to W's device and dtype."""
+    draws = [torch.randn(shape[-2:], generator=g, device=_draw_device(g)) for g in generators]
     return torch.stack(draws).reshape(shape).to(like.device, like.dtype)
 
 
@@ -239,17 +264,17 @@ def _pass(A: torch.Tensor, X: torch.Tensor, transpose: bool = False) -> torch.Te
     return (A @ X.to(A.dtype)).float()
 
 
-def _subspace_basis(A: torch.Tensor, width: int, n_iter: int, generator) -> tuple[torch.Tensor, torch.Tensor]:
+def _subspace_basis(A: torch.Tensor, width: int, n_iter: int, generators) -> tuple[torch.Tensor, torch.Tensor]:
     """Orthonormal ``Q [..., M, width]`` ≈ range of A's top singular vectors after q power
     iterations, and ``Aᵀ Q`` (fp32). Passes over A: 2q + 2."""
-    Q = orthonormalize(_pass(A, _gaussian((*A.shape[:-2], A.shape[-1], width), generator, A)))
+    Q = orthonormalize(_pass(A, _gaussian((*A.shape[:-2], A.shape[-1], width), generators, A)))
     for _ in range(n_iter):
         Z = orthonormalize(_pass(A, Q, transpose=True))
         Q = orthonormalize(_pass(A, Z))
     return Q, _pass(A, Q, transpose=True)
 
 
-def _krylov_basis(A: torch.Tensor, width: int, n_iter: int, generator) -> tuple[torch.Tensor, torch.Tensor]:
+def _krylov_basis(A: torch.Tensor, width: int, n_iter: int, generators) -> tuple[torch.Tensor, torch.Tensor]:
     """Orthonormal basis ``Q [..., M, (q + 1)·width]`` of the block Krylov space
     [AΩ, (AAᵀ)AΩ, ..., (AAᵀ)^q AΩ] (block Lanczos with full re-orthogonalisation; Musco &
     Musco 2015), and ``Aᵀ Q`` (fp32).
@@ -260,7 +285,7 @@ def _krylov_basis(A: torch.Tensor, width: int, n_iter: int, generator) -> tuple[
     subspace iteration, for a (q + 1)-times larger search space. A block that adds nothing new
     (an exhausted space) becomes random orthonormal directions, which do no harm.
     """
-    blocks = [orthonormalize(_pass(A, _gaussian((*A.shape[:-2], A.shape[-1], width), generator, A)))]
+    blocks = [orthonormalize(_pass(A, _gaussian((*A.shape[:-2], A.shape[-1], width), generators, A)))]
     products = [_pass(A, blocks[0], transpose=True)]
     for _ in range(n_iter):
         basis = torch.cat(blocks, dim=-1)
@@ -317,7 +342,7 @@ def pissa_factors(W: torch.Tensor, rank: int, *, exact: bool = False, **rsvd_opt
 
 
 def random_pissa_factors(W: torch.Tensor, rank: int, *, n_random: int | None = None,
-                         generator: torch.Generator | None = None) -> PiSSAFactors:
+                         generator: Generators = None) -> PiSSAFactors:
     """Random PiSSA (seed report §3): the adapter gets the top ``rank − n_random`` singular
     triplets plus ``n_random`` triplets drawn uniformly without replacement from the remaining
     (minor) ones, so training can also move directions the pretrained weight barely uses; the
@@ -326,11 +351,13 @@ def random_pissa_factors(W: torch.Tensor, rank: int, *, n_random: int | None = N
     W = _check_matrix(W)
     rank = _check_rank(W, rank)
     n_random = rank // 2 if n_random is None else _check_int(n_random, "n_random", 0, rank)
+    generators = _matrix_generators(generator, W.shape[:-2])
     U, S, Vh = torch.linalg.svd(W.float(), full_matrices=False)
     top = rank - n_random
     minor = S.shape[-1] - top  # >= n_random since rank <= min(m, n)
-    keys = torch.rand((*S.shape[:-1], minor), generator=generator,
-                      device=generator.device if generator is not None else "cpu").to(S.device)
+    # Drawn matrix by matrix: with one shared generator the same numbers as one batch-wide draw.
+    keys = torch.stack([torch.rand(minor, generator=g, device=_draw_device(g)) for g in generators])
+    keys = keys.reshape(*S.shape[:-1], minor).to(S.device)
     picked = top + keys.topk(n_random, dim=-1).indices.sort(dim=-1).values
     index = torch.cat([torch.arange(top, device=S.device).expand(*S.shape[:-1], top), picked], dim=-1)
     U = U.gather(-1, index[..., None, :].expand(*U.shape[:-1], rank))
@@ -354,17 +381,16 @@ def sample_proportional(weights: torch.Tensor, k: int, uniform: torch.Tensor) ->
     return arrival.topk(k, dim=-1, largest=False).indices.sort(dim=-1).values
 
 
-def _uniforms(batch: tuple[int, ...], sizes: tuple[int, ...], generator, device) -> list[torch.Tensor]:
-    """fp64 U(0, 1) draws ``[*batch, size]`` for each size, drawn matrix by matrix (a batch sees
-    the same draws as a loop over its matrices with the same generator)."""
-    source = generator.device if generator is not None else torch.device("cpu")
-    per_matrix = [[torch.rand(size, generator=generator, device=source, dtype=torch.float64) for size in sizes]
-                  for _ in range(math.prod(batch))]
+def _uniforms(batch: tuple[int, ...], sizes: tuple[int, ...], generator: Generators, device) -> list[torch.Tensor]:
+    """fp64 U(0, 1) draws ``[*batch, size]`` for each size, drawn matrix by matrix from its
+    generator (a batch sees the same draws as a loop over its matrices with the same generator)."""
+    per_matrix = [[torch.rand(size, generator=g, device=_draw_device(g), dtype=torch.float64) for size in sizes]
+                  for g in _matrix_generators(generator, batch)]
     return [torch.stack([draws[j] for draws in per_matrix]).reshape(*batch, size).to(device)
             for j, size in enumerate(sizes)]
 
 
-def cur(W: torch.Tensor, rank: int, *, u: str = "pinv", generator: torch.Generator | None = None) -> CURResult:
+def cur(W: torch.Tensor, rank: int, *, u: str = "pinv", generator: Generators = None) -> CURResult:
     """CUR decomposition of ``W [..., m, n]`` by norm-proportional sampling (seed report §4).
 
     ``rank`` rows and ``rank`` columns are sampled without replacement with probability

@@ -184,6 +184,26 @@ def test_cur_factors_split_and_optimal_core_is_best():
     assert errors["optimal"] <= errors["pinv"] * (1 + 1e-5)
 
 
+LOW_RANK_PART = {  # the part of each decomposition's result that does not depend on sign conventions
+    "rsvd": lambda r: (r.U * r.S[..., None, :]) @ r.Vh,
+    "cur": lambda r: torch.cat([r.rows, r.cols], dim=-1),
+    "random_pissa_factors": lambda r: r.A @ r.B,
+}
+
+
+@pytest.mark.parametrize("decomposition", sorted(LOW_RANK_PART))
+def test_one_generator_per_matrix_makes_each_result_independent_of_the_batch(decomposition):
+    """generator=[g_0, g_1, ...]: matrix i of a batch gets what it gets alone with g_i (per-layer seeds)."""
+    W = decaying(30, 25, batch=(3,))
+    part, run = LOW_RANK_PART[decomposition], getattr(D, decomposition)
+    batched = part(run(W, 4, generator=[gen(10 + i) for i in range(3)]))
+    for i in range(3):
+        single = part(run(W[i], 4, generator=gen(10 + i)))
+        torch.testing.assert_close(batched[i], single, rtol=1e-4, atol=1e-5)
+        other = part(run(W[i], 4, generator=gen(20 + i)))
+        assert not torch.equal(single, other)  # the generator matters, so the equality above means something
+
+
 def test_cur_batched_equals_per_matrix_and_is_deterministic():
     W = decaying(30, 25, batch=(4,))
     batched = D.cur(W, 3, generator=gen(9))
@@ -258,6 +278,8 @@ def test_sampling_frequencies_match_the_norm_distribution(k):
         (lambda: D.cur(torch.tensor([[1.0, float("inf")]]), 1), ValueError, "NaN or Inf"),
         (lambda: D.pissa_factors(torch.randn(3, 3), 4), ValueError, "rank must be in"),
         (lambda: D.random_pissa_factors(torch.randn(6, 6), 4, n_random=5), ValueError, r"n_random must be in \[0, 4\]"),
+        (lambda: D.rsvd(torch.randn(3, 6, 5), 2, generator=[gen(1), gen(2)]), ValueError, r"sequence of 3 torch.Generators"),
+        (lambda: D.cur(torch.randn(2, 6, 5), 2, generator=[gen(1), 7]), ValueError, r"sequence of 2 torch.Generators"),
     ],
 )
 def test_bad_input_is_a_clear_error(call, error, message):
