@@ -29,13 +29,22 @@ batch gives the per-matrix results) and is deterministic for a given ``torch.Gen
 """
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
 
 from lowrank_kernels import ops
-from lowrank_kernels.decompose import PiSSAFactors, _check_matrix, _check_rank, _describe, residual, rsvd
+from lowrank_kernels.decompose import (
+    Generators,
+    PiSSAFactors,
+    _check_matrix,
+    _check_rank,
+    _describe,
+    _draw_device,
+    _matrix_generators,
+    residual,
+    rsvd,
+)
 
 _METHODS = ("irls", "adam")
 _INITS = ("svd", "random")
@@ -61,7 +70,7 @@ class HuberFactorization(NamedTuple):
 
 def huber_factorize(W: torch.Tensor, rank: int, *, delta: float | torch.Tensor | None = None,
                     n_iter: int | None = None, method: str = "irls", init: str | None = None,
-                    tol: float = 1e-6, generator: torch.Generator | None = None,
+                    tol: float = 1e-6, generator: Generators = None,
                     return_history: bool = False) -> HuberFactorization:
     """Rank-``rank`` factorization ``W [..., m, n] ≈ A [..., m, r] B [..., r, n]`` minimising the
     Huber loss Σ ρ_δ(A B − W) (ρ_δ(e) = e²/2 for |e| <= δ, δ(|e| − δ/2) beyond: ℓ1 up to the
@@ -73,6 +82,7 @@ def huber_factorize(W: torch.Tensor, rank: int, *, delta: float | torch.Tensor |
     init:    "svd" (truncated SVD split, default for irls) or "random" (Gaussian A, B with
              A B of W's RMS, default for adam — the seed's random start).
     tol:     irls stops a matrix when a sweep lowers its loss by less than tol (relative).
+    generator: one torch.Generator (shared by the batch, matrix after matrix) or one per matrix.
     """
     W = _check_matrix(W)
     rank = _check_rank(W, rank)
@@ -144,10 +154,11 @@ def _initial_factors(W: torch.Tensor, rank: int, init: str, delta: torch.Tensor,
     *batch, m, n = W.shape
     rms = W.float().square().mean(dim=(-2, -1), keepdim=True).sqrt()
     sigma = (rms.square() / rank).sqrt().sqrt()
-    source = generator.device if generator is not None else torch.device("cpu")
-    # Drawn matrix by matrix, A then B: a batch starts where a loop over its matrices would.
-    draws = [(torch.randn(m, rank, generator=generator, device=source),
-              torch.randn(rank, n, generator=generator, device=source)) for _ in range(math.prod(batch))]
+    # Drawn matrix by matrix, A then B, each from its matrix's generator: a batch starts where a
+    # loop over its matrices would.
+    draws = [(torch.randn(m, rank, generator=g, device=_draw_device(g)),
+              torch.randn(rank, n, generator=g, device=_draw_device(g)))
+             for g in _matrix_generators(generator, tuple(batch))]
     A = torch.stack([a for a, _ in draws]).reshape(*batch, m, rank).to(W.device)
     B = torch.stack([b for _, b in draws]).reshape(*batch, rank, n).to(W.device)
     return A * sigma, B * sigma

@@ -207,6 +207,12 @@ def test_same_shape_layers_form_one_batch_and_seeds_are_deterministic():
     assert all(torch.equal(first[k], second[k]) for k in first)
     assert not all(torch.equal(first[k], third[k]) for k in first)
 
+    # Per-layer generators: a layer's adapter does not depend on which other layers share its batch.
+    fewer = lora(original, target_modules=["query"])
+    init_peft_adapters(fewer, "cur", seed=3)
+    alone = adapters(fewer)
+    assert alone and all(torch.equal(alone[k], first[k]) for k in alone)
+
 
 def tiny_gpt2() -> torch.nn.Module:
     torch.manual_seed(0)

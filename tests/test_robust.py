@@ -215,3 +215,14 @@ def test_bad_input_raises_clear_errors(call, error, match):
     W = torch.randn(30, 20, generator=gen())
     with pytest.raises(error, match=match):
         call(W)
+
+
+@pytest.mark.parametrize("method", ["irls", "adam"])
+def test_one_generator_per_matrix_makes_each_result_independent_of_the_batch(method):
+    """Per-layer seeds (model conversion): with a generator per matrix, a matrix's factors are
+    what it gets alone with its own generator."""
+    _, W = low_rank_plus_outliers(m=30, n=20, batch=(3,), seed=11)
+    n_iter = 10 if method == "irls" else 30
+    batched = lk.huber_factorize(W, 2, method=method, n_iter=n_iter, generator=[gen(s) for s in (5, 6, 7)])
+    alone = lk.huber_factorize(W[2], 2, method=method, n_iter=n_iter, generator=gen(7))
+    assert torch.allclose(batched.A[2] @ batched.B[2], alone.A @ alone.B, atol=1e-5)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
-import hashlib
 import math
 import os
 import time
@@ -27,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lowrank_kernels.adapters.convert import layer_generator
 from lowrank_kernels.adapters.inits import check_init, init_factors
 from lowrank_kernels.fused_linear import fused_pissa_linear
 
@@ -109,9 +109,9 @@ def init_peft_adapters(peft_model: Any, init: str = "rsvd", adapter_name: str = 
     rank) are split as one batch.
 
     init:    a name in ``lowrank_kernels.adapters.INITS`` ("svd", "rsvd", "cur", "robust", "random").
-    seed:    randomised inits draw from a generator seeded by a hash of ``seed`` and the names of
-             the batch's layers: the same model, seed and targets give the same adapters on every
-             run and device.
+    seed:    randomised inits give each layer its own generator seeded by a hash of ``seed`` and
+             the layer's name (as `convert_model` does): the same seed gives a layer the same
+             adapter on every run and device, whichever other layers are converted with it.
     options: passed to the init function (e.g. ``n_iter=4`` for "rsvd", ``u="stable"`` for "cur").
 
     Every argument and layer is checked before the first weight is written (unknown init, rank >
@@ -184,12 +184,6 @@ def _batches(layers: dict[str, Any], adapter_name: str) -> dict[tuple, list[str]
     return groups
 
 
-def _batch_generator(seed: int, names: list[str]) -> torch.Generator:
-    """A CPU generator seeded by a stable hash (not Python's salted hash()) of seed and layer names."""
-    digest = hashlib.sha256("\n".join([str(seed), *names]).encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
-
-
 @torch.no_grad()
 def _effective_weight(layer, adapter_name: str) -> torch.Tensor:
     """``base + s · lora_B @ lora_A`` as ``[out, in]`` in the base dtype (exactly the base weight when
@@ -205,7 +199,8 @@ def _init_batch(layers: dict[str, Any], adapter_name: str, rank: int, init: str,
     W = torch.stack([_effective_weight(layer, adapter_name) for layer in layers.values()])
     start = time.perf_counter()
     # Every init takes a generator (deterministic ones such as "svd" ignore it).
-    A, B, W_res = init_factors(W, rank, init, generator=_batch_generator(seed, list(layers)), **options)
+    generators = [layer_generator(seed, name) for name in layers]  # per layer: independent of batch-mates
+    A, B, W_res = init_factors(W, rank, init, generator=generators, **options)
     seconds = (time.perf_counter() - start) / len(layers)
     report = {}
     for i, (name, layer) in enumerate(layers.items()):
