@@ -64,6 +64,20 @@ TORCH_LIBRARY(lowrank_kernels, m) {
   //   gram:             Y^T Y [..., k, k] of a tall-skinny Y [..., m, k], accumulated in fp32
   m.def("row_col_sq_norms(Tensor w) -> (Tensor row_norms, Tensor col_norms)");
   m.def("gram(Tensor y) -> Tensor");
+  // Robust PiSSA (IRLS for min Σ huber(A B − W)), E = A B − W formed in registers, never stored:
+  //   huber_weights: (ω(E) [..., m, n], ψ(E) [..., m, n] at weight_delta, [Σ huber(E) at loss_delta, Σ |E|] [..., 2] fp64),
+  //                  deltas: fp32 [...], one per matrix
+  m.def("huber_weights(Tensor w, Tensor a, Tensor b, Tensor weight_delta, Tensor loss_delta) -> "
+        "(Tensor omega, Tensor psi, Tensor stats)");
+  //   spd_solve: x = (G + λI)⁻¹ g for small symmetric PSD G [..., r, r], g [..., r] (fp32; fp64 inside;
+  //              λ = 0 unless Cholesky fails, then a growing ridge)
+  m.def("spd_solve(Tensor gram, Tensor rhs) -> Tensor");
+  //   huber_normal_equations: the IRLS step's normal equations for every column j of W, in one read of W:
+  //                           (G [..., n, r, r] = Σ_i ω(E_ij) a_i a_iᵀ, g [..., n, r] = Σ_i ψ(E_ij) a_i, stats [..., 2])
+  //   huber_loss:             stats only ([Σ huber(E) at loss_delta, Σ |E|] [..., 2] fp64)
+  m.def("huber_normal_equations(Tensor w, Tensor a, Tensor b, Tensor weight_delta, Tensor loss_delta) -> "
+        "(Tensor gram, Tensor grad, Tensor stats)");
+  m.def("huber_loss(Tensor w, Tensor a, Tensor b, Tensor loss_delta) -> Tensor");
 }
 
 }  // namespace lowrank_kernels

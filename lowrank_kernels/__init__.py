@@ -2,8 +2,13 @@
 
 Public API: NF4 storage bit-compatible with bitsandbytes; fused_pissa_linear (the QPiSSA /
 PiSSA training op); decompositions for adapter initialisation (rsvd, pissa_factors, cur,
+<<<<<<< HEAD
 cur_factors, random_pissa_factors); adapters (PiSSALinear, convert_model, QPiSSA, checkpoints;
 more in lowrank_kernels.adapters); build_info().
+=======
+cur_factors, random_pissa_factors); Robust PiSSA (huber_factorize,
+robust_pissa_factors); build_info().
+>>>>>>> main
 """
 from lowrank_kernels._extension import ExtensionNotBuiltError
 from lowrank_kernels.adapters import (
@@ -18,6 +23,7 @@ from lowrank_kernels.adapters import (
 from lowrank_kernels.build_info import build_info, format_build_info
 from lowrank_kernels.decompose import cur, cur_factors, pissa_factors, random_pissa_factors, rsvd
 from lowrank_kernels.fused_linear import fused_pissa_linear
+from lowrank_kernels.robust import huber_factorize, robust_pissa_factors
 from lowrank_kernels.nf4 import NF4Weight, dequantize_nf4, load_nf4, quantize_nf4, save_nf4
 
 __version__ = "0.1.0"
@@ -40,7 +46,9 @@ __all__ = [
     "qpissa_factors",
     "quantization_error_reduction",
     "quantize_nf4",
+    "huber_factorize",
     "random_pissa_factors",
+    "robust_pissa_factors",
     "rsvd",
     "save_converted",
     "save_nf4",

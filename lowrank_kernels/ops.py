@@ -19,8 +19,11 @@ NAMESPACE = "lowrank_kernels"
 NF4_OPS = ("quantize_nf4", "dequantize_nf4", "quantize_blockwise8", "dequantize_blockwise8")
 FUSED_LINEAR_OPS = ("nf4_lowrank_linear", "nf4_lowrank_gemv", "nf4_lowrank_linear_grad_input", "fused_pissa_linear_nf4")
 DECOMPOSE_OPS = ("row_col_sq_norms", "gram")
-OPS = NF4_OPS + FUSED_LINEAR_OPS + DECOMPOSE_OPS
-_TRITON_OPS = ("quantize_nf4", "dequantize_nf4", "row_col_sq_norms")
+ROBUST_OPS = ("huber_weights", "huber_normal_equations", "huber_loss", "spd_solve")
+OPS = NF4_OPS + FUSED_LINEAR_OPS + DECOMPOSE_OPS + ROBUST_OPS
+_TRITON_OPS = ("quantize_nf4", "dequantize_nf4", "row_col_sq_norms", "huber_weights")
+# Ops whose GPU kernel is Triton even when CUDA C++ was compiled (GEMM-shaped work).
+_TRITON_ONLY_OPS = ("gram", "huber_weights")
 
 
 def triton_available() -> bool:
@@ -49,8 +52,12 @@ def _cuda_backend(op: str) -> str:
             "nf4_lowrank_linear_grad_input": f"{gemm} GEMM",
             "fused_pissa_linear_nf4": "autograd over nf4_lowrank_linear(_grad_input)",
         }[op]
-    if op == "gram":  # GEMM-shaped: Triton only
+    if op in _TRITON_ONLY_OPS:
         return gemm
+    if op == "spd_solve":  # tiny batched factorizations: cuSOLVER via torch.linalg
+        return "torch.linalg (batched Cholesky)"
+    if op in ("huber_normal_equations", "huber_loss"):
+        return f"huber_weights ({gemm}) + cuBLAS GEMMs"
     if cuda_cpp:
         return "CUDA C++"
     return gemm if op in _TRITON_OPS else "PyTorch reference"

@@ -62,18 +62,8 @@ Plan make_plan(int64_t batch, int64_t m, int64_t k) {
 }
 
 #ifdef LK_HAVE_AVX2
-// 8 16-bit floats (as raw bits) widened exactly to fp32.
-inline __m256 widen8(__m128i bits, c10::Half) { return _mm256_cvtph_ps(bits); }
-inline __m256 widen8(__m128i bits, c10::BFloat16) {
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
-}
-
-// 8 consecutive elements as fp32.
-inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-template <typename T>
-inline __m256 load8(const T* p) {
-  return widen8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)), T{});
-}
+using cpu::load8;
+using cpu::widen8;
 
 // The first n < 8 elements from p as fp32, the other lanes 0, reading nothing past p[n - 1].
 // Built in registers: scalar stores to a buffer read back as a vector stall store forwarding,

@@ -37,6 +37,34 @@ template <typename T> inline float to_float(T v) { return static_cast<float>(v);
 template <typename T> inline T from_float(float v) { return static_cast<T>(v); }
 
 #ifdef LK_HAVE_AVX2
+// 8 16-bit floats (raw bits) widened exactly to fp32 (the build targets AVX2 with F16C).
+inline __m256 widen8(__m128i bits, c10::Half) { return _mm256_cvtph_ps(bits); }
+inline __m256 widen8(__m128i bits, c10::BFloat16) {
+  // A bf16 is the high half of the fp32 with the same value: widen the bits and shift them up.
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
+}
+
+// 8 consecutive elements as fp32.
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+template <typename T>
+inline __m256 load8(const T* p) {
+  return widen8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)), T{});
+}
+
+inline float horizontal_sum(__m256 v) {
+  const __m128 quad = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 pair = _mm_add_ps(quad, _mm_movehl_ps(quad, quad));
+  return _mm_cvtss_f32(_mm_add_ss(pair, _mm_movehdup_ps(pair)));
+}
+
+// The 8 lanes' sum, added in fp64.
+inline double sum_as_double(__m256 v) {
+  const __m256d wide = _mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(v)),
+                                     _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)));
+  const __m128d pair = _mm_add_pd(_mm256_castpd256_pd128(wide), _mm256_extractf128_pd(wide, 1));
+  return _mm_cvtsd_f64(_mm_add_sd(pair, _mm_unpackhi_pd(pair, pair)));
+}
+
 inline void store8(float* out, __m256 v) { _mm256_storeu_ps(out, v); }
 inline void store8(c10::Half* out, __m256 v) {
   _mm_storeu_si128(reinterpret_cast<__m128i*>(out),

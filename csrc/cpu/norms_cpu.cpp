@@ -43,29 +43,8 @@ constexpr int64_t kColumnTile = 16384;
 constexpr int64_t kReduceColumns = 2048;
 
 #ifdef LK_HAVE_AVX2
-inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-
-inline __m256 load8(const c10::BFloat16* p) {
-  // A bf16 is the high half of the fp32 with the same value: widen the bits and shift them up.
-  const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
-}
-
-inline __m256 load8(const c10::Half* p) {
-#ifdef __F16C__
-  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-#else
-  alignas(32) float v[8];
-  for (int i = 0; i < 8; ++i) v[i] = cpu::to_float(p[i]);
-  return _mm256_load_ps(v);
-#endif
-}
-
-inline float horizontal_sum(__m256 v) {
-  const __m128 quad = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  const __m128 pair = _mm_add_ps(quad, _mm_movehl_ps(quad, quad));
-  return _mm_cvtss_f32(_mm_add_ss(pair, _mm_movehdup_ps(pair)));
-}
+using cpu::horizontal_sum;
+using cpu::load8;
 #endif
 
 // Adds the squares of ROWS consecutive rows of w (row stride ld), columns [begin, end), to the

@@ -4,6 +4,7 @@
 
 #include <ATen/ATen.h>
 
+#include <cmath>
 #include <optional>
 #include <string>
 #include <utility>
@@ -128,6 +129,47 @@ inline std::pair<std::vector<int64_t>, std::vector<int64_t>> row_col_norm_shapes
   std::vector<int64_t> cols(rows.begin(), rows.end() - 1);
   cols.push_back(w.size(-1));
   return {rows, cols};
+}
+
+// huber_weights(w [..., m, n], a [..., m, r] fp32, b [..., r, n] fp32, deltas fp32 [...] > 0);
+// returns the shape of its stats output [..., 2].
+inline std::vector<int64_t> check_huber_weights_args(const at::Tensor& w, const at::Tensor& a, const at::Tensor& b,
+                                                     const at::Tensor& weight_delta, const at::Tensor& loss_delta) {
+  check_float_input(w, "w");
+  TORCH_CHECK(w.dim() >= 2, "w must have at least 2 dimensions [..., m, n], got shape ", w.sizes());
+  TORCH_CHECK(a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat, "a and b must be float32, got ",
+              a.scalar_type(), " and ", b.scalar_type());
+  TORCH_CHECK(a.dim() == w.dim() && b.dim() == w.dim(), "a and b must have w's ", w.dim(),
+              " dimensions, got shapes ", a.sizes(), " and ", b.sizes());
+  const int64_t d = w.dim();
+  TORCH_CHECK(a.sizes().slice(0, d - 1) == w.sizes().slice(0, d - 1) && b.sizes().slice(0, d - 2) == w.sizes().slice(0, d - 2) &&
+                  b.size(-2) == a.size(-1) && b.size(-1) == w.size(-1),
+              "a must be [..., m, r] and b [..., r, n] for w [..., m, n] = ", w.sizes(), ", got a ", a.sizes(),
+              " and b ", b.sizes());
+  TORCH_CHECK(a.device() == w.device() && b.device() == w.device(), "w, a, b must be on one device, got ",
+              w.device(), ", ", a.device(), ", ", b.device());
+  const auto batch = w.sizes().slice(0, d - 2);
+  for (const at::Tensor* delta : {&weight_delta, &loss_delta}) {
+    TORCH_CHECK(delta->scalar_type() == at::kFloat && delta->sizes() == batch && delta->device() == w.device(),
+                "weight_delta and loss_delta must be float32 tensors of w's batch shape ", batch, " on ", w.device(),
+                ", got ", delta->scalar_type(), " with shape ", delta->sizes(), " on ", delta->device());
+    if (delta->is_cpu() && delta->numel() > 0)
+      TORCH_CHECK((*delta > 0).all().item<bool>() && delta->isfinite().all().item<bool>(),
+                  "weight_delta and loss_delta must be positive and finite");
+  }
+  std::vector<int64_t> stats(batch.begin(), batch.end());
+  stats.push_back(2);
+  return stats;
+}
+
+// spd_solve(gram [..., r, r] fp32, rhs [..., r] fp32).
+inline void check_spd_solve_args(const at::Tensor& gram, const at::Tensor& rhs) {
+  TORCH_CHECK(gram.scalar_type() == at::kFloat && rhs.scalar_type() == at::kFloat,
+              "gram and rhs must be float32, got ", gram.scalar_type(), " and ", rhs.scalar_type());
+  TORCH_CHECK(rhs.dim() >= 1 && gram.dim() == rhs.dim() + 1 && gram.size(-1) == rhs.size(-1) &&
+                  gram.size(-2) == rhs.size(-1) && gram.sizes().slice(0, rhs.dim() - 1) == rhs.sizes().slice(0, rhs.dim() - 1),
+              "gram must be [..., r, r] and rhs [..., r], got shapes ", gram.sizes(), " and ", rhs.sizes());
+  TORCH_CHECK(gram.device() == rhs.device(), "gram is on ", gram.device(), " but rhs is on ", rhs.device());
 }
 
 }  // namespace lowrank_kernels

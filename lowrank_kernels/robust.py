@@ -1,0 +1,362 @@
+"""Robust PiSSA: low-rank factorization in (nearly) the ℓ1 norm, ``min_{A,B} Σ huber_δ(A B − W)``.
+
+Every function takes ``W [..., m, n]`` (fp32/bf16/fp16; leading dims = a batch of same-shape
+layers factorized at once; each matrix has its own δ, step sizes and stopping point, so a
+batch gives the per-matrix results) and is deterministic for a given ``torch.Generator``.
+
+* ``method="irls"`` (default): iteratively reweighted least squares, a majorize-minimize method.
+  Each Huber term is bounded above by the quadratic with weight ω = ρ'(e)/e = min(1, δ/|e|)
+  touching it at the current residual, so minimising the weighted least squares exactly over A
+  (B fixed: one r×r solve per row of W, all rows batched) and then over B never increases the
+  loss. A sweep = A step + B step; three passes of the fused `huber_weights` kernel (residual,
+  ω, ψ and the loss, E = A B − W never stored) and four skinny GEMMs forming the normal
+  equations. On top of plain IRLS:
+  - warm start from the truncated SVD (`rsvd`): the δ = ∞ solution;
+  - δ continuation: the weights use δ_k = max(δ, δ₀ ρᵏ), starting at the initial mean |E|, so
+    early sweeps move like least squares and later ones like ℓ1; a sweep that would raise the
+    loss at the target δ is rejected and ends the continuation for that matrix;
+  - extrapolation: after each sweep the step (A_k − A_{k−1}, B_k − B_{k−1}) is tried again
+    with a growing factor β, kept only if it lowers the loss (β shrinks otherwise);
+  - stopping when a sweep improves the loss by less than ``tol`` (relative), per matrix.
+  The recorded loss is therefore non-increasing.
+* ``method="adam"``: the seed report's Algorithm 1 (autograd Huber loss and Adam from a random
+  start), kept as the reference baseline.
+
+`robust_pissa_factors` gives the PiSSA split ``A [..., m, r]``, ``B [..., r, n]``,
+``W_res = W − A B`` (DESIGN.md §2).
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+from lowrank_kernels import ops
+from lowrank_kernels.decompose import PiSSAFactors, _check_matrix, _check_rank, _describe, residual, rsvd
+
+_METHODS = ("irls", "adam")
+_INITS = ("svd", "random")
+#: Default δ of a matrix: this fraction of its mean |W_ij| (1e-3 on MiniLM's weights, the seed's δ).
+DEFAULT_RELATIVE_DELTA = 0.02
+_DEFAULT_ITERS = {"irls": 100, "adam": 2000}
+_ADAM_LR = 1e-2               # the seed's learning rate
+_CONTINUATION_RATE = 0.7      # δ_k+1 = max(δ, 0.7 δ_k)
+_EXTRAPOLATION_MAX = 8.0
+
+
+class HuberFactorization(NamedTuple):
+    """``A [..., m, r]``, ``B [..., r, n]`` in W's dtype; with ``return_history``, the mean
+    Huber loss and the mean absolute error |A B − W| per matrix after each iteration (iteration
+    0 = the start), fp64 ``[iterations + 1, ...]``; matrices that stopped early repeat their
+    last value."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+    loss_history: torch.Tensor | None = None
+    mae_history: torch.Tensor | None = None
+
+
+def huber_factorize(W: torch.Tensor, rank: int, *, delta: float | torch.Tensor | None = None,
+                    n_iter: int | None = None, method: str = "irls", init: str | None = None,
+                    tol: float = 1e-6, generator: torch.Generator | None = None,
+                    return_history: bool = False) -> HuberFactorization:
+    """Rank-``rank`` factorization ``W [..., m, n] ≈ A [..., m, r] B [..., r, n]`` minimising the
+    Huber loss Σ ρ_δ(A B − W) (ρ_δ(e) = e²/2 for |e| <= δ, δ(|e| − δ/2) beyond: ℓ1 up to the
+    factor δ for residuals larger than δ).
+
+    delta:   δ > 0, a float or a tensor of the batch shape [...]; default 0.02 · mean |W| per matrix.
+    n_iter:  maximum sweeps (irls, default 100) or Adam steps (adam, default 2000).
+    method:  "irls" (default; see the module docstring) or "adam" (the seed's Algorithm 1, lr 1e-2).
+    init:    "svd" (truncated SVD split, default for irls) or "random" (Gaussian A, B with
+             A B of W's RMS, default for adam — the seed's random start).
+    tol:     irls stops a matrix when a sweep lowers its loss by less than tol (relative).
+    """
+    W = _check_matrix(W)
+    rank = _check_rank(W, rank)
+    if method not in _METHODS:
+        raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
+    init = {"irls": "svd", "adam": "random"}[method] if init is None else init
+    if init not in _INITS:
+        raise ValueError(f"init must be one of {_INITS}, got {init!r}")
+    n_iter = _DEFAULT_ITERS[method] if n_iter is None else n_iter
+    if isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 0:
+        raise ValueError(f"n_iter must be an int >= 0, got {n_iter!r}")
+    if not (isinstance(tol, (int, float)) and 0 <= tol < 1):
+        raise ValueError(f"tol must be a float in [0, 1), got {tol!r}")
+    deltas = _check_delta(delta, W)
+    A, B = _initial_factors(W, rank, init, deltas, generator)
+    if method == "irls":  # the kernel reads W in its own dtype
+        A, B, loss, mae = _irls(W, A, B, deltas, n_iter, tol, return_history)
+    else:
+        A, B, loss, mae = _adam(W.float(), A, B, deltas, n_iter, return_history)
+    return HuberFactorization(A.to(W.dtype), B.to(W.dtype), loss, mae)
+
+
+def robust_pissa_factors(W: torch.Tensor, rank: int, **options) -> PiSSAFactors:
+    """Robust PiSSA split of ``W [..., m, n]``: ``A [..., m, rank]``, ``B [..., rank, n]`` from
+    `huber_factorize` (``options`` go to it) and ``W_res = W − A B`` (fp32, rounded once)."""
+    A, B, _, _ = huber_factorize(W, rank, **options)
+    return PiSSAFactors(A, B, residual(W, A, B))
+
+
+# ---- arguments and starts --------------------------------------------------------------------------
+
+def _check_delta(delta, W: torch.Tensor) -> torch.Tensor:
+    """Per-matrix δ, fp32 [...]."""
+    batch = W.shape[:-2]
+    if delta is None:
+        mean_abs = W.float().abs().mean(dim=(-2, -1))
+        # An all-zero matrix has nothing to fit; any positive δ gives A B = 0 there.
+        return torch.where(mean_abs > 0, DEFAULT_RELATIVE_DELTA * mean_abs, torch.ones_like(mean_abs))
+    if isinstance(delta, torch.Tensor):
+        if delta.shape not in (torch.Size([]), batch) or not delta.is_floating_point():
+            raise ValueError(f"delta must be a float or a float tensor of W's batch shape {tuple(batch)}, "
+                             f"got {_describe(delta)}")
+        value = delta.to(device=W.device, dtype=torch.float32).expand(batch).contiguous()
+    elif isinstance(delta, (int, float)) and not isinstance(delta, bool):
+        value = torch.full(batch, float(delta), dtype=torch.float32, device=W.device)
+    else:
+        raise TypeError(f"delta must be a float or a tensor, got {type(delta).__name__}")
+    if not bool(((value > 0) & torch.isfinite(value)).all()):
+        raise ValueError(f"delta must be positive and finite, got {delta}")
+    return value
+
+
+def _initial_factors(W: torch.Tensor, rank: int, init: str, delta: torch.Tensor, generator
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 ``A [..., m, r]``, ``B [..., r, n]``.
+
+    "svd": per matrix, whichever split has the lower Huber loss of the truncated SVD of W and
+    of W with its entries clipped at ±1.5·median |W|. The truncated SVD is a local minimum of
+    the ℓ1 problem that a few outliers can pull away from the bulk (the seed report's 3×3
+    example); the clipped matrix's SVD follows the bulk. "random": Gaussians scaled so that A B
+    has W's RMS (entries of A B have variance r σ⁴), the seed's random start."""
+    if init == "svd":
+        limit = 1.5 * _median_magnitude(W)[..., None, None]
+        splits = [_svd_split(W, rank, generator), _svd_split(torch.minimum(torch.maximum(W.float(), -limit), limit),
+                                                              rank, generator)]
+        losses = [_loss(W, A, B, delta).huber for A, B in splits]
+        clipped_better = losses[1] < losses[0]
+        return tuple(_pick(clipped_better, clipped, plain) for clipped, plain in zip(splits[1], splits[0]))
+    *batch, m, n = W.shape
+    rms = W.float().square().mean(dim=(-2, -1), keepdim=True).sqrt()
+    sigma = (rms.square() / rank).sqrt().sqrt()
+    source = generator.device if generator is not None else torch.device("cpu")
+    # Drawn matrix by matrix, A then B: a batch starts where a loop over its matrices would.
+    draws = [(torch.randn(m, rank, generator=generator, device=source),
+              torch.randn(rank, n, generator=generator, device=source)) for _ in range(math.prod(batch))]
+    A = torch.stack([a for a, _ in draws]).reshape(*batch, m, rank).to(W.device)
+    B = torch.stack([b for _, b in draws]).reshape(*batch, rank, n).to(W.device)
+    return A * sigma, B * sigma
+
+
+def _median_magnitude(W: torch.Tensor, samples: int = 1 << 14) -> torch.Tensor:
+    """Median of |W_ij| per matrix ``[...]``, from at most ``samples`` evenly strided entries
+    (a robust scale estimate; an exact median of millions of entries costs more than the SVD)."""
+    flat = W.flatten(-2)
+    stride = max(1, flat.shape[-1] // samples)
+    return flat[..., ::stride].float().abs().median(dim=-1).values
+
+
+def _svd_split(W: torch.Tensor, rank: int, generator) -> tuple[torch.Tensor, torch.Tensor]:
+    U, S, Vh, _ = rsvd(W, rank, generator=generator)
+    root = S.sqrt()
+    return U * root[..., None, :], root[..., :, None] * Vh
+
+
+# ---- IRLS --------------------------------------------------------------------------------------------
+
+class _Loss(NamedTuple):
+    """Σ ρ_δ(A B − W) and Σ |A B − W| per matrix, fp64 ``[b]``."""
+
+    huber: torch.Tensor
+    abs_sum: torch.Tensor
+
+
+def _loss(W, A, B, delta) -> _Loss:
+    stats = ops.op("huber_loss")(W, A, B, delta)
+    return _Loss(stats[..., 0], stats[..., 1])
+
+
+def _column_step(W, A, B, weight_delta, delta) -> torch.Tensor:
+    """The exact IRLS update of ``B [b, r, n]`` with ``A [b, m, r]`` fixed: column j moves by
+    −G_j⁻¹ g_j, G_j = Σ_i ω_ij a_i a_iᵀ, g_j = Σ_i ψ_ij a_i (the `huber_normal_equations` kernel,
+    one read of W), solved by `spd_solve` (a ridge where G_j is singular keeps it a descent step).
+    Returns the new B."""
+    gram, grad, _ = ops.op("huber_normal_equations")(W, A, B, weight_delta, delta)
+    return B - ops.op("spd_solve")(gram, grad).mT
+
+
+def _sweep(W, Wt, A, B, weight_delta, delta) -> tuple[torch.Tensor, torch.Tensor]:
+    """One IRLS sweep: the exact weighted-least-squares A (B fixed: the column step of the
+    transposed problem ``Wt = Wᵀ``), then B with weights at the new A."""
+    A = _column_step(Wt, B.mT, A.mT, weight_delta, delta).mT
+    return A, _column_step(W, A, B, weight_delta, delta)
+
+
+def _pick(mask: torch.Tensor, new, old):
+    """Per matrix of the batch: ``new`` where ``mask [...]``, else ``old``."""
+    return torch.where(mask.reshape(*mask.shape, *([1] * (new.dim() - mask.dim()))), new, old)
+
+
+def _irls(W, A, B, delta, n_iter, tol, return_history):
+    *batch, m, n = W.shape
+    W, A, B, delta = W.reshape(-1, m, n), A.reshape(-1, m, A.shape[-1]), B.reshape(-1, B.shape[-2], n), delta.reshape(-1)
+    Wt = W.mT.contiguous()  # the row step reads Wᵀ in the column kernel's order
+    count = m * n
+    loss = _loss(W, A, B, delta)
+    # Continuation starts at the typical residual of the start (not below the target δ).
+    weight_delta = torch.maximum(delta, (loss.abs_sum / count).float())
+    beta = torch.ones_like(delta, dtype=torch.float64)
+    active = torch.ones_like(delta, dtype=torch.bool)
+    history = [loss]
+    for _ in range(n_iter):
+        if not bool(active.any()):
+            break
+        A1, B1 = _sweep(W, Wt, A, B, weight_delta, delta)
+        new = _loss(W, A1, B1, delta)
+        # Extrapolate along the sweep's own step; keep it only where it lowers the loss.
+        step = beta.float().view(-1, 1, 1)
+        Ae, Be = A1 + step * (A1 - A), B1 + step * (B1 - B)
+        tried = _loss(W, Ae, Be, delta)
+        better = tried.huber < new.huber
+        A1, B1 = _pick(better, Ae, A1), _pick(better, Be, B1)
+        new = _Loss(*(_pick(better, t, v) for t, v in zip(tried, new)))
+        beta = torch.where(better, (beta * 1.5).clamp(max=_EXTRAPOLATION_MAX), (beta / 2).clamp(min=1.0))
+        # A sweep that raised the target loss (possible while δ_k > δ, or by rounding) is undone;
+        # the matrix then goes on at the target δ, or stops if it was already there.
+        rejected = new.huber > loss.huber
+        gain = (loss.huber - new.huber) / loss.huber.clamp(min=torch.finfo(torch.float64).tiny)
+        accept = active & ~rejected
+        converged = active & (weight_delta <= delta) & (rejected | (gain <= tol))
+        A, B = _pick(accept, A1, A), _pick(accept, B1, B)
+        loss = _Loss(*(_pick(accept, v, o) for v, o in zip(new, loss)))
+        weight_delta = torch.where(rejected, delta, torch.maximum(delta, _CONTINUATION_RATE * weight_delta))
+        active = active & ~converged
+        history.append(loss)
+    return A.reshape(*batch, m, -1), B.reshape(*batch, -1, n), *_history(history, batch, count, return_history)
+
+
+def _history(history, batch, count, wanted):
+    if not wanted:
+        return None, None
+    loss = torch.stack([h.huber for h in history]).reshape(len(history), *batch) / count
+    mae = torch.stack([h.abs_sum for h in history]).reshape(len(history), *batch) / count
+    return loss, mae
+
+
+# ---- the seed's Algorithm 1 ------------------------------------------------------------------------
+
+def _huber(E: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """Elementwise ρ_δ(E) with a per-matrix δ ``[...]`` broadcast over ``E [..., m, n]``."""
+    d = delta[..., None, None]
+    magnitude = E.abs()
+    return torch.where(magnitude <= d, 0.5 * E * E, d * (magnitude - 0.5 * d))
+
+
+def _adam(W, A, B, delta, n_iter, return_history):
+    """Algorithm 1 of the seed report: Adam (lr 1e-2) on the mean Huber loss from the given start.
+    The batch's objective is the sum of the per-matrix means, so each matrix sees exactly its own
+    gradient (Adam's update is elementwise)."""
+    count = W.shape[-1] * W.shape[-2]
+    A, B = A.clone().requires_grad_(), B.clone().requires_grad_()
+    optimizer = torch.optim.Adam([A, B], lr=_ADAM_LR)
+    history = []
+    for step in range(n_iter + 1):
+        E = A @ B - W
+        per_matrix = _huber(E, delta).sum(dim=(-2, -1))
+        if return_history:
+            history.append(_Loss(per_matrix.detach().double(), E.detach().abs().sum(dim=(-2, -1)).double()))
+        if step == n_iter:
+            break
+        optimizer.zero_grad(set_to_none=True)
+        (per_matrix.sum() / count).backward()
+        optimizer.step()
+    return A.detach(), B.detach(), *_history(history, W.shape[:-2], count, return_history)
+
+
+def _register() -> None:
+    from lowrank_kernels import _extension
+
+    if _extension.load_error() is not None:
+        return
+
+    @torch.library.register_fake(f"{ops.NAMESPACE}::huber_weights")
+    def _(w, a, b, weight_delta, loss_delta):
+        return (torch.empty_like(w, dtype=torch.float32), torch.empty_like(w, dtype=torch.float32),
+                w.new_empty((*w.shape[:-2], 2), dtype=torch.float64))
+
+    @torch.library.register_fake(f"{ops.NAMESPACE}::spd_solve")
+    def _(gram, rhs):
+        return torch.empty_like(rhs)
+
+    @torch.library.register_fake(f"{ops.NAMESPACE}::huber_normal_equations")
+    def _(w, a, b, weight_delta, loss_delta):
+        n, r = w.shape[-1], a.shape[-1]
+        return (w.new_empty((*w.shape[:-2], n, r, r), dtype=torch.float32),
+                w.new_empty((*w.shape[:-2], n, r), dtype=torch.float32),
+                w.new_empty((*w.shape[:-2], 2), dtype=torch.float64))
+
+    @torch.library.register_fake(f"{ops.NAMESPACE}::huber_loss")
+    def _(w, a, b, loss_delta):
+        return w.new_empty((*w.shape[:-2], 2), dtype=torch.float64)
+
+    if torch.version.cuda:
+        for name, kernel in (("huber_weights", _huber_weights_cuda), ("spd_solve", spd_solve_batched),
+                             ("huber_normal_equations", huber_normal_equations_composed),
+                             ("huber_loss", huber_loss_composed)):
+            torch.library.register_kernel(f"{ops.NAMESPACE}::{name}", "cuda", kernel)
+
+
+def huber_normal_equations_composed(w, a, b, weight_delta, loss_delta):
+    """`huber_normal_equations` on a GPU: ω and ψ from the `huber_weights` kernel (Triton), then
+    the normal equations as two GEMMs (cuBLAS): G = ωᵀ [a_i a_iᵀ], g = ψᵀ a. The same
+    arithmetic as the fused CPU kernel, at the price of writing ω and ψ."""
+    omega, psi, stats = ops.op("huber_weights")(w, a, b, weight_delta, loss_delta)
+    r = a.shape[-1]
+    pairs = (a[..., :, None] * a[..., None, :]).flatten(-2)
+    return (omega.mT @ pairs).unflatten(-1, (r, r)), psi.mT @ a, stats
+
+
+def huber_loss_composed(w, a, b, loss_delta):
+    """`huber_loss` on a GPU: the stats of the `huber_weights` kernel."""
+    return ops.op("huber_weights")(w, a, b, loss_delta, loss_delta)[2]
+
+
+def spd_solve_batched(gram: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """The `spd_solve` semantics with torch's batched Cholesky (cuSOLVER on a GPU, where batched
+    small factorizations are efficient): ``gram [..., r, r]``, ``rhs [..., r]`` fp32 -> fp32
+    ``(G + λI)⁻¹ g``, fp64 inside, λ = 0 unless Cholesky fails, then 1e-12 · mean diag · 1e4ᵏ
+    for the systems that failed."""
+    if gram.dtype != torch.float32 or rhs.dtype != torch.float32:
+        raise RuntimeError(f"gram and rhs must be float32, got {gram.dtype} and {rhs.dtype}")
+    if rhs.dim() < 1 or gram.shape != (*rhs.shape, rhs.shape[-1]):
+        raise RuntimeError(f"gram must be [..., r, r] and rhs [..., r], got shapes {list(gram.shape)} and "
+                           f"{list(rhs.shape)}")
+    G = gram.double()
+    scale = G.diagonal(dim1=-2, dim2=-1).mean(-1).clamp(min=1e-300)[..., None, None]
+    eye = torch.eye(G.shape[-1], dtype=G.dtype, device=G.device)
+    factor, info = torch.linalg.cholesky_ex(G)
+    ridge = 1e-12
+    while bool(info.any()) and ridge <= 1:
+        failed = (info > 0)[..., None, None]
+        retry, retry_info = torch.linalg.cholesky_ex(G + ridge * scale * eye)
+        factor = torch.where(failed, retry, factor)
+        info = torch.where(info > 0, retry_info, info)
+        ridge *= 1e4
+    return torch.cholesky_solve(rhs.double()[..., None], factor)[..., 0].float()
+
+
+def _huber_weights_cuda(w, a, b, weight_delta, loss_delta):
+    """Triton (imported on first use), or the reference where Triton is missing."""
+    if ops.triton_available():
+        from lowrank_kernels.triton import huber
+
+        return huber.huber_weights(w, a, b, weight_delta, loss_delta)
+    from lowrank_kernels.reference.robust import huber_weights_ref
+
+    return huber_weights_ref(w, a, b, weight_delta, loss_delta)
+
+
+_register()
