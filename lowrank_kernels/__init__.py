@@ -2,13 +2,9 @@
 
 Public API: NF4 storage bit-compatible with bitsandbytes; fused_pissa_linear (the QPiSSA /
 PiSSA training op); decompositions for adapter initialisation (rsvd, pissa_factors, cur,
-<<<<<<< HEAD
-cur_factors, random_pissa_factors); adapters (PiSSALinear, convert_model, QPiSSA, checkpoints;
-more in lowrank_kernels.adapters); build_info().
-=======
-cur_factors, random_pissa_factors); Robust PiSSA (huber_factorize,
-robust_pissa_factors); build_info().
->>>>>>> main
+cur_factors, random_pissa_factors); Robust PiSSA (huber_factorize, robust_pissa_factors);
+adapters (PiSSALinear, convert_model, QPiSSA, checkpoints; more in lowrank_kernels.adapters);
+build_info().
 """
 from lowrank_kernels._extension import ExtensionNotBuiltError
 from lowrank_kernels.adapters import (
