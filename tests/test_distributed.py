@@ -132,6 +132,18 @@ def test_torchrun_convert_writes_the_single_process_checkpoint_byte_for_byte(tmp
     assert "37 layers converted" in one.stdout  # 36 encoder linears + the pooler
 
 
+def test_saving_one_model_twice_gives_the_same_bytes(tmp_path):
+    """safetensors writes its metadata map in a random order; save_converted sorts it (the
+    torchrun test above compares files written by different processes)."""
+    from lowrank_kernels.adapters import save_converted
+
+    model = Toy()
+    convert_model(model, target_modules=["up"], rank=2, progress=False)
+    for i in range(4):
+        save_converted(model, tmp_path / f"{i}.safetensors")
+    assert len({(tmp_path / f"{i}.safetensors").read_bytes() for i in range(4)}) == 1
+
+
 # ---- DistributedDataParallel ---------------------------------------------------------------------------
 
 def _adapted_model(quantize: str | None) -> nn.Module:
