@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--quick", action="store_true", help="only encoder layer 0's six linears, shorter timings")
     demo.add_argument("--plot", default=None, help="PNG path (default bench/results/demo.png)")
+    demo.add_argument("--threads", type=int, default=1,
+                      help="intra-op threads (default 1: on a shared machine, more threads wait for each other in "
+                           "LAPACK's many small parallel regions and the demo can take 10x longer)")
 
     convert = sub.add_parser("convert", help="model directory or safetensors file -> adapter checkpoint",
                              description="Converts the linear layers of a Hugging Face model directory (config.json "
@@ -89,8 +92,13 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    import torch
+
     from lowrank_kernels import demo
 
+    if args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    torch.set_num_threads(args.threads)
     demo.run(rank=args.rank, seed=args.seed, quick=args.quick, plot=args.plot or demo.DEFAULT_PLOT)
     return 0
 
