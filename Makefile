@@ -16,7 +16,7 @@ export MAX_JOBS ?= 2
 .PHONY: demo test bench info build clean
 
 demo: $(BUILD_STAMP)
-	$(PY) bench/bench_nf4.py
+	$(PY) -m lowrank_kernels demo
 
 test: $(BUILD_STAMP)
 	$(PY) -m pytest tests --ignore=tests/triton -q -p no:cacheprovider

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from typing import Any
 
 import torch
@@ -54,6 +55,29 @@ def save_converted(model: nn.Module, path: str | os.PathLike) -> None:
     metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "layers": configs,
                 "sha256": _digest(tensors, configs)}
     save_file(tensors, os.fspath(path), metadata=metadata)
+    _sort_metadata(os.fspath(path))
+
+
+def _sort_metadata(path: str) -> None:
+    """Rewrites the safetensors header with the metadata keys sorted. safetensors writes its
+    metadata map in a random order per process (a Rust HashMap), so the same checkpoint would
+    differ byte-wise between runs (and between a single- and a multi-process conversion); after
+    this the bytes are a function of the content. Tensor entries and data are left as written
+    (data offsets are relative to the end of the header)."""
+    with open(path, "r+b") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        text = json.dumps(header, ensure_ascii=False, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)  # safetensors pads the header to a multiple of 8 bytes
+        if len(text) == size:  # the usual case: same JSON, other key order
+            f.seek(8)
+            f.write(text)
+            return
+        with open(f"{path}.tmp", "wb") as out:  # another escaping changed the length: copy the data
+            out.write(len(text).to_bytes(8, "little") + text)
+            shutil.copyfileobj(f, out)
+    os.replace(f"{path}.tmp", path)
 
 
 def _layer_config(m: PiSSALinear) -> dict[str, Any]:
