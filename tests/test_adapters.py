@@ -109,7 +109,7 @@ def test_nf4_layer_is_the_dense_forward_with_the_dequantized_residual(quant_iter
     assert (abs(m(x).double() - want) <= forward_bound(x, residual64(m), m.A @ m.B)).all()
 
 
-NF4_INITS = {"svd": {}, "rsvd": {}, "random": {}, "cur-pinv": dict(init="cur"), "cur-optimal": dict(init="cur", u="optimal")}
+NF4_INITS = {"svd": {}, "rsvd": {}, "random": {}, "cur-pinv": dict(init="cur", u="pinv"), "cur-optimal": dict(init="cur")}
 
 
 @pytest.mark.parametrize("init", sorted(NF4_INITS))
