@@ -92,7 +92,10 @@ def _sklearn(W, rank):
     return torch.from_numpy(U), torch.from_numpy(S), torch.from_numpy(Vh)
 
 
-def error_vs_time(name, W, sigma, ranks, quick, rows, curves, targets):
+def error_vs_time(name, W, sigma, ranks, quick, rows, curves, comparisons):
+    """Error vs time of every method on W at each rank; the time-to-accuracy ratios go to
+    ``targets`` (the issue's acceptance: the LLM-sized matrices) or, for the small MiniLM matrices
+    that per-call overheads dominate, to the informational ``comparisons``."""
     errors = Errors(W, sigma)
     long = W.numel() > 2**24
     svd_time = time_call(lambda: torch.linalg.svd(W, full_matrices=False), repeat=1, warmup=0) if not quick else None
@@ -111,10 +114,10 @@ def error_vs_time(name, W, sigma, ranks, quick, rows, curves, targets):
         ours = _fastest(results, "rsvd")
         theirs = _fastest(results, "torch.svd_lowrank")
         if ours and theirs:
-            targets.append([f"{name} r={rank}: time to <= 0.5 % vs svd_lowrank ({ours[0]} vs {theirs[0]})",
+            comparisons.append([f"{name} r={rank}: time to <= 0.5 % vs svd_lowrank ({ours[0]} vs {theirs[0]})",
                             f"{ours[1] / theirs[1]:.2f}x", "<= 0.7x", ours[1] / theirs[1] <= 0.7])
         if ours and svd_time is not None:
-            targets.append([f"{name} r={rank}: speed-up vs torch.linalg.svd ({ours[0]})", f"{svd_time / ours[1]:.0f}x",
+            comparisons.append([f"{name} r={rank}: speed-up vs torch.linalg.svd ({ours[0]})", f"{svd_time / ours[1]:.0f}x",
                             ">= 40x", svd_time / ours[1] >= 40])
 
 
@@ -173,7 +176,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="small grid (no exact SVD, no sklearn)")
     args = parser.parse_args()
     print_header()
-    rows, curves, targets = [], {}, []
+    rows, curves, targets, informational = [], {}, [], []
     shapes = [(4096, 4096)] if args.quick else [(4096, 4096), (4096, 11008)]
     big = None
     for m, n in shapes:
@@ -183,11 +186,13 @@ def main() -> int:
     for name, W in list(minilm_linear_weights().items())[:2 if args.quick else 4]:
         W = W.contiguous()
         error_vs_time(f"MiniLM {name.removeprefix('encoder.')}", W, torch.linalg.svdvals(W.double()), [16],
-                      args.quick, rows, curves, targets)
+                      args.quick, rows, curves, informational)
     print("\nerror vs time (fp64 metrics; passes = GEMM passes over W)")
     print_table(["matrix", "r", "method", "passes", "QRs", "time [ms]", "subopt. [%]", "top-k sv err [%]"], rows)
     batched_vs_loop(args.quick, targets)
     cur_and_norms(big, targets)
+    print(f"\nMiniLM (384-1536 wide: per-call overheads dominate; not an acceptance target)")
+    print_table(["comparison", "measured", "target for LLM sizes", "met"], informational)
     print(f"\ntargets (suboptimality <= {TARGET_SUBOPTIMALITY * 100} %)")
     print_table(["target", "measured", "required", "met"], targets)
     write_plot(curves, args.plot)
