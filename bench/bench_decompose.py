@@ -94,8 +94,8 @@ def _sklearn(W, rank):
 
 def error_vs_time(name, W, sigma, ranks, quick, rows, curves, comparisons):
     """Error vs time of every method on W at each rank; the time-to-accuracy ratios go to
-    ``targets`` (the issue's acceptance: the LLM-sized matrices) or, for the small MiniLM matrices
-    that per-call overheads dominate, to the informational ``comparisons``."""
+    ``comparisons``: the targets table for the LLM-sized matrices (the issue's acceptance), an
+    informational table for the small MiniLM matrices, which per-call overheads dominate."""
     errors = Errors(W, sigma)
     long = W.numel() > 2**24
     svd_time = time_call(lambda: torch.linalg.svd(W, full_matrices=False), repeat=1, warmup=0) if not quick else None
