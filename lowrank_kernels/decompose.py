@@ -69,7 +69,9 @@ def _describe(t: torch.Tensor) -> str:
 
 # ---- argument checks -------------------------------------------------------------------------------
 
-def _check_matrix(W: Any) -> torch.Tensor:
+def _check_matrix(W: Any, finite: bool = True) -> torch.Tensor:
+    """W as a float matrix or batch; ``finite=False`` leaves the NaN/Inf scan to the caller (rsvd
+    does it on its first sketch instead of a separate pass over W)."""
     if not isinstance(W, torch.Tensor):
         raise TypeError(f"W must be a torch.Tensor, got {type(W).__name__}")
     if W.dtype not in _FLOAT_DTYPES:
@@ -80,9 +82,16 @@ def _check_matrix(W: Any) -> torch.Tensor:
         raise ValueError(f"W must have m, n >= 1, got {_describe(W)}")
     # One cheap reduction: a NaN or Inf element makes the sum non-finite (so does an overflowing
     # sum of huge finite values, which the exact elementwise check then clears).
-    if not torch.isfinite(W.sum(dtype=torch.float32)) and not torch.isfinite(W).all():
-        raise ValueError(f"W contains NaN or Inf ({_describe(W)})")
+    if finite and not torch.isfinite(W.sum(dtype=torch.float32)):
+        _check_finite(W)
     return W
+
+
+def _check_finite(W: torch.Tensor) -> None:
+    """The exact elementwise scan, after a cheap reduction came out non-finite (a huge but finite
+    W can overflow a sum, and passes)."""
+    if not bool(torch.isfinite(W).all()):
+        raise ValueError(f"W contains NaN or Inf ({_describe(W)})")
 
 
 def _check_int(value: Any, name: str, low: int, high: int | None = None) -> int:
@@ -179,8 +188,11 @@ def orthonormalize(Y: torch.Tensor) -> torch.Tensor:
 
 # ---- randomized SVD ------------------------------------------------------------------------------
 
-def _default_oversample(rank: int, max_width: int) -> int:
-    return max(0, min(max(8, rank // 4), max_width - rank))
+def _default_oversample(rank: int, max_width: int, method: str) -> int:
+    """p = max(8, r/4) for subspace iteration; max(8, r/8) for block Krylov, whose search space is
+    already (q + 1)(r + p) wide (Musco & Musco: block size r suffices; a little extra width
+    still buys accuracy per pass)."""
+    return max(0, min(max(8, rank // (8 if method == "krylov" else 4)), max_width - rank))
 
 
 def rsvd(W: torch.Tensor, rank: int, *, oversample: int | None = None, n_iter: int = 2, method: str = "krylov",
@@ -188,7 +200,8 @@ def rsvd(W: torch.Tensor, rank: int, *, oversample: int | None = None, n_iter: i
     """Truncated randomized SVD of ``W [..., m, n]``: ``U [..., m, rank]``, ``S [..., rank]``,
     ``Vh [..., rank, n]`` (fp32), W ≈ U diag(S) Vh.
 
-    oversample: extra sketch columns p (default max(8, rank/4), capped by min(m, n)).
+    oversample: extra sketch columns p (default max(8, rank/8) for krylov, max(8, rank/4) for
+                subspace; capped by min(m, n)).
     n_iter:     power iterations q (subspace) or Krylov depth (krylov). Each costs two GEMM
                 passes over W; the sketch and the projection cost one each.
     method:     "krylov" (default: the block Krylov space [WΩ, (WWᵀ)WΩ, ...] of blocks of rank + p
@@ -200,20 +213,29 @@ def rsvd(W: torch.Tensor, rank: int, *, oversample: int | None = None, n_iter: i
                 independent of the others in the batch.
     error:      also return ‖W − U diag(S) Vh‖_F / ‖W‖_F per matrix.
     """
-    W = _check_matrix(W)
+    W = _check_matrix(W, finite=False)  # checked on the first pass below
     rank = _check_rank(W, rank)
     method = _check_choice(method, "method", _METHODS)
     n_iter = _check_int(n_iter, "n_iter", 0)
     generators = _matrix_generators(generator, W.shape[:-2])
     m, n = W.shape[-2:]
     width_cap = min(m, n)
-    oversample = _default_oversample(rank, width_cap) if oversample is None else _check_int(oversample, "oversample", 0)
+    oversample = (_default_oversample(rank, width_cap, method) if oversample is None
+                  else _check_int(oversample, "oversample", 0))
     width = min(rank + oversample, width_cap)
     transpose = m < n  # sketch the longer side: every GEMM then has the short side as its output rows
     A = W.mT if transpose else W  # [..., M, N] with M >= N
+    sketch = _pass(A, _gaussian((*A.shape[:-2], A.shape[-1], width), generators, A))
+    # W's NaN/Inf check rides on the first pass: a non-finite element of W makes its rows of the
+    # sketch non-finite (the Gaussian Ω has no zeros, almost surely); only then is W scanned.
+    if not bool(torch.isfinite(sketch).all()):
+        _check_finite(W)
     basis = _subspace_basis if method == "subspace" else _krylov_basis
-    Q, Bt = basis(A, width, n_iter, generators)  # Q [..., M, l] orthonormal, Bt = Aᵀ Q [..., N, l]
+    Q, Bt = basis(A, sketch, n_iter)  # Q [..., M, l] orthonormal, Bt = Aᵀ Q [..., N, l]
     Uh, S, Vb = _top_svd(Bt, rank)  # Qᵀ A = Uh S Vbᵀ (top rank triplets)
+    if not bool(torch.isfinite(S).all()):  # finite W whose products overflow fp32
+        raise ValueError(f"W is too large for fp32 arithmetic (max |W| = {W.abs().max().item():.3g}, "
+                         f"{_describe(W)}): scale it down")
     U = Q @ Uh
     Vh = Vb.mT
     if transpose:
@@ -267,18 +289,18 @@ def _pass(A: torch.Tensor, X: torch.Tensor, transpose: bool = False) -> torch.Te
     return (A @ X.to(A.dtype)).float()
 
 
-def _subspace_basis(A: torch.Tensor, width: int, n_iter: int, generators) -> tuple[torch.Tensor, torch.Tensor]:
-    """Orthonormal ``Q [..., M, width]`` ≈ range of A's top singular vectors after q power
-    iterations, and ``Aᵀ Q`` (fp32). Passes over A: 2q + 2."""
-    Q = orthonormalize(_pass(A, _gaussian((*A.shape[:-2], A.shape[-1], width), generators, A)))
+def _subspace_basis(A: torch.Tensor, sketch: torch.Tensor, n_iter: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Orthonormal ``Q [..., M, l]`` ≈ range of A's top singular vectors after q power iterations
+    from the sketch A Ω ``[..., M, l]``, and ``Aᵀ Q`` (fp32). Passes over A: 2q + 2 (with the sketch)."""
+    Q = orthonormalize(sketch)
     for _ in range(n_iter):
         Z = orthonormalize(_pass(A, Q, transpose=True))
         Q = orthonormalize(_pass(A, Z))
     return Q, _pass(A, Q, transpose=True)
 
 
-def _krylov_basis(A: torch.Tensor, width: int, n_iter: int, generators) -> tuple[torch.Tensor, torch.Tensor]:
-    """Orthonormal basis ``Q [..., M, (q + 1)·width]`` of the block Krylov space
+def _krylov_basis(A: torch.Tensor, sketch: torch.Tensor, n_iter: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Orthonormal basis ``Q [..., M, (q + 1)·l]`` from the sketch A Ω ``[..., M, l]``: the block Krylov space
     [AΩ, (AAᵀ)AΩ, ..., (AAᵀ)^q AΩ] (block Lanczos with full re-orthogonalisation; Musco &
     Musco 2015), and ``Aᵀ Q`` (fp32).
 
@@ -288,7 +310,8 @@ def _krylov_basis(A: torch.Tensor, width: int, n_iter: int, generators) -> tuple
     subspace iteration, for a (q + 1)-times larger search space. A block that adds nothing new
     (an exhausted space) becomes random orthonormal directions, which do no harm.
     """
-    blocks = [orthonormalize(_pass(A, _gaussian((*A.shape[:-2], A.shape[-1], width), generators, A)))]
+    width = sketch.shape[-1]
+    blocks = [orthonormalize(sketch)]
     products = [_pass(A, blocks[0], transpose=True)]
     for _ in range(n_iter):
         basis = torch.cat(blocks, dim=-1)
@@ -335,7 +358,7 @@ def pissa_factors(W: torch.Tensor, rank: int, *, exact: bool = False, **rsvd_opt
 
     exact=True uses the full SVD (torch.linalg.svd), otherwise `rsvd` with ``rsvd_options``.
     """
-    W = _check_matrix(W)
+    W = _check_matrix(W, finite=exact)  # rsvd checks on its first pass
     rank = _check_rank(W, rank)
     if exact:
         U, S, Vh = torch.linalg.svd(W.float(), full_matrices=False)

@@ -272,6 +272,7 @@ def test_sampling_frequencies_match_the_norm_distribution(k):
         (lambda: D.rsvd(torch.randn(10), 2), ValueError, r"W must be a matrix.*shape \(10,\)"),
         (lambda: D.rsvd(torch.ones(10, 8, dtype=torch.int32), 2), TypeError, "W must be float32.*int32"),
         (lambda: D.rsvd(torch.full((4, 4), float("nan")), 2), ValueError, "NaN or Inf"),
+        (lambda: D.rsvd(torch.full((50, 40), 3e38), 2), ValueError, "too large for fp32"),
         (lambda: D.rsvd(torch.zeros(0, 4), 1), ValueError, "m, n >= 1"),
         (lambda: D.cur(torch.randn(10, 8), 0), ValueError, "rank must be in"),
         (lambda: D.cur(torch.randn(10, 8), 2, u="svd"), ValueError, "u must be one of"),
