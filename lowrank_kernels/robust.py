@@ -261,32 +261,31 @@ def _history(history, batch, count, wanted):
 
 # ---- the seed's Algorithm 1 ------------------------------------------------------------------------
 
-def _huber(E: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-    """Elementwise ρ_δ(E) with a per-matrix δ ``[...]`` broadcast over ``E [..., m, n]``."""
-    d = delta[..., None, None]
-    magnitude = E.abs()
-    return torch.where(magnitude <= d, 0.5 * E * E, d * (magnitude - 0.5 * d))
-
-
 def _adam(W, A, B, delta, n_iter, return_history):
-    """Algorithm 1 of the seed report: Adam (lr 1e-2) on the mean Huber loss from the given start.
-    The batch's objective is the sum of the per-matrix means, so each matrix sees exactly its own
-    gradient (Adam's update is elementwise)."""
-    count = W.shape[-1] * W.shape[-2]
-    A, B = A.clone().requires_grad_(), B.clone().requires_grad_()
+    """Algorithm 1 of the seed report: Adam (lr 1e-2) on ``torch.nn.functional.huber_loss`` (mean)
+    from the given start, as the seed runs it. In a batch the objective is the sum of the
+    per-matrix losses, each at its own δ, so each matrix sees exactly its own gradient (Adam's
+    update is elementwise)."""
+    *batch, m, n = W.shape
+    W3 = W.reshape(-1, m, n)
+    A = A.reshape(-1, m, A.shape[-1]).clone().requires_grad_()
+    B = B.reshape(-1, B.shape[-2], n).clone().requires_grad_()
+    deltas = delta.reshape(-1).tolist()
     optimizer = torch.optim.Adam([A, B], lr=_ADAM_LR)
     history = []
     for step in range(n_iter + 1):
-        E = A @ B - W
-        per_matrix = _huber(E, delta).sum(dim=(-2, -1))
+        fit = A @ B
+        losses = [torch.nn.functional.huber_loss(fit[i], W3[i], delta=d) for i, d in enumerate(deltas)]
         if return_history:
-            history.append(_Loss(per_matrix.detach().double(), E.detach().abs().sum(dim=(-2, -1)).double()))
+            E = (fit - W3).detach()
+            history.append(_Loss(torch.stack(losses).detach().double() * (m * n), E.abs().sum(dim=(-2, -1)).double()))
         if step == n_iter:
             break
         optimizer.zero_grad(set_to_none=True)
-        (per_matrix.sum() / count).backward()
+        sum(losses).backward()
         optimizer.step()
-    return A.detach(), B.detach(), *_history(history, W.shape[:-2], count, return_history)
+    A, B = A.detach().reshape(*batch, m, -1), B.detach().reshape(*batch, -1, n)
+    return A, B, *_history(history, tuple(batch), m * n, return_history)
 
 
 def _register() -> None:
