@@ -24,10 +24,7 @@ test: $(BUILD_STAMP)
 	TRITON_INTERPRET=1 $(PY) -m pytest tests/triton -q -p no:cacheprovider
 
 bench: $(BUILD_STAMP)
-	$(PY) bench/bench_nf4.py
-	$(PY) bench/bench_fused_linear.py
-	$(PY) bench/bench_decompose.py
-	$(PY) bench/bench_robust.py
+	$(PY) -m lowrank_kernels bench
 
 info: $(BUILD_STAMP)
 	$(PY) -m lowrank_kernels info
