@@ -72,9 +72,12 @@ def methods(rank: int, quick: bool):
             lambda W, q=q: D.rsvd(W, rank, n_iter=q, method="subspace", generator=torch.Generator().manual_seed(0))[:3],
             2 * q + 2, f"{2 * q + 1} CholeskyQR2")
     for q in ([1] if quick else [1, 2, 3]):
-        out[f"rsvd krylov q={q}"] = (
-            lambda W, q=q: D.rsvd(W, rank, n_iter=q, method="krylov", generator=torch.Generator().manual_seed(0))[:3],
-            2 * q + 2, f"{2 * q + 2} CholeskyQR2")
+        # The default oversampling, and none: the Krylov space is (q + 1)·(r + p) wide already.
+        for p, label in ((None, ""), (0, " p=0")):
+            out[f"rsvd krylov q={q}{label}"] = (
+                lambda W, q=q, p=p: D.rsvd(W, rank, n_iter=q, oversample=p, method="krylov",
+                                           generator=torch.Generator().manual_seed(0))[:3],
+                2 * q + 2, f"{2 * q + 2} CholeskyQR2")
     if not quick:
         out["sklearn randomized_svd (auto)"] = (lambda W: _sklearn(W, rank), None, "LU / QR")
     return out
@@ -203,8 +206,11 @@ def write_plot(curves, path) -> None:
     plt = pyplot()
     fig, axes = plt.subplots(1, len(curves), figsize=(4.5 * len(curves), 4), squeeze=False)
     for ax, ((name, rank), points) in zip(axes[0], curves.items()):
-        for family, marker in (("torch.svd_lowrank", "o"), ("rsvd subspace", "s"), ("rsvd krylov", "^"), ("sklearn", "x")):
-            pts = sorted((t, max(sub, 1e-6)) for m, t, sub in points if m.startswith(family))
+        for family, marker in (("torch.svd_lowrank", "o"), ("rsvd subspace", "s"), ("rsvd krylov", "^"),
+                               ("rsvd krylov p=0", "v"), ("sklearn", "x")):
+            prefix, _, suffix = family.partition(" p=")
+            pts = sorted((t, max(sub, 1e-6)) for m, t, sub in points
+                         if m.startswith(prefix) and m.endswith(" p=0") == bool(suffix))
             if pts:
                 ax.plot([p[0] * 1e3 for p in pts], [p[1] * 100 for p in pts], marker + "-", label=family)
         ax.axhline(TARGET_SUBOPTIMALITY * 100, color="gray", lw=0.8, ls="--")
