@@ -51,3 +51,18 @@ def unchanged(model: nn.Module, before: dict[str, object]) -> bool:
     return (after["types"] == before["types"] and after["grad"] == before["grad"]
             and after["state"].keys() == before["state"].keys()
             and all(same_bits(after["state"][k], v) for k, v in before["state"].items()))
+
+
+def residual64(m) -> torch.Tensor:
+    """A PiSSALinear's residual in fp64 (NF4 through the reference dequantizer)."""
+    from lowrank_kernels.reference import dequantize_nf4_ref
+
+    if not m.quantize:
+        return m.residual.double()
+    q = m.residual_weight()
+    return dequantize_nf4_ref(q.packed, q.block_absmax(), q.blocksize, q.numel, torch.float64).view(q.shape)
+
+
+def effective_weight64(m) -> torch.Tensor:
+    """W_res + s A B of a PiSSALinear, fp64."""
+    return residual64(m) + m.scale * m.A.double() @ m.B.double()

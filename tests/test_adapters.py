@@ -11,12 +11,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from adapter_models import effective_weight64, residual64
 from fused_linear_cases import FP32_UNIT_ROUNDOFF
 import lowrank_kernels
 from lowrank_kernels import quantize_nf4
 from lowrank_kernels.adapters import PiSSALinear
 from lowrank_kernels.codebooks import NF4_CODE
-from lowrank_kernels.reference import dequantize_nf4_ref
 
 IN, OUT, R = 160, 96, 8
 #: Largest |w − deq(nf4(w))| / block absmax: half the widest gap of the NF4 code book.
@@ -39,18 +39,6 @@ def make_linear(seed=0, bias=True, dtype=torch.float32, out_features=OUT, in_fea
         if bias:
             linear.bias.copy_(torch.randn(out_features, generator=g))
     return linear.to(dtype)
-
-
-def residual64(m: PiSSALinear) -> torch.Tensor:
-    """The layer's residual in fp64 (NF4 through the reference dequantizer)."""
-    if not m.quantize:
-        return m.residual.double()
-    q = m.residual_weight()
-    return dequantize_nf4_ref(q.packed, q.block_absmax(), q.blocksize, q.numel, torch.float64).view(q.shape)
-
-
-def effective_weight64(m: PiSSALinear) -> torch.Tensor:
-    return residual64(m) + m.scale * m.A.double() @ m.B.double()
 
 
 def forward_bound(x, *terms):

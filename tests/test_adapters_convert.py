@@ -11,24 +11,13 @@ import pytest
 import torch
 from torch import nn
 
-from adapter_models import LINEARS, Toy, snapshot, unchanged
+from adapter_models import LINEARS, Toy, effective_weight64, residual64, snapshot, unchanged
 from lowrank_kernels import quantize_nf4
 from lowrank_kernels.adapters import PiSSALinear, convert_model, merge_model
 from lowrank_kernels.adapters.convert import find_targets
 from lowrank_kernels.reference import dequantize_nf4_ref
 
 TARGETS = ["up", "down", "head"]
-
-
-def residual64(m: PiSSALinear) -> torch.Tensor:
-    if not m.quantize:
-        return m.residual.double()
-    q = m.residual_weight()
-    return dequantize_nf4_ref(q.packed, q.block_absmax(), q.blocksize, q.numel, torch.float64).view(q.shape)
-
-
-def effective_weight64(m: PiSSALinear) -> torch.Tensor:
-    return residual64(m) + m.scale * m.A.double() @ m.B.double()
 
 
 # ---- batching and seeds ------------------------------------------------------------------------------
