@@ -57,6 +57,19 @@ def test_rsvd_recovers_low_rank_matrices_exactly(shape, method):
     torch.testing.assert_close(S, torch.linalg.svdvals(W)[:5], rtol=2e-5, atol=0)
 
 
+@pytest.mark.parametrize("n_iter", [2, 4])
+def test_krylov_exhausted_space_stays_orthonormal_and_exact(n_iter):
+    """W of rank 5 at rank 5: every Krylov block after the first is rounding noise, which the
+    conditional second Gram-Schmidt pass must remove (skipping it leaves Q far from orthonormal
+    and the Ritz values wrong)."""
+    W = low_rank(120, 90, 5)
+    U, S, Vh, _ = D.rsvd(W, 5, method="krylov", n_iter=n_iter, oversample=3, generator=gen())
+    assert_orthonormal_columns(U)
+    assert_orthonormal_columns(Vh.mT)
+    assert (U @ torch.diag(S) @ Vh - W).abs().max() <= 2e-5 * W.abs().max()
+    torch.testing.assert_close(S, torch.linalg.svdvals(W)[:5], rtol=2e-5, atol=0)
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_rsvd_factors_are_orthonormal_and_sorted(method):
     U, S, Vh, _ = D.rsvd(decaying(80, 50), 10, method=method, generator=gen())
