@@ -57,8 +57,10 @@ class Errors:
 
 
 def timed(fn, long: bool):
+    """(fn(), median seconds): the first call doubles as the warm-up; several timed calls, since
+    single runs of the same call differ by up to 1.4x on this shared 2-core machine."""
     out = fn()
-    return out, time_call(fn, repeat=1 if long else 3, warmup=0)
+    return out, time_call(fn, repeat=3 if long else 5, warmup=0)
 
 
 def methods(rank: int, quick: bool):
