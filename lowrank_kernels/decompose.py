@@ -23,6 +23,7 @@ from typing import Any, NamedTuple, Union
 import torch
 
 from lowrank_kernels import ops
+from lowrank_kernels.reference.decompose import gram_ref, row_col_sq_norms_ref
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _METHODS = ("subspace", "krylov")
@@ -489,26 +490,9 @@ def _register() -> None:
         torch.library.register_kernel(f"{ops.NAMESPACE}::row_col_sq_norms", "cuda", _row_col_sq_norms_cuda)
 
 
-def _gram_cuda(y):
-    """Triton (imported on first use), or the reference where Triton is missing."""
-    if ops.triton_available():
-        from lowrank_kernels.triton import gram
-
-        return gram.gram(y)
-    from lowrank_kernels.reference.decompose import gram_ref
-
-    return gram_ref(y)
-
-
-def _row_col_sq_norms_cuda(w):
-    """CUDA fallback when the extension was built without nvcc: Triton, else the reference."""
-    if ops.triton_available():
-        from lowrank_kernels.triton import norms
-
-        return norms.row_col_sq_norms(w)
-    from lowrank_kernels.reference.decompose import row_col_sq_norms_ref
-
-    return row_col_sq_norms_ref(w)
+_gram_cuda = ops.triton_or_reference("gram", "gram", gram_ref)
+# CUDA fallback when the extension was built without nvcc.
+_row_col_sq_norms_cuda = ops.triton_or_reference("norms", "row_col_sq_norms", row_col_sq_norms_ref)
 
 
 _register()

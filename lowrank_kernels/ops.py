@@ -30,6 +30,20 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+def triton_or_reference(module: str, name: str, reference):
+    """A CUDA kernel for an op that has no CUDA C++ one: ``lowrank_kernels.triton.<module>.<name>``
+    (imported on first call: Triton is heavy to import), or the PyTorch ``reference`` where
+    Triton is missing."""
+
+    def kernel(*args):
+        if triton_available():
+            return getattr(importlib.import_module(f"lowrank_kernels.triton.{module}"), name)(*args)
+        return reference(*args)
+
+    kernel.__doc__ = f"CUDA kernel: lowrank_kernels.triton.{module}.{name}, else {reference.__name__}."
+    return kernel
+
+
 def cpu_decode_max_tokens() -> int:
     """Token counts up to this run the CPU fused linear's decode kernel, larger ones its GEMM kernel."""
     return _extension.compiled_config().get("cpu_decode_max_tokens", 0)
@@ -116,15 +130,9 @@ def _register_cuda_fallbacks() -> None:
     impls = {
         "quantize_blockwise8": reference.quantize_blockwise8_ref,
         "dequantize_blockwise8": reference.dequantize_blockwise8_ref,
+        "quantize_nf4": triton_or_reference("nf4", "quantize_nf4", reference.quantize_nf4_ref),
+        "dequantize_nf4": triton_or_reference("nf4", "dequantize_nf4", reference.dequantize_nf4_ref),
     }
-    if triton_available():
-        from lowrank_kernels.triton import nf4 as triton_nf4
-
-        impls["quantize_nf4"] = triton_nf4.quantize_nf4
-        impls["dequantize_nf4"] = triton_nf4.dequantize_nf4
-    else:
-        impls["quantize_nf4"] = reference.quantize_nf4_ref
-        impls["dequantize_nf4"] = reference.dequantize_nf4_ref
     for name, fn in impls.items():
         torch.library.register_kernel(f"{NAMESPACE}::{name}", "cuda", fn)
     dequantize = impls["dequantize_nf4"]

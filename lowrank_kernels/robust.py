@@ -45,6 +45,7 @@ from lowrank_kernels.decompose import (
     residual,
     rsvd,
 )
+from lowrank_kernels.reference.robust import huber_weights_ref
 
 _METHODS = ("irls", "adam")
 _INITS = ("svd", "random")
@@ -360,15 +361,7 @@ def spd_solve_batched(gram: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
     return torch.cholesky_solve(rhs.double()[..., None], factor)[..., 0].float()
 
 
-def _huber_weights_cuda(w, a, b, weight_delta, loss_delta):
-    """Triton (imported on first use), or the reference where Triton is missing."""
-    if ops.triton_available():
-        from lowrank_kernels.triton import huber
-
-        return huber.huber_weights(w, a, b, weight_delta, loss_delta)
-    from lowrank_kernels.reference.robust import huber_weights_ref
-
-    return huber_weights_ref(w, a, b, weight_delta, loss_delta)
+_huber_weights_cuda = ops.triton_or_reference("huber", "huber_weights", huber_weights_ref)
 
 
 _register()
