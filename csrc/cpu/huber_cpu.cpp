@@ -19,22 +19,18 @@
 #include <tuple>
 
 #include "lowrank_kernels/checks.h"
-#include "lowrank_kernels/huber_math.h"
-#include "nf4_simd.h"
+#include "huber_simd.h"
 
 namespace lowrank_kernels {
 namespace {
+
+using cpu::HuberDeltas;
 
 constexpr int kRowGroup = 4;
 constexpr int64_t kFlushColumns = 128;
 // Rows per parallel task: at least this many elements, so small matrices are not split into
 // tasks too small to pay for themselves.
 constexpr int64_t kTaskElements = int64_t{1} << 15;
-
-struct HuberDeltas {
-  float weight;
-  float loss;
-};
 
 // Scalar path for columns [begin, n) of ROWS rows (all of them without AVX2).
 template <int ROWS, typename T>
@@ -60,9 +56,7 @@ using cpu::sum_as_double;
 template <int ROWS, typename T>
 int64_t rows_avx2(const T* w, const float* a, const float* b, int64_t n, int64_t r, HuberDeltas delta,
                   float* omega, float* psi, double* stats) {
-  const __m256 sign = _mm256_set1_ps(-0.0f), half = _mm256_set1_ps(0.5f);
-  const __m256 dw = _mm256_set1_ps(delta.weight), neg_dw = _mm256_set1_ps(-delta.weight);
-  const __m256 dl = _mm256_set1_ps(delta.loss), dl_half = _mm256_set1_ps(0.5f * delta.loss);
+  const cpu::HuberLanes huber(delta);
   __m256 loss[ROWS], absum[ROWS];
   for (int q = 0; q < ROWS; ++q) loss[q] = absum[q] = _mm256_setzero_ps();
   int64_t j = 0;
@@ -75,13 +69,10 @@ int64_t rows_avx2(const T* w, const float* a, const float* b, int64_t n, int64_t
     }
     for (int q = 0; q < ROWS; ++q) {
       const __m256 e = _mm256_sub_ps(dot[q], cpu::load8(w + q * n + j));
-      const __m256 mag = _mm256_andnot_ps(sign, e);
-      _mm256_storeu_ps(omega + q * n + j, _mm256_div_ps(dw, _mm256_max_ps(mag, dw)));
-      _mm256_storeu_ps(psi + q * n + j, _mm256_min_ps(_mm256_max_ps(e, neg_dw), dw));
-      const __m256 quadratic = _mm256_mul_ps(half, _mm256_mul_ps(e, e));
-      const __m256 linear = _mm256_mul_ps(dl, _mm256_sub_ps(mag, dl_half));
-      const __m256 inside = _mm256_cmp_ps(mag, dl, _CMP_LE_OQ);
-      loss[q] = _mm256_add_ps(loss[q], _mm256_blendv_ps(linear, quadratic, inside));
+      const __m256 mag = huber.magnitude(e);
+      _mm256_storeu_ps(omega + q * n + j, huber.weight(mag));
+      _mm256_storeu_ps(psi + q * n + j, huber.psi(e));
+      loss[q] = _mm256_add_ps(loss[q], huber.loss(e, mag));
       absum[q] = _mm256_add_ps(absum[q], mag);
     }
     if ((j + 8) % kFlushColumns == 0) {

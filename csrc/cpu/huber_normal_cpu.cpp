@@ -31,11 +31,12 @@
 #include <vector>
 
 #include "lowrank_kernels/checks.h"
-#include "lowrank_kernels/huber_math.h"
-#include "nf4_simd.h"
+#include "huber_simd.h"
 
 namespace lowrank_kernels {
 namespace {
+
+using cpu::HuberDeltas;
 
 constexpr int kColumns = 16;
 constexpr int64_t kChunk = 64;
@@ -43,16 +44,11 @@ constexpr int kPairBlock = 4;
 
 using Column = std::array<float, kColumns>;
 
-struct Deltas {
-  float weight;
-  float loss;
-};
-
 // Step 1 for rows [i0, i0 + rows) (portable; AVX2 builds use it for the ragged last block): ω, ψ [rows][kColumns] (zero in padding columns >= width) and
 // the chunk's loss / |E| sums added to stats (fp64, per chunk).
 template <typename T, bool kWeights>
 void residual_chunk(const T* w, const float* a, const float* b, int64_t n, int64_t r, int64_t j0, int width,
-                    int64_t i0, int64_t rows, Deltas delta, Column* omega, Column* psi, double* stats) {
+                    int64_t i0, int64_t rows, HuberDeltas delta, Column* omega, Column* psi, double* stats) {
   float loss = 0.0f, magnitude_sum = 0.0f;
   for (int64_t q = 0; q < rows; ++q) {
     const int64_t i = i0 + q;
@@ -84,10 +80,8 @@ void residual_chunk(const T* w, const float* a, const float* b, int64_t n, int64
 // Step 1 for a full block (width == kColumns): the same as residual_chunk, two vectors per row.
 template <typename T, bool kWeights>
 void residual_chunk_avx2(const T* w, const float* a, const float* b, int64_t n, int64_t r, int64_t j0, int64_t i0,
-                         int64_t rows, Deltas delta, Column* omega, Column* psi, double* stats) {
-  const __m256 sign = _mm256_set1_ps(-0.0f), half = _mm256_set1_ps(0.5f);
-  const __m256 dw = _mm256_set1_ps(delta.weight), neg_dw = _mm256_set1_ps(-delta.weight);
-  const __m256 dl = _mm256_set1_ps(delta.loss), dl_half = _mm256_set1_ps(0.5f * delta.loss);
+                         int64_t rows, HuberDeltas delta, Column* omega, Column* psi, double* stats) {
+  const cpu::HuberLanes huber(delta);
   __m256 loss = _mm256_setzero_ps(), magnitude_sum = _mm256_setzero_ps();
   for (int64_t q = 0; q < rows; ++q) {
     const int64_t i = i0 + q;
@@ -100,14 +94,12 @@ void residual_chunk_avx2(const T* w, const float* a, const float* b, int64_t n, 
     }
     for (int h = 0; h < 2; ++h) {
       const __m256 eh = _mm256_sub_ps(e[h], cpu::load8(w + i * n + j0 + 8 * h));
-      const __m256 mag = _mm256_andnot_ps(sign, eh);
-      const __m256 quadratic = _mm256_mul_ps(half, _mm256_mul_ps(eh, eh));
-      const __m256 linear = _mm256_mul_ps(dl, _mm256_sub_ps(mag, dl_half));
-      loss = _mm256_add_ps(loss, _mm256_blendv_ps(linear, quadratic, _mm256_cmp_ps(mag, dl, _CMP_LE_OQ)));
+      const __m256 mag = huber.magnitude(eh);
+      loss = _mm256_add_ps(loss, huber.loss(eh, mag));
       magnitude_sum = _mm256_add_ps(magnitude_sum, mag);
       if constexpr (kWeights) {
-        _mm256_storeu_ps(omega[q].data() + 8 * h, _mm256_div_ps(dw, _mm256_max_ps(mag, dw)));
-        _mm256_storeu_ps(psi[q].data() + 8 * h, _mm256_min_ps(_mm256_max_ps(eh, neg_dw), dw));
+        _mm256_storeu_ps(omega[q].data() + 8 * h, huber.weight(mag));
+        _mm256_storeu_ps(psi[q].data() + 8 * h, huber.psi(eh));
       }
     }
   }
@@ -176,7 +168,7 @@ struct Outputs {
 // One task: columns [j0, j0 + width) of one matrix.
 template <typename T, bool kWeights>
 void column_block(const T* w, const float* a, const float* pairs, const float* b, int64_t m, int64_t n, int64_t r,
-                  int64_t j0, Deltas delta, Outputs out) {
+                  int64_t j0, HuberDeltas delta, Outputs out) {
   const int width = static_cast<int>(std::min<int64_t>(kColumns, n - j0));
   const int64_t terms = r * (r + 1) / 2;
   std::vector<Column> omega(kWeights ? kChunk : 0), psi(kWeights ? kChunk : 0);
@@ -238,7 +230,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> huber_pass(const at::Tensor& w, c
         Outputs out{kWeights ? gram.data_ptr<float>() + mat * n * r * r : nullptr,
                     kWeights ? grad.data_ptr<float>() + mat * n * r : nullptr, sp + 2 * task};
         column_block<T, kWeights>(wp + mat * m * n, ap + mat * m * r, kWeights ? pairs.data() + mat * m * terms : nullptr,
-                                  bp + mat * r * n, m, n, r, j0, Deltas{wdp[mat], ldp[mat]}, out);
+                                  bp + mat * r * n, m, n, r, j0, HuberDeltas{wdp[mat], ldp[mat]}, out);
       }
     });
   });
