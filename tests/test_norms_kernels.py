@@ -7,10 +7,9 @@ import torch
 from torch.library import opcheck
 
 import lowrank_kernels  # noqa: F401  (loads the compiled ops)
-from lowrank_kernels.reference import row_col_sq_norms_ref
+from norms_cases import check_norms
 
 ops = torch.ops.lowrank_kernels
-U32 = 2.0**-24  # unit roundoff of fp32
 
 # (m, n) covering: 1x1, single rows/columns, sizes that are no multiple of the 8-wide vectors
 # or the 4-row groups, several row chunks with a ragged last chunk (301 x 1000), and more than
@@ -18,22 +17,8 @@ U32 = 2.0**-24  # unit roundoff of fp32
 SHAPES = [(1, 1), (1, 7), (7, 1), (3, 5), (37, 100), (129, 65), (301, 1000), (9, 20000)]
 
 
-def assert_norms_within(got: torch.Tensor, ref: torch.Tensor, count: int) -> None:
-    """|got - ref| <= (count + 2) u ref: every term is non-negative, so an fp32 sum of `count`
-    squares (each rounded once) is within count·u of the exact sum, and ref within u of it."""
-    assert got.dtype == torch.float32 and got.shape == ref.shape
-    err = (got.double() - ref.double()).abs()
-    bound = (count + 2) * U32 * ref.double()
-    excess = err - bound
-    assert (excess <= 0).all(), f"error exceeds the bound by {excess.max().item():.3g} (count {count})"
-
-
 def check(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    rows, cols = ops.row_col_sq_norms(w)
-    ref_rows, ref_cols = row_col_sq_norms_ref(w)
-    assert_norms_within(rows, ref_rows, w.shape[-1])
-    assert_norms_within(cols, ref_cols, w.shape[-2])
-    return rows, cols
+    return check_norms(ops.row_col_sq_norms, w)
 
 
 def randn(*shape, dtype=torch.float32, seed=0) -> torch.Tensor:

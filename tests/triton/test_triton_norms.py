@@ -5,27 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lowrank_kernels.reference import row_col_sq_norms_ref
 from lowrank_kernels.triton import norms as triton_norms
+from norms_cases import U32, check_norms
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-U32 = 2.0**-24  # unit roundoff of fp32
-
-
-def assert_norms_within(got: torch.Tensor, ref: torch.Tensor, count: int) -> None:
-    """|got - ref| <= (count + 2) u ref: every term is non-negative, so an fp32 sum of `count`
-    squares (each rounded once), in any order, is within count·u of the exact sum."""
-    assert got.dtype == torch.float32 and got.shape == ref.shape
-    excess = (got.double() - ref.double()).abs() - (count + 2) * U32 * ref.double()
-    assert (excess <= 0).all(), f"error exceeds the bound by {excess.max().item():.3g} (count {count})"
 
 
 def check(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    rows, cols = triton_norms.row_col_sq_norms(w)
-    ref_rows, ref_cols = row_col_sq_norms_ref(w)
-    assert_norms_within(rows, ref_rows, w.shape[-1])
-    assert_norms_within(cols, ref_cols, w.shape[-2])
-    return rows, cols
+    return check_norms(triton_norms.row_col_sq_norms, w)
 
 
 def randn(*shape, dtype=torch.float32, device="cpu", seed=0) -> torch.Tensor:
