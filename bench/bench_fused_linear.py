@@ -15,7 +15,6 @@ On a GPU machine the same script measures on the GPU.
 """
 from __future__ import annotations
 
-import statistics
 import sys
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import bench_parser, print_header, print_table, pyplot, save_figure, time_call  # noqa: E402
+from common import bench_parser, print_header, print_table, pyplot, round_robin, save_figure, time_call  # noqa: E402
 
 import lowrank_kernels as lk  # noqa: E402
 
@@ -82,16 +81,10 @@ def make_step(layer: Layer, method: str, tokens: int, backward: bool):
 
 
 def measure(layer: Layer, tokens: int, backward: bool, seconds: float = 2.0) -> dict[str, float]:
-    """Median seconds per call of every method. The methods are timed round-robin, one call each
-    per round, so that drifts of this shared machine (clock, neighbours) hit all of them alike."""
+    """Median seconds per call of every method, timed round-robin for about ``seconds``."""
     steps = {m: make_step(layer, m, tokens, backward) for m in METHODS}
     first = {m: time_call(step, repeat=1, warmup=1) for m, step in steps.items()}
-    rounds = max(3, min(31, int(seconds / sum(first.values()))))
-    samples = {m: [] for m in METHODS}
-    for _ in range(rounds):
-        for m, step in steps.items():
-            samples[m].append(time_call(step, repeat=1, warmup=0))
-    return {m: statistics.median(v) for m, v in samples.items()}
+    return round_robin(steps, rounds=max(3, min(31, int(seconds / sum(first.values())))))
 
 
 def weight_bytes(layer: Layer, method: str) -> int:

@@ -42,6 +42,16 @@ def time_call(fn: Callable[[], object], repeat: int = 10, warmup: int = 2) -> fl
     return statistics.median(times)
 
 
+def round_robin(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
+    """Median seconds per call of every function, timed round-robin (one call of each per round)
+    so that drifts of this shared machine (clock, neighbours) hit all of them alike."""
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            samples[name].append(time_call(fn, repeat=1, warmup=0))
+    return {name: statistics.median(v) for name, v in samples.items()}
+
+
 def print_table(headers: list[str], rows: list[list[object]]) -> None:
     cells = [[str(c) for c in row] for row in [headers, *rows]]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]

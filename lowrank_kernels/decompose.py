@@ -196,8 +196,24 @@ def _default_oversample(rank: int, max_width: int, method: str) -> int:
     return max(0, min(max(8, rank // (8 if method == "krylov" else 4)), max_width - rank))
 
 
+def _sketch_width(rank: int, oversample: Any, block_size: Any, n_iter: int, method: str, width_cap: int) -> int:
+    """Columns of the sketch (= of each Krylov block)."""
+    if block_size is None:
+        oversample = (_default_oversample(rank, width_cap, method) if oversample is None
+                      else _check_int(oversample, "oversample", 0))
+        return min(rank + oversample, width_cap)
+    if method != "krylov" or oversample is not None:
+        raise ValueError(f"block_size is an alternative to oversample for method='krylov'; got method={method!r}, "
+                         f"oversample={oversample!r}")
+    block_size = _check_int(block_size, "block_size", 1, width_cap)
+    if (n_iter + 1) * block_size < rank:
+        raise ValueError(f"the Krylov space (n_iter + 1)·block_size = {(n_iter + 1) * block_size} columns must hold "
+                         f"rank = {rank}: raise block_size or n_iter")
+    return block_size
+
+
 def rsvd(W: torch.Tensor, rank: int, *, oversample: int | None = None, n_iter: int = 2, method: str = "krylov",
-         generator: Generators = None, error: bool = False) -> SVDResult:
+         block_size: int | None = None, generator: Generators = None, error: bool = False) -> SVDResult:
     """Truncated randomized SVD of ``W [..., m, n]``: ``U [..., m, rank]``, ``S [..., rank]``,
     ``Vh [..., rank, n]`` (fp32), W ≈ U diag(S) Vh.
 
@@ -209,6 +225,10 @@ def rsvd(W: torch.Tensor, rank: int, *, oversample: int | None = None, n_iter: i
                 columns: the same passes over W, an (n_iter + 1)-times larger search space,
                 much more accuracy per pass on slowly decaying spectra) or "subspace"
                 (sketch width rank + p, re-orthonormalised every half step).
+    block_size: krylov only, instead of oversample: the width b of each Krylov block (any
+                b >= 1 with (n_iter + 1)·b >= rank). A block narrower than rank with a deeper
+                space buys more accuracy per GEMM column: at rank 128 on 4096x4096, b = 64,
+                n_iter = 4 (10 passes of 64 columns) beats b = 136, n_iter = 2 (6 of 136).
     generator:  for the Gaussian test matrix (same generator state -> same result); a sequence
                 of generators, one per matrix of the batch, makes each matrix's result
                 independent of the others in the batch.
@@ -221,9 +241,7 @@ def rsvd(W: torch.Tensor, rank: int, *, oversample: int | None = None, n_iter: i
     generators = _matrix_generators(generator, W.shape[:-2])
     m, n = W.shape[-2:]
     width_cap = min(m, n)
-    oversample = (_default_oversample(rank, width_cap, method) if oversample is None
-                  else _check_int(oversample, "oversample", 0))
-    width = min(rank + oversample, width_cap)
+    width = _sketch_width(rank, oversample, block_size, n_iter, method, width_cap)
     transpose = m < n  # sketch the longer side: every GEMM then has the short side as its output rows
     A = W.mT if transpose else W  # [..., M, N] with M >= N
     sketch = _pass(A, _gaussian((*A.shape[:-2], A.shape[-1], width), generators, A))
@@ -308,22 +326,23 @@ _REORTHOGONALIZE_ABOVE = 1e-5
 def _krylov_basis(A: torch.Tensor, sketch: torch.Tensor, n_iter: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Orthonormal basis ``Q [..., M, (q + 1)·l]`` from the sketch A Ω ``[..., M, l]``: the block Krylov space
     [AΩ, (AAᵀ)AΩ, ..., (AAᵀ)^q AΩ] (block Lanczos with full re-orthogonalisation; Musco &
-    Musco 2015), and ``Aᵀ Q`` (fp32).
+    Musco 2015), and ``Aᵀ Q`` (fp32). Where the space reaches min(M, N) columns its last block
+    is narrower, and it grows no further.
 
     Each new block A Z is orthogonalised against all previous blocks (classical Gram-Schmidt,
-    twice, normalising after each) *before* its product with Aᵀ is taken; that product is the next iteration's input,
+    normalised; a second time where needed) *before* its product with Aᵀ is taken; that product is the next iteration's input,
     so Aᵀ Q comes out of the iteration itself: 2q + 2 passes of ``width`` columns, as for
     subspace iteration, for a (q + 1)-times larger search space. A block that adds nothing new
     (an exhausted space) becomes random orthonormal directions, which do no harm.
     """
-    width = sketch.shape[-1]
     blocks = [orthonormalize(sketch)]
     products = [_pass(A, blocks[0], transpose=True)]
     for _ in range(n_iter):
         basis = torch.cat(blocks, dim=-1)
-        if basis.shape[-1] + width > min(A.shape[-2:]):
-            break  # the space can grow no further than A's rank bound
-        Y = _pass(A, orthonormalize(products[-1]))
+        room = min(A.shape[-2:]) - basis.shape[-1]  # the space cannot outgrow A's rank bound
+        if room <= 0:
+            break
+        Y = _pass(A, orthonormalize(products[-1][..., :room]))
         Y = orthonormalize(Y - basis @ (basis.mT @ Y))
         # Second Gram-Schmidt pass, only where needed: after the normalisation above, a residual
         # that was mostly rounding noise (an exhausted space, an ill-conditioned block) is far

@@ -70,6 +70,24 @@ def test_krylov_exhausted_space_stays_orthonormal_and_exact(n_iter):
     torch.testing.assert_close(S, torch.linalg.svdvals(W)[:5], rtol=2e-5, atol=0)
 
 
+def test_krylov_blocks_narrower_than_the_rank_recover_low_rank_matrices_exactly():
+    """block_size 2 < rank 5: the space [AΩ, ..., (AAᵀ)³AΩ] (8 columns) holds the range of W."""
+    W = low_rank(70, 50, 5)
+    U, S, Vh, _ = D.rsvd(W, 5, block_size=2, n_iter=3, generator=gen())
+    assert_orthonormal_columns(U)
+    assert (U @ torch.diag(S) @ Vh - W).abs().max() <= 2e-5 * W.abs().max()
+    torch.testing.assert_close(S, torch.linalg.svdvals(W)[:5], rtol=2e-5, atol=0)
+
+
+def test_krylov_space_stops_at_the_short_side_with_a_narrower_last_block():
+    """5-column blocks, n_iter 3 on a 40x12 matrix: the space takes 5 + 5 + 2 columns, all of
+    R^12, so the result is the exact truncated SVD."""
+    W = decaying(40, 12)
+    U, S, Vh, _ = D.rsvd(W, 10, block_size=5, n_iter=3, generator=gen())
+    torch.testing.assert_close(S, torch.linalg.svdvals(W)[:10], rtol=1e-5, atol=1e-6)
+    assert suboptimality(W, U, S, Vh, 10) <= 1e-5
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_rsvd_factors_are_orthonormal_and_sorted(method):
     U, S, Vh, _ = D.rsvd(decaying(80, 50), 10, method=method, generator=gen())
@@ -281,6 +299,10 @@ def test_sampling_frequencies_match_the_norm_distribution(k):
         (lambda: D.rsvd(torch.randn(10, 8), 2.0), TypeError, "rank must be an int"),
         (lambda: D.rsvd(torch.randn(10, 8), 2, oversample=-1), ValueError, "oversample must be >= 0"),
         (lambda: D.rsvd(torch.randn(10, 8), 2, n_iter=-1), ValueError, "n_iter must be >= 0"),
+        (lambda: D.rsvd(torch.randn(10, 8), 2, block_size=0), ValueError, r"block_size must be in \[1, 8\], got 0"),
+        (lambda: D.rsvd(torch.randn(10, 8), 6, block_size=2, n_iter=1), ValueError, "must hold rank = 6"),
+        (lambda: D.rsvd(torch.randn(10, 8), 2, block_size=2, oversample=1), ValueError, "alternative to oversample"),
+        (lambda: D.rsvd(torch.randn(10, 8), 2, block_size=2, method="subspace"), ValueError, "method='krylov'"),
         (lambda: D.rsvd(torch.randn(10, 8), 2, method="lanczos"), ValueError, "method must be one of"),
         (lambda: D.rsvd(torch.randn(10), 2), ValueError, r"W must be a matrix.*shape \(10,\)"),
         (lambda: D.rsvd(torch.ones(10, 8, dtype=torch.int32), 2), TypeError, "W must be float32.*int32"),
