@@ -119,7 +119,8 @@ def _check_delta(delta, W: torch.Tensor) -> torch.Tensor:
     """Per-matrix δ, fp32 [...]."""
     batch = W.shape[:-2]
     if delta is None:
-        mean_abs = W.float().abs().mean(dim=(-2, -1))
+        # Summed in fp64 and rounded once: the same bits for a matrix alone or in any batch.
+        mean_abs = W.double().abs().mean(dim=(-2, -1)).float()
         # An all-zero matrix has nothing to fit; any positive δ gives A B = 0 there.
         return torch.where(mean_abs > 0, DEFAULT_RELATIVE_DELTA * mean_abs, torch.ones_like(mean_abs))
     if isinstance(delta, torch.Tensor):
@@ -145,14 +146,19 @@ def _initial_factors(W: torch.Tensor, rank: int, init: str, delta: torch.Tensor,
     the ℓ1 problem that a few outliers can pull away from the bulk (the seed report's 3×3
     example); the clipped matrix's SVD follows the bulk. "random": Gaussians scaled so that A B
     has W's RMS (entries of A B have variance r σ⁴), the seed's random start."""
+    *batch, m, n = W.shape
     if init == "svd":
         limit = 1.5 * _median_magnitude(W)[..., None, None]
-        splits = [_svd_split(W, rank, generator), _svd_split(torch.minimum(torch.maximum(W.float(), -limit), limit),
-                                                              rank, generator)]
+        clipped = torch.minimum(torch.maximum(W.float(), -limit), limit)
+        # Both SVDs of a matrix sketch with the same test matrix, from a generator forked off the
+        # matrix's own by one draw (matrix after matrix): a batch draws what a loop over it does.
+        generators = _matrix_generators(generator, tuple(batch))
+        seeds = [_fork_seed(g) for g in generators]
+        splits = [_svd_split(X, rank, [_seeded_like(g, seed) for g, seed in zip(generators, seeds)])
+                  for X in (W, clipped)]
         losses = [_loss(W, A, B, delta).huber for A, B in splits]
         clipped_better = losses[1] < losses[0]
-        return tuple(_pick(clipped_better, clipped, plain) for clipped, plain in zip(splits[1], splits[0]))
-    *batch, m, n = W.shape
+        return tuple(_pick(clipped_better, from_clipped, plain) for from_clipped, plain in zip(splits[1], splits[0]))
     rms = W.float().square().mean(dim=(-2, -1), keepdim=True).sqrt()
     sigma = (rms.square() / rank).sqrt().sqrt()
     # Drawn matrix by matrix, A then B, each from its matrix's generator: a batch starts where a
@@ -163,6 +169,16 @@ def _initial_factors(W: torch.Tensor, rank: int, init: str, delta: torch.Tensor,
     A = torch.stack([a for a, _ in draws]).reshape(*batch, m, rank).to(W.device)
     B = torch.stack([b for _, b in draws]).reshape(*batch, rank, n).to(W.device)
     return A * sigma, B * sigma
+
+
+def _fork_seed(generator: torch.Generator | None) -> int:
+    """One 63-bit seed drawn from ``generator`` (torch's default generator for None)."""
+    return int(torch.randint(0, 2**63 - 1, (), generator=generator, device=_draw_device(generator)))
+
+
+def _seeded_like(generator: torch.Generator | None, seed: int) -> torch.Generator:
+    """A new generator on ``generator``'s device, seeded with ``seed``."""
+    return torch.Generator(device=_draw_device(generator)).manual_seed(seed)
 
 
 def _median_magnitude(W: torch.Tensor, samples: int = 1 << 14) -> torch.Tensor:

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import lowrank_kernels as lk
+from lowrank_kernels import robust
 from lowrank_kernels.adapters import init_factors
 
 
@@ -127,6 +128,21 @@ def test_batched_equals_per_matrix(method):
         assert torch.allclose(A[i] @ B[i], Ai @ Bi, atol=1e-4 * scale, rtol=0)
         length = min(len(loss_i), len(loss))
         assert torch.allclose(loss[:length, i], loss_i[:length], rtol=1e-4)
+
+
+def test_a_batch_starts_where_the_loop_over_its_matrices_starts():
+    """A shared generator is drawn matrix after matrix, both start SVDs of a matrix included, and
+    the default δ does not depend on the batch. On flat spectra the start depends on the sketch
+    (drawing the batch's plain SVDs first, then the clipped ones, moved it by ~2 % here)."""
+    W = torch.randn(3, 50, 40, generator=gen(3))
+    batched = lk.huber_factorize(W, 3, n_iter=0, generator=gen())
+    loop_generator = gen()
+    for i in range(3):
+        alone = lk.huber_factorize(W[i], 3, n_iter=0, generator=loop_generator)
+        assert torch.allclose(batched.A[i] @ batched.B[i], alone.A @ alone.B, atol=1e-5 * W[i].abs().max(), rtol=0)
+    big = torch.randn(6, 384, 384, generator=gen(4))
+    deltas = robust._check_delta(None, big)
+    assert all(torch.equal(deltas[i], robust._check_delta(None, big[i])) for i in range(6))
 
 
 @pytest.mark.parametrize("method", ["irls", "adam"])
