@@ -82,7 +82,8 @@ def methods(rank: int, quick: bool):
                                            generator=torch.Generator().manual_seed(0))[:3],
                 2 * q + 2, f"{2 * q + 2} CholeskyQR2")
     for q in ([] if quick else [3, 4]):
-        # Blocks of r/2 columns, a deeper space: the same GEMM columns as q' = (q - 1)/2 at r.
+        # Blocks of r/2 columns and a deeper space: (q + 1)·r GEMM columns in all, as many as
+        # q' = (q - 1)/2 with blocks of r (p = 0).
         out[f"rsvd krylov q={q} b=r/2"] = (
             lambda W, q=q: D.rsvd(W, rank, n_iter=q, block_size=max(1, rank // 2), method="krylov",
                                   generator=torch.Generator().manual_seed(0))[:3],
@@ -115,6 +116,7 @@ def error_vs_time(name, W, sigma, ranks, quick, rows, curves, comparisons):
         # The first call of each method doubles as its warm-up; then every method is timed
         # round-robin (single calls of the same method differ by up to 1.4x on this machine).
         accuracy = {method: errors(*fn(W), rank) for method, (fn, _, _) in candidates.items()}
+        time.sleep(0.5)  # sklearn ran last: let numpy's BLAS threads stop spinning (see below)
         rounds = 5
         seconds_of = round_robin({method: (lambda fn=fn: fn(W)) for method, (fn, _, _) in candidates.items()
                                   if not method.startswith("sklearn")}, rounds)

@@ -119,8 +119,9 @@ def _check_delta(delta, W: torch.Tensor) -> torch.Tensor:
     """Per-matrix δ, fp32 [...]."""
     batch = W.shape[:-2]
     if delta is None:
-        # Summed in fp64 and rounded once: the same bits for a matrix alone or in any batch.
-        mean_abs = W.double().abs().mean(dim=(-2, -1)).float()
+        # Summed in fp64, rounded once to fp32: a matrix alone and in a batch get the same δ (the
+        # fp64 sums differ, if at all, by far less than an fp32 rounding; fp32 means differed).
+        mean_abs = (W.abs().sum(dim=(-2, -1), dtype=torch.float64) / (W.shape[-2] * W.shape[-1])).float()
         # An all-zero matrix has nothing to fit; any positive δ gives A B = 0 there.
         return torch.where(mean_abs > 0, DEFAULT_RELATIVE_DELTA * mean_abs, torch.ones_like(mean_abs))
     if isinstance(delta, torch.Tensor):
@@ -154,7 +155,7 @@ def _initial_factors(W: torch.Tensor, rank: int, init: str, delta: torch.Tensor,
         # matrix's own by one draw (matrix after matrix): a batch draws what a loop over it does.
         generators = _matrix_generators(generator, tuple(batch))
         seeds = [_fork_seed(g) for g in generators]
-        splits = [_svd_split(X, rank, [_seeded_like(g, seed) for g, seed in zip(generators, seeds)])
+        splits = [_svd_split(X, rank, [_new_generator(g, seed) for g, seed in zip(generators, seeds)])
                   for X in (W, clipped)]
         losses = [_loss(W, A, B, delta).huber for A, B in splits]
         clipped_better = losses[1] < losses[0]
@@ -176,9 +177,9 @@ def _fork_seed(generator: torch.Generator | None) -> int:
     return int(torch.randint(0, 2**63 - 1, (), generator=generator, device=_draw_device(generator)))
 
 
-def _seeded_like(generator: torch.Generator | None, seed: int) -> torch.Generator:
-    """A new generator on ``generator``'s device, seeded with ``seed``."""
-    return torch.Generator(device=_draw_device(generator)).manual_seed(seed)
+def _new_generator(device_of: torch.Generator | None, seed: int) -> torch.Generator:
+    """A new generator seeded with ``seed``, on the device ``device_of`` draws on."""
+    return torch.Generator(device=_draw_device(device_of)).manual_seed(seed)
 
 
 def _median_magnitude(W: torch.Tensor, samples: int = 1 << 14) -> torch.Tensor:

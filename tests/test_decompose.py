@@ -79,13 +79,27 @@ def test_krylov_blocks_narrower_than_the_rank_recover_low_rank_matrices_exactly(
     torch.testing.assert_close(S, torch.linalg.svdvals(W)[:5], rtol=2e-5, atol=0)
 
 
-def test_krylov_space_stops_at_the_short_side_with_a_narrower_last_block():
+def test_krylov_space_stops_at_the_short_side_with_a_narrower_last_block(monkeypatch):
     """5-column blocks, n_iter 3 on a 40x12 matrix: the space takes 5 + 5 + 2 columns, all of
     R^12, so the result is the exact truncated SVD."""
+    widths = []
+    real_pass = D._pass
+    monkeypatch.setattr(D, "_pass", lambda A, X, transpose=False: widths.append(X.shape[-1]) or real_pass(A, X, transpose))
     W = decaying(40, 12)
     U, S, Vh, _ = D.rsvd(W, 10, block_size=5, n_iter=3, generator=gen())
+    assert widths == [5, 5, 5, 5, 2, 2]  # sketch, then each block and its product with Aᵀ
     torch.testing.assert_close(S, torch.linalg.svdvals(W)[:10], rtol=1e-5, atol=1e-6)
     assert suboptimality(W, U, S, Vh, 10) <= 1e-5
+
+
+def test_block_size_is_the_sketch_width_oversample_sets():
+    W = decaying(60, 45, batch=(2,))
+    by_block = D.rsvd(W, 6, block_size=6 + 5, n_iter=2, generator=gen(3))
+    by_oversample = D.rsvd(W, 6, oversample=5, n_iter=2, generator=gen(3))
+    for a, b in zip(by_block[:3], by_oversample[:3]):
+        assert torch.equal(a, b)
+    capped = D.rsvd(W, 6, block_size=1000, n_iter=0, generator=gen(3))  # capped at min(m, n) = 45: exact
+    torch.testing.assert_close(capped.S, torch.linalg.svdvals(W)[..., :6], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -299,8 +313,10 @@ def test_sampling_frequencies_match_the_norm_distribution(k):
         (lambda: D.rsvd(torch.randn(10, 8), 2.0), TypeError, "rank must be an int"),
         (lambda: D.rsvd(torch.randn(10, 8), 2, oversample=-1), ValueError, "oversample must be >= 0"),
         (lambda: D.rsvd(torch.randn(10, 8), 2, n_iter=-1), ValueError, "n_iter must be >= 0"),
-        (lambda: D.rsvd(torch.randn(10, 8), 2, block_size=0), ValueError, r"block_size must be in \[1, 8\], got 0"),
-        (lambda: D.rsvd(torch.randn(10, 8), 6, block_size=2, n_iter=1), ValueError, "must hold rank = 6"),
+        (lambda: D.rsvd(torch.randn(10, 8), 2, block_size=0), ValueError, "block_size must be >= 1, got 0"),
+        (lambda: D.rsvd(torch.randn(10, 8), 6, block_size=2, n_iter=1), ValueError,
+         "n_iter=1 and block_size=2.*must hold rank = 6"),
+        (lambda: D.rsvd(torch.randn(10, 8), 2, block_size=1, n_iter=0), ValueError, "must hold rank = 2"),
         (lambda: D.rsvd(torch.randn(10, 8), 2, block_size=2, oversample=1), ValueError, "alternative to oversample"),
         (lambda: D.rsvd(torch.randn(10, 8), 2, block_size=2, method="subspace"), ValueError, "method='krylov'"),
         (lambda: D.rsvd(torch.randn(10, 8), 2, method="lanczos"), ValueError, "method must be one of"),

@@ -92,7 +92,7 @@ void residual_chunk_avx2(const T* w, const float* a, const float* b, int64_t n, 
     loss[slot] = _mm256_add_ps(loss[slot], huber.loss(e, mag));
     magnitude_sum[slot] = _mm256_add_ps(magnitude_sum[slot], mag);
     if constexpr (kWeights) {
-      _mm256_storeu_ps(omega[q].data() + 8 * h, huber.weight_approx(mag));
+      _mm256_storeu_ps(omega[q].data() + 8 * h, huber.weight(mag));
       _mm256_storeu_ps(psi[q].data() + 8 * h, huber.psi(e));
     }
   };
@@ -133,11 +133,12 @@ void residual_chunk_avx2(const T* w, const float* a, const float* b, int64_t n, 
 
 // Step 2: acc[t][c] += Σ_q weights[q][c] · coef[q][t] for t in [0, terms), rows q in [0, rows).
 // coef is row-major with row stride `terms`.
-#ifdef LK_HAVE_AVX2
-// Terms [t, t + U): 2U vector accumulators stay in registers while the rows stream past (U = 4:
-// 8 FMA chains; 6 measured 1.7x slower, the compiler spills).
+//
+// Terms [t, t + U): the U accumulator columns stay in registers while the rows stream past (U = 4:
+// 8 vector FMA chains with AVX2; 6 measured 1.7x slower, the compiler spills).
 template <int U>
 void accumulate_terms(const Column* weights, const float* coef, int64_t rows, int64_t terms, int64_t t, Column* acc) {
+#ifdef LK_HAVE_AVX2
   __m256 sum[U][2];
   for (int u = 0; u < U; ++u)
     for (int h = 0; h < 2; ++h) sum[u][h] = _mm256_loadu_ps(acc[t + u].data() + 8 * h);
@@ -151,6 +152,14 @@ void accumulate_terms(const Column* weights, const float* coef, int64_t rows, in
   }
   for (int u = 0; u < U; ++u)
     for (int h = 0; h < 2; ++h) _mm256_storeu_ps(acc[t + u].data() + 8 * h, sum[u][h]);
+#else
+  Column sum[U];
+  for (int u = 0; u < U; ++u) sum[u] = acc[t + u];
+  for (int64_t q = 0; q < rows; ++q)
+    for (int u = 0; u < U; ++u)
+      for (int c = 0; c < kColumns; ++c) sum[u][c] = std::fma(weights[q][c], coef[q * terms + t + u], sum[u][c]);
+  for (int u = 0; u < U; ++u) acc[t + u] = sum[u];
+#endif
 }
 
 void accumulate(const Column* weights, const float* coef, int64_t rows, int64_t terms, Column* acc) {
@@ -159,16 +168,6 @@ void accumulate(const Column* weights, const float* coef, int64_t rows, int64_t 
   for (; t + 2 <= terms; t += 2) accumulate_terms<2>(weights, coef, rows, terms, t, acc);
   for (; t < terms; ++t) accumulate_terms<1>(weights, coef, rows, terms, t, acc);
 }
-#else
-void accumulate(const Column* weights, const float* coef, int64_t rows, int64_t terms, Column* acc) {
-  for (int64_t t = 0; t < terms; ++t) {
-    Column sum = acc[t];
-    for (int64_t q = 0; q < rows; ++q)
-      for (int c = 0; c < kColumns; ++c) sum[c] = std::fma(weights[q][c], coef[q * terms + t], sum[c]);
-    acc[t] = sum;
-  }
-}
-#endif
 
 // Pair products a_ik a_il (k <= l, row-major triangle order) of every row: [m, r(r+1)/2].
 std::vector<float> pair_products(const float* a, int64_t m, int64_t r) {

@@ -16,7 +16,7 @@ struct HuberDeltas {
 
 #ifdef LK_HAVE_AVX2
 struct HuberLanes {
-  __m256 sign = _mm256_set1_ps(-0.0f), half = _mm256_set1_ps(0.5f), two = _mm256_set1_ps(2.0f);
+  __m256 sign = _mm256_set1_ps(-0.0f), half = _mm256_set1_ps(0.5f);
   __m256 weight_delta, neg_weight_delta, loss_delta, half_loss_delta;
 
   explicit HuberLanes(HuberDeltas delta)
@@ -26,14 +26,6 @@ struct HuberLanes {
   __m256 magnitude(__m256 e) const { return _mm256_andnot_ps(sign, e); }
   // ω = δ / max(|e|, δ)
   __m256 weight(__m256 mag) const { return _mm256_div_ps(weight_delta, _mm256_max_ps(mag, weight_delta)); }
-  // ω to about 2^-21 relative, without the divider (one division per element is the costliest
-  // instruction of the normal-equation kernel): δ times one Newton step x (2 − d x) on the 12-bit
-  // reciprocal of d = max(|e|, δ). For the IRLS weights, whose sweeps are checked by the exact loss.
-  __m256 weight_approx(__m256 mag) const {
-    const __m256 d = _mm256_max_ps(mag, weight_delta);
-    const __m256 x = _mm256_rcp_ps(d);
-    return _mm256_mul_ps(weight_delta, _mm256_mul_ps(x, _mm256_fnmadd_ps(d, x, two)));
-  }
   // ψ = clamp(e, −δ, δ)
   __m256 psi(__m256 e) const { return _mm256_min_ps(_mm256_max_ps(e, neg_weight_delta), weight_delta); }
   // ρ(e) = e²/2 inside δ, δ (|e| − δ/2) beyond (at the loss δ)
