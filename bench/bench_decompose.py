@@ -160,21 +160,30 @@ def batched_vs_loop(quick, targets):
     V = torch.linalg.qr(torch.randn(batch, size, size, generator=g)).Q
     W = (U * sigma.float()) @ V.mT
     errs = [Errors(W[i], sigma) for i in range(batch)]
-    ours, t_ours = timed(lambda: D.rsvd(W, rank, n_iter=2, generator=torch.Generator().manual_seed(0)), True)
-    ours_err = max(errs[i](ours.U[i], ours.S[i], ours.Vh[i], rank)[0] for i in range(batch))
-    rows = [["rsvd krylov q=2 (defaults), one batched call", f"{t_ours * 1e3:.1f}", f"{ours_err * 100:.3f}"]]
-    best = None
-    for niter in (1, 2, 3, 4, 6, 8):
-        out, t = timed(lambda: [_lowrank(W[i], rank, niter) for i in range(batch)], True)
-        err = max(errs[i](*out[i], rank)[0] for i in range(batch))
-        rows.append([f"loop of torch.svd_lowrank q=r niter={niter}", f"{t * 1e3:.1f}", f"{err * 100:.3f}"])
-        if best is None and err <= ours_err:
-            best = (niter, t)
-    print(f"\nbatched: {batch} matrices {size}x{size}, rank {rank} (worst suboptimality over the batch)")
-    print_table(["method", "time [ms]", "subopt. [%]"], rows)
+    calls = {"rsvd krylov q=2 (defaults), one batched call":
+             lambda: D.rsvd(W, rank, n_iter=2, generator=torch.Generator().manual_seed(0))}
+    for niter in (1, 2, 3, 4, 6, 8, 16):
+        calls[f"loop of torch.svd_lowrank q=r niter={niter}"] = (
+            lambda niter=niter: [_lowrank(W[i], rank, niter) for i in range(batch)])
+    # svd_lowrank draws its test matrices from torch's global generator: seeded, every run sees
+    # the same draws (its worst error over the batch varied 0.20-0.24 % at niter=6 unseeded).
+    torch.manual_seed(0)
+    worst = {}
+    for name, call in calls.items():  # the first calls double as warm-up
+        out = call()
+        factors = [(out.U[i], out.S[i], out.Vh[i]) for i in range(batch)] if name.startswith("rsvd") else out
+        worst[name] = max(errs[i](*factors[i], rank)[0] for i in range(batch))
+    seconds = round_robin(calls, rounds=3)
+    print(f"\nbatched: {batch} matrices {size}x{size}, rank {rank} (worst suboptimality over the batch; "
+          "median of round-robin wall times)")
+    print_table(["method", "time [ms]", "subopt. [%]"],
+                [[name, f"{seconds[name] * 1e3:.1f}", f"{worst[name] * 100:.3f}"] for name in calls])
+    ours = next(iter(calls))
+    best = next((name for name in calls if name != ours and worst[name] <= worst[ours]), None)
     if best:
-        targets.append([f"batched {batch}x{size}^2 r={rank}: speed-up vs loop of svd_lowrank niter={best[0]} "
-                        "(first niter at equal or better accuracy)", f"{best[1] / t_ours:.1f}x", ">= 2x", best[1] / t_ours >= 2])
+        ratio = seconds[best] / seconds[ours]
+        targets.append([f"batched {batch}x{size}^2 r={rank}: speed-up vs {best.removeprefix('loop of torch.')} "
+                        "(first niter at equal or better accuracy)", f"{ratio:.1f}x", ">= 2x", ratio >= 2])
 
 
 def cur_and_norms(W, targets):
