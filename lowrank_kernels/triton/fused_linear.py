@@ -36,16 +36,15 @@ exactly to fp32 for the dot (DOT_TY = fp32); on a GPU DOT_TY is the activation d
 """
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
 
 from lowrank_kernels.codebooks import nf4_code
-from lowrank_kernels.triton.nf4 import _TL_DTYPES, _check_device, _round_to
+from lowrank_kernels.triton.nf4 import _TL_DTYPES, _check_device, _interpreted, _round_to
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_INTERPRET = _interpreted()
 _MAX_BLOCK_R = 64  # rank chunk of the epilogue: bounds registers for large r
 
 

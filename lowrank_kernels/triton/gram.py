@@ -28,15 +28,14 @@ before the dot (DOT_TY = fp32).
 """
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from lowrank_kernels.triton.nf4 import _TL_DTYPES, _check_device
+from lowrank_kernels.triton.nf4 import _TL_DTYPES, _check_device, _interpreted
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_INTERPRET = _interpreted()
 _MIN_CHUNK_ROWS = 512  # rows per chunk at least (module constant: tests lower it)
 _TARGET_CHUNK_PROGRAMS = 64  # chunks over the whole batch, enough to occupy a GPU's SMs
 

@@ -13,18 +13,13 @@ the result is deterministic.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from lowrank_kernels.triton.nf4 import _TL_DTYPES, _check_device
+from lowrank_kernels.triton.nf4 import _TL_DTYPES, _check_device, _interpreted
 
-if os.environ.get("TRITON_INTERPRET") == "1":
-    _BLOCK_M, _BLOCK_N, _NUM_WARPS = 16, 32, 1
-else:
-    _BLOCK_M, _BLOCK_N, _NUM_WARPS = 64, 128, 4
+_BLOCK_M, _BLOCK_N, _NUM_WARPS = (16, 32, 1) if _interpreted() else (64, 128, 4)
 
 
 @triton.jit

@@ -83,10 +83,15 @@ def _quantize_nf4_kernel(
     tl.store(absmax_ptr + block, tl.where(probe == 0.0, stored, probe))
 
 
+def _interpreted() -> bool:
+    """Whether Triton runs kernels in its interpreter (numpy, CPU tensors) instead of compiling."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def _check_device(t: torch.Tensor, name: str) -> None:
     if t.device.type == "cuda":
         return
-    if t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+    if t.device.type == "cpu" and _interpreted():
         return
     raise ValueError(f"{name} must be a CUDA tensor (or a CPU tensor under TRITON_INTERPRET=1), got {t.device}")
 

@@ -13,20 +13,15 @@ small tiles keeps every SM busy even for a single matrix.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from lowrank_kernels.triton.nf4 import _TL_DTYPES, _check_device
+from lowrank_kernels.triton.nf4 import _TL_DTYPES, _check_device, _interpreted
 
 # The interpreter runs programs in numpy: small tiles keep it quick and let small test shapes
 # span several tiles in both directions.
-if os.environ.get("TRITON_INTERPRET") == "1":
-    _BLOCK_M, _BLOCK_N, _NUM_WARPS = 16, 32, 1
-else:
-    _BLOCK_M, _BLOCK_N, _NUM_WARPS = 64, 256, 8
+_BLOCK_M, _BLOCK_N, _NUM_WARPS = (16, 32, 1) if _interpreted() else (64, 256, 8)
 
 
 @triton.jit
