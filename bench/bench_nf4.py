@@ -2,6 +2,8 @@
 
 Usage: python bench/bench_nf4.py [--rows 4096 --cols 4096 --blocksize 64] [--plot PATH]
 Prints the machine, a timing table, the targets of the foundation issue, and writes a PNG.
+Allocating dequantize is timed in steady state, where our output comes from the CPU output cache
+(lowrank_kernels.output_cache), and apart on fresh pages, where page faults dominate.
 """
 from __future__ import annotations
 
@@ -42,6 +44,8 @@ def main() -> int:
         "quantize: lowrank_kernels": time_call(lambda: lk.quantize_nf4(w, bs)),
         "quantize: bitsandbytes": time_call(lambda: bnb.quantize_4bit(w, quant_type="nf4", blocksize=bs), repeat=3, warmup=1),
         "dequantize: lowrank_kernels": time_call(lambda: lk.dequantize_nf4(q), repeat=20),
+        "dequantize, fresh pages (output cache emptied): lowrank_kernels": time_call(
+            lambda: (lk.empty_output_cache(), lk.dequantize_nf4(q)), repeat=20),
         "dequantize: bitsandbytes": time_call(lambda: bnb.dequantize_4bit(packed, state), repeat=10),
         "dequantize into out=: lowrank_kernels": time_call(lambda: q.dequantize(out=out), repeat=20),
     }
@@ -61,12 +65,14 @@ def main() -> int:
 
     quant_speedup = t["quantize: bitsandbytes"] / t["quantize: lowrank_kernels"]
     deq_speedup = t["dequantize: bitsandbytes"] / t["dequantize: lowrank_kernels"]
+    deq_fresh_speedup = t["dequantize: bitsandbytes"] / t["dequantize, fresh pages (output cache emptied): lowrank_kernels"]
     deq_out_speedup = t["dequantize: bitsandbytes"] / t["dequantize into out=: lowrank_kernels"]
     deq_fraction = deq_bytes / t["dequantize into out=: lowrank_kernels"] / 1e9 / copy_bw
     print()
     print_table(["target", "measured", "required", "met"], [
         ["quantize speed-up vs bitsandbytes", f"{quant_speedup:.1f}x", ">= 20x", quant_speedup >= 20],
         ["dequantize speed-up vs bitsandbytes (allocating)", f"{deq_speedup:.1f}x", ">= 5x", deq_speedup >= 5],
+        ["(info) the same, our output on fresh pages every call", f"{deq_fresh_speedup:.1f}x", "-", "-"],
         ["dequantize speed-up vs bitsandbytes (ours into out=; bnb has no CPU out=)", f"{deq_out_speedup:.1f}x", ">= 5x", deq_out_speedup >= 5],
         ["dequantize bandwidth / copy bandwidth (into out=)", f"{deq_fraction:.0%}", ">= 50%", deq_fraction >= 0.5],
     ])

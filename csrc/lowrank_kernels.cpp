@@ -6,6 +6,7 @@
 
 #include <string>
 
+#include "cpu/output_cache.h"
 #include "lowrank_kernels/nf4_linear_math.h"
 #include "lowrank_kernels_build_config.h"
 
@@ -39,6 +40,10 @@ std::string build_info() {
 
 TORCH_LIBRARY(lowrank_kernels, m) {
   m.def("build_info() -> str", &build_info);
+  // The cache of freed large CPU op outputs (cpu/output_cache.h): [idle bytes, limit bytes, hits, misses].
+  m.def("output_cache_info() -> int[]", &cpu::output_cache_info);
+  m.def("set_output_cache_limit(int max_bytes) -> ()", &cpu::set_output_cache_limit);
+  m.def("empty_output_cache() -> ()", &cpu::empty_output_cache);
   m.def("quantize_nf4(Tensor w, int blocksize) -> (Tensor packed, Tensor absmax)");
   m.def("dequantize_nf4(Tensor packed, Tensor absmax, int blocksize, int numel, ScalarType dtype) -> Tensor");
   m.def("dequantize_nf4.out(Tensor packed, Tensor absmax, int blocksize, int numel, ScalarType dtype, *, "

@@ -5,14 +5,13 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <sys/mman.h>
-
 #include <algorithm>
 #include <cstdint>
 
 #include "lowrank_kernels/checks.h"
 #include "lowrank_kernels/nf4_math.h"
 #include "nf4_simd.h"
+#include "output_cache.h"
 
 namespace lowrank_kernels {
 namespace {
@@ -120,19 +119,6 @@ void dequantize_blockwise8_kernel(const uint8_t* q, const float* absmax, const f
 }
 
 // ---------------------------------------------------------------------------------------------
-// A fresh multi-MiB output costs one page fault per 4 KiB page on first touch, which is slower
-// than decoding into it. Advising the untouched buffer as transparent huge pages (a hint; the
-// kernel ignores it where THP is off) cuts the faults 512-fold.
-at::Tensor empty_output(int64_t numel, const at::TensorOptions& options) {
-  at::Tensor out = at::empty({numel}, options);
-  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
-  const uintptr_t begin = (reinterpret_cast<uintptr_t>(out.data_ptr()) + kHuge - 1) & ~(kHuge - 1);
-  const uintptr_t end = (reinterpret_cast<uintptr_t>(out.data_ptr()) + out.nbytes()) & ~(kHuge - 1);
-  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
-  return out;
-}
-
-// ---------------------------------------------------------------------------------------------
 // Op implementations (argument checks live in Python; these re-check what memory safety needs).
 
 std::tuple<at::Tensor, at::Tensor> quantize_nf4_cpu(const at::Tensor& w, int64_t blocksize) {
@@ -164,7 +150,7 @@ void dequantize_nf4_out_cpu(const at::Tensor& packed, const at::Tensor& absmax, 
 
 at::Tensor dequantize_nf4_cpu(const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
                               int64_t numel, at::ScalarType dtype) {
-  at::Tensor out = empty_output(numel, packed.options().dtype(dtype));
+  at::Tensor out = cpu::empty_output({numel}, packed.options().dtype(dtype));
   dequantize_nf4_out_cpu(packed, absmax, blocksize, numel, dtype, out);
   return out;
 }
