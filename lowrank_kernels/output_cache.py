@@ -2,11 +2,13 @@
 
 A fresh multi-MiB CPU tensor pays a page fault and kernel zeroing per page on first touch, which
 costs more than a memory-bound op such as ``dequantize_nf4`` itself. Large outputs of the CPU
-kernels (today: ``dequantize_nf4``) therefore come from a bounded cache of freed blocks, the CPU
-counterpart of PyTorch's CUDA caching allocator: a block goes back to the cache when its tensor
-dies and serves the next output of the same rounded size.
+kernels (today: ``dequantize_nf4``) therefore come from a bounded cache of freed blocks: a block
+goes back to the cache when its tensor dies and serves the next output of the same size rounded
+up to 2 MiB (blocks are never split, unlike PyTorch's CUDA caching allocator). Idle blocks are
+evicted oldest first.
 
-The limit (idle bytes kept) starts at ``LOWRANK_KERNELS_OUTPUT_CACHE_MB`` (default 1024 MiB);
+The limit (idle bytes kept resident, per process) starts at ``LOWRANK_KERNELS_OUTPUT_CACHE_MB``
+(default 512 MiB; read, and a bad value reported, at the first CPU op or cache call);
 ``set_output_cache_limit(0)`` turns the cache off, ``empty_output_cache()`` returns idle blocks
 to the system.
 """

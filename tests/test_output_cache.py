@@ -42,6 +42,8 @@ def test_a_recycled_block_is_overwritten_with_the_new_values():
 
 def test_live_outputs_never_share_memory():
     q = lk.quantize_nf4(torch.randn(LARGE))
+    freed = [q.dequantize() for _ in range(2)]
+    del freed  # two idle blocks: the next outputs are hits, then misses
     outs = [q.dequantize() for _ in range(4)]
     spans = sorted((o.data_ptr(), o.data_ptr() + o.nbytes) for o in outs)
     assert all(end <= next_begin for (_, end), (next_begin, _) in zip(spans, spans[1:]))
@@ -104,6 +106,55 @@ def test_concurrent_calls_get_correct_distinct_outputs():
         assert all(pool.map(round_trip, weights))
 
 
+def test_stale_sizes_make_room_for_the_size_in_use():
+    small, large = (lk.quantize_nf4(torch.randn(rows, 1024)) for rows in (1024, 1536))  # 4 and 6 MiB
+    lk.set_output_cache_limit(8 << 20)
+    stale = [small.dequantize() for _ in range(2)]
+    del stale
+    assert lk.output_cache_info().idle_bytes == 8 << 20
+    out = large.dequantize()  # a miss: the stale blocks go so that idle + 6 MiB fits the limit
+    assert lk.output_cache_info().idle_bytes <= 2 << 20
+    del out
+    hits = lk.output_cache_info().hits
+    out = large.dequantize()
+    assert lk.output_cache_info().hits == hits + 1
+    torch.testing.assert_close(out, reference(large), rtol=0, atol=0)
+
+
+def test_shared_memory_moves_an_output_and_returns_its_block():
+    q = lk.quantize_nf4(torch.randn(LARGE))
+    out = q.dequantize()
+    address = out.data_ptr()
+    out.share_memory_()
+    assert out.is_shared() and out.data_ptr() != address
+    assert lk.output_cache_info().idle_bytes == 4 << 20
+    torch.testing.assert_close(out, reference(q), rtol=0, atol=0)
+
+
+def _child_round_trip(q, inherited, queue):
+    """In a forked child: free an output inherited from the parent, dequantize twice (one thread,
+    as in DataLoader workers: GNU OpenMP's thread pool does not survive fork)."""
+    torch.set_num_threads(1)
+    del inherited
+    outs = [q.dequantize() for _ in range(2)]
+    queue.put(all(torch.equal(o, reference(q)) for o in outs))
+
+
+def test_a_forked_child_uses_and_frees_outputs():
+    import multiprocessing
+
+    q = lk.quantize_nf4(torch.randn(LARGE))
+    inherited = q.dequantize()
+    idle = q.dequantize()
+    del idle
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_child_round_trip, args=(q, inherited, queue))
+    child.start()
+    child.join(timeout=120)
+    assert child.exitcode == 0 and queue.get(timeout=10)
+
+
 def test_rejects_bad_limits():
     for bad in (-1, 1.5, True, "1"):
         with pytest.raises(ValueError, match=f"max_bytes must be a non-negative int, got {bad!r}"):
@@ -125,9 +176,14 @@ def test_the_environment_sets_the_limit_and_bad_values_are_named():
     bad = run_python(code, LOWRANK_KERNELS_OUTPUT_CACHE_MB="lots")
     assert bad.returncode != 0 and "LOWRANK_KERNELS_OUTPUT_CACHE_MB must be a non-negative integer" in bad.stderr
     assert "'lots'" in bad.stderr
+    huge = run_python(code, LOWRANK_KERNELS_OUTPUT_CACHE_MB=str(1 << 43))
+    assert huge.returncode != 0 and "below 2^43" in huge.stderr
+    off = "import torch, lowrank_kernels as lk; q = lk.quantize_nf4(torch.randn(1024, 1024)); out = q.dequantize(); " \
+          "del out; print(lk.output_cache_info().idle_bytes)"
+    assert run_python(off, LOWRANK_KERNELS_OUTPUT_CACHE_MB="0").stdout.strip() == "0"
 
 
-def test_outputs_alive_at_interpreter_exit_are_freed_safely():
+def test_outputs_alive_at_interpreter_exit_are_released_without_error():
     code = ("import torch, lowrank_kernels as lk; q = lk.quantize_nf4(torch.randn(1024, 1024)); "
             "kept = [q.dequantize() for _ in range(3)]; del kept[0]; print('ok')")
     done = run_python(code)

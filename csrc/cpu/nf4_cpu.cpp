@@ -150,6 +150,7 @@ void dequantize_nf4_out_cpu(const at::Tensor& packed, const at::Tensor& absmax, 
 
 at::Tensor dequantize_nf4_cpu(const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
                               int64_t numel, at::ScalarType dtype) {
+  check_nf4_storage(packed, absmax, blocksize, numel);  // before allocating numel elements
   at::Tensor out = cpu::empty_output({numel}, packed.options().dtype(dtype));
   dequantize_nf4_out_cpu(packed, absmax, blocksize, numel, dtype, out);
   return out;
