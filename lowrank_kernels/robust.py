@@ -240,10 +240,12 @@ def _irls(W, A, B, delta, n_iter, tol, return_history):
     # Continuation starts at the typical residual of the start (not below the target δ).
     weight_delta = torch.maximum(delta, (loss.abs_sum / count).float())
     beta = torch.ones_like(delta, dtype=torch.float64)
-    active = torch.ones_like(delta, dtype=torch.bool)
-    history = [loss]
+    # The sweeps run on the matrices still active only (`live`: their indices in the batch): a
+    # matrix that has converged leaves the batch, its factors written to A_out, B_out.
+    live = torch.arange(delta.shape[0], device=delta.device)
+    A_out, B_out, history = A.clone(), B.clone(), [loss]
     for _ in range(n_iter):
-        if not bool(active.any()):
+        if live.numel() == 0:
             break
         A1, B1 = _sweep(W, Wt, A, B, weight_delta, delta)
         new = _loss(W, A1, B1, delta)
@@ -259,14 +261,20 @@ def _irls(W, A, B, delta, n_iter, tol, return_history):
         # the matrix then goes on at the target δ, or stops if it was already there.
         rejected = new.huber > loss.huber
         gain = (loss.huber - new.huber) / loss.huber.clamp(min=torch.finfo(torch.float64).tiny)
-        accept = active & ~rejected
-        converged = active & (weight_delta <= delta) & (rejected | (gain <= tol))
-        A, B = _pick(accept, A1, A), _pick(accept, B1, B)
-        loss = _Loss(*(_pick(accept, v, o) for v, o in zip(new, loss)))
+        converged = (weight_delta <= delta) & (rejected | (gain <= tol))
+        A, B = _pick(~rejected, A1, A), _pick(~rejected, B1, B)
+        loss = _Loss(*(_pick(~rejected, v, o) for v, o in zip(new, loss)))
         weight_delta = torch.where(rejected, delta, torch.maximum(delta, _CONTINUATION_RATE * weight_delta))
-        active = active & ~converged
-        history.append(loss)
-    return A.reshape(*batch, m, -1), B.reshape(*batch, -1, n), *_history(history, batch, count, return_history)
+        if return_history:
+            history.append(_Loss(*(h.index_copy(0, live, v) for h, v in zip(history[-1], loss))))
+        if bool(converged.any()):
+            A_out[live], B_out[live] = A, B
+            keep = (~converged).nonzero().squeeze(1)
+            live, W, Wt, A, B, delta, weight_delta, beta = (
+                t[keep] for t in (live, W, Wt, A, B, delta, weight_delta, beta))
+            loss = _Loss(*(v[keep] for v in loss))
+    A_out[live], B_out[live] = A, B
+    return A_out.reshape(*batch, m, -1), B_out.reshape(*batch, -1, n), *_history(history, batch, count, return_history)
 
 
 def _history(history, batch, count, wanted):

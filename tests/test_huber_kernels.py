@@ -158,6 +158,21 @@ def test_spd_solve_singular_system_gets_a_descent_step():
     assert torch.allclose(spd_solve_batched(G, rhs), x, rtol=1e-4)
 
 
+def test_spd_solve_gives_each_system_the_bits_it_gets_alone():
+    """Systems are factored several at a time: a system's result must not depend on its
+    neighbours, its position, or a singular neighbour taking the ridge path."""
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(11, 5, 7, generator=g)
+    G, rhs = X @ X.mT, torch.randn(11, 5, generator=g)
+    G[6, :, 2] = G[6, 2, :] = 0  # singular: Cholesky fails, ridge path
+    together = ops.spd_solve(G, rhs)
+    for start in (0, 3, 6):  # the same systems at other offsets and group sizes
+        torch.testing.assert_close(ops.spd_solve(G[start:], rhs[start:]), together[start:], rtol=0, atol=0)
+    for i in range(11):
+        torch.testing.assert_close(ops.spd_solve(G[i], rhs[i]), together[i], rtol=0, atol=0)
+    assert torch.isfinite(together).all()
+
+
 def test_spd_solve_errors_and_opcheck():
     with pytest.raises(RuntimeError, match="float32"):
         ops.spd_solve(torch.eye(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64))

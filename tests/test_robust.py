@@ -130,6 +130,27 @@ def test_batched_equals_per_matrix(method):
         assert torch.allclose(loss[:length, i], loss_i[:length], rtol=1e-4)
 
 
+def test_irls_batch_gives_each_matrix_the_bits_of_its_own_call():
+    """Matrices leave the batch as they converge (the sweeps run on the active ones only): each
+    matrix's factors and loss history are exactly those of its own call, and a matrix that
+    stopped early repeats its last loss. (Random starts: the batched rsvd start of small matrices
+    may differ from the single one in the last bits.)"""
+    _, W = low_rank_plus_outliers(m=50, n=40, batch=(4,), seed=4)
+    W[1] *= 5
+    W[3] = W[3] + torch.randn(50, 40, generator=gen(9))  # noisier: converges later
+    A, B, loss, mae = lk.huber_factorize(W, 3, n_iter=60, init="random", return_history=True, generator=gen())
+    loop_generator = gen()
+    lengths = []
+    for i in range(4):
+        alone = lk.huber_factorize(W[i], 3, n_iter=60, init="random", return_history=True, generator=loop_generator)
+        k = len(alone.loss_history)
+        lengths.append(k)
+        assert torch.equal(A[i], alone.A) and torch.equal(B[i], alone.B)
+        assert torch.equal(loss[:k, i], alone.loss_history) and torch.equal(mae[:k, i], alone.mae_history)
+        assert (loss[k:, i] == alone.loss_history[-1]).all()
+    assert len(set(lengths)) > 1 and len(loss) == max(lengths)  # they did stop at different sweeps
+
+
 def test_a_batch_starts_where_the_loop_over_its_matrices_starts():
     """A shared generator is drawn matrix after matrix, both start SVDs of a matrix included, and
     the default δ does not depend on the batch. On flat spectra the start depends on the sketch
