@@ -240,13 +240,12 @@ def _irls(W, A, B, delta, n_iter, tol, return_history):
     # Continuation starts at the typical residual of the start (not below the target δ).
     weight_delta = torch.maximum(delta, (loss.abs_sum / count).float())
     beta = torch.ones_like(delta, dtype=torch.float64)
-    # The sweeps run on the matrices still active only (`live`: their indices in the batch): a
-    # matrix that has converged leaves the batch, its factors written to A_out, B_out.
+    # Converged matrices stop (masked); once a quarter of the batch has stopped, the rest are
+    # gathered (`live`: their indices in the batch) and later sweeps run on them only.
     live = torch.arange(delta.shape[0], device=delta.device)
+    active = torch.ones_like(delta, dtype=torch.bool)
     A_out, B_out, history = A.clone(), B.clone(), [loss]
     for _ in range(n_iter):
-        if live.numel() == 0:
-            break
         A1, B1 = _sweep(W, Wt, A, B, weight_delta, delta)
         new = _loss(W, A1, B1, delta)
         # Extrapolate along the sweep's own step; keep it only where it lowers the loss.
@@ -261,18 +260,25 @@ def _irls(W, A, B, delta, n_iter, tol, return_history):
         # the matrix then goes on at the target δ, or stops if it was already there.
         rejected = new.huber > loss.huber
         gain = (loss.huber - new.huber) / loss.huber.clamp(min=torch.finfo(torch.float64).tiny)
-        converged = (weight_delta <= delta) & (rejected | (gain <= tol))
-        A, B = _pick(~rejected, A1, A), _pick(~rejected, B1, B)
-        loss = _Loss(*(_pick(~rejected, v, o) for v, o in zip(new, loss)))
+        accept = active & ~rejected
+        converged = active & (weight_delta <= delta) & (rejected | (gain <= tol))
+        A, B = _pick(accept, A1, A), _pick(accept, B1, B)
+        loss = _Loss(*(_pick(accept, v, o) for v, o in zip(new, loss)))
         weight_delta = torch.where(rejected, delta, torch.maximum(delta, _CONTINUATION_RATE * weight_delta))
+        active = active & ~converged
         if return_history:
             history.append(_Loss(*(h.index_copy(0, live, v) for h, v in zip(history[-1], loss))))
-        if bool(converged.any()):
+        remaining = int(active.sum())
+        if remaining == 0:
+            break
+        if remaining <= 0.75 * live.numel():
             A_out[live], B_out[live] = A, B
-            keep = (~converged).nonzero().squeeze(1)
-            live, W, Wt, A, B, delta, weight_delta, beta = (
-                t[keep] for t in (live, W, Wt, A, B, delta, weight_delta, beta))
+            keep = active.nonzero().squeeze(1)
+            Wt = None  # rebuilt from the gathered W: a smaller peak than gathering both
+            live, W, A, B, delta, weight_delta, beta, active = (
+                t[keep] for t in (live, W, A, B, delta, weight_delta, beta, active))
             loss = _Loss(*(v[keep] for v in loss))
+            Wt = W.mT.contiguous()
     A_out[live], B_out[live] = A, B
     return A_out.reshape(*batch, m, -1), B_out.reshape(*batch, -1, n), *_history(history, batch, count, return_history)
 

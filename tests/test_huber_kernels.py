@@ -173,6 +173,17 @@ def test_spd_solve_gives_each_system_the_bits_it_gets_alone():
     assert torch.isfinite(together).all()
 
 
+def test_spd_solve_returns_nan_for_a_nan_system_instead_of_hanging():
+    code = ("import torch, lowrank_kernels; G = torch.eye(3).repeat(5, 1, 1); G[2, 1, 1] = float('nan'); "
+            "x = torch.ops.lowrank_kernels.spd_solve(G, torch.ones(5, 3)); "
+            "print(x[2].isnan().all().item(), torch.equal(x[[0, 1, 3, 4]], torch.ones(4, 3)))")
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stdout.split() == ["True", "True"], done.stderr
+
+
 def test_spd_solve_errors_and_opcheck():
     with pytest.raises(RuntimeError, match="float32"):
         ops.spd_solve(torch.eye(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64))

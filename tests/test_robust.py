@@ -131,24 +131,29 @@ def test_batched_equals_per_matrix(method):
 
 
 def test_irls_batch_gives_each_matrix_the_bits_of_its_own_call():
-    """Matrices leave the batch as they converge (the sweeps run on the active ones only): each
+    """Matrices stop on their own and the active ones are gathered as others converge: each
     matrix's factors and loss history are exactly those of its own call, and a matrix that
-    stopped early repeats its last loss. (Random starts: the batched rsvd start of small matrices
-    may differ from the single one in the last bits.)"""
+    stopped early repeats its last loss. Two batch dims; matrices 0 and 2 are the same, with the
+    same seed, so they stop at the same sweep. (Random starts: the batched rsvd start of small
+    matrices may differ from the single one in the last bits.)"""
     _, W = low_rank_plus_outliers(m=50, n=40, batch=(4,), seed=4)
     W[1] *= 5
+    W[2] = W[0]
     W[3] = W[3] + torch.randn(50, 40, generator=gen(9))  # noisier: converges later
-    A, B, loss, mae = lk.huber_factorize(W, 3, n_iter=60, init="random", return_history=True, generator=gen())
-    loop_generator = gen()
+    W = W.reshape(2, 2, 50, 40)
+    seeds = (1, 2, 1, 3)
+    A, B, loss, mae = lk.huber_factorize(W, 3, n_iter=60, init="random", return_history=True,
+                                         generator=[gen(s) for s in seeds])
+    assert A.shape == (2, 2, 50, 3) and B.shape == (2, 2, 3, 40) and loss.shape[1:] == (2, 2)
     lengths = []
-    for i in range(4):
-        alone = lk.huber_factorize(W[i], 3, n_iter=60, init="random", return_history=True, generator=loop_generator)
+    for (i, j), seed in zip(((0, 0), (0, 1), (1, 0), (1, 1)), seeds):
+        alone = lk.huber_factorize(W[i, j], 3, n_iter=60, init="random", return_history=True, generator=gen(seed))
         k = len(alone.loss_history)
         lengths.append(k)
-        assert torch.equal(A[i], alone.A) and torch.equal(B[i], alone.B)
-        assert torch.equal(loss[:k, i], alone.loss_history) and torch.equal(mae[:k, i], alone.mae_history)
-        assert (loss[k:, i] == alone.loss_history[-1]).all()
-    assert len(set(lengths)) > 1 and len(loss) == max(lengths)  # they did stop at different sweeps
+        assert torch.equal(A[i, j], alone.A) and torch.equal(B[i, j], alone.B)
+        assert torch.equal(loss[:k, i, j], alone.loss_history) and torch.equal(mae[:k, i, j], alone.mae_history)
+        assert (loss[k:, i, j] == alone.loss_history[-1]).all()
+    assert lengths[0] == lengths[2] and len(set(lengths)) == 3 and len(loss) == max(lengths)
 
 
 def test_a_batch_starts_where_the_loop_over_its_matrices_starts():

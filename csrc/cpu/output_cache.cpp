@@ -27,6 +27,7 @@ constexpr size_t kHugePage = size_t{2} << 20;
 // Smaller blocks stay with the default allocator: malloc reuses them from its heap anyway.
 constexpr size_t kMinBytes = size_t{1} << 20;
 constexpr int64_t kDefaultLimitMiB = 512;
+const c10::Device kCpu(c10::DeviceType::CPU);
 
 size_t round_to_huge_pages(size_t n) { return (n + kHugePage - 1) / kHugePage * kHugePage; }
 
@@ -60,7 +61,7 @@ class OutputCache final : public c10::Allocator {
     const size_t bytes = round_to_huge_pages(n);
     void* block = take_idle(bytes);
     if (block == nullptr) block = map_block(bytes);
-    return {block, block, &release, c10::Device(c10::DeviceType::CPU)};
+    return {block, block, &release, kCpu};
   }
 
   c10::DeleterFnPtr raw_deleter() const override { return &release; }
@@ -100,7 +101,7 @@ class OutputCache final : public c10::Allocator {
       void* block = it->data;
       idle_.erase(std::next(it).base());
       idle_bytes_ -= bytes;
-      live_.emplace(block, bytes);
+      hand_out_locked(block, bytes);
       ++hits_;
       return block;
     }
@@ -119,8 +120,16 @@ class OutputCache final : public c10::Allocator {
     // A hint: where transparent huge pages are off the kernel ignores it.
     madvise(block, bytes, MADV_HUGEPAGE);
     std::lock_guard<std::mutex> lock(mutex_);
-    live_.emplace(block, bytes);
+    hand_out_locked(block, bytes);
     return block;
+  }
+
+  // Records a block handed to a tensor, and reports it to the profiler (profile_memory=True sees
+  // these blocks like the default allocator's).
+  void hand_out_locked(void* block, size_t bytes) {
+    live_.emplace(block, bytes);
+    live_bytes_ += bytes;
+    c10::reportMemoryUsageToProfiler(block, static_cast<int64_t>(bytes), live_bytes_, live_bytes_ + idle_bytes_, kCpu);
   }
 
   static void release(void* block) { get().give_back(block); }
@@ -129,10 +138,13 @@ class OutputCache final : public c10::Allocator {
     std::lock_guard<std::mutex> lock(mutex_);
     auto it = live_.find(block);
     TORCH_INTERNAL_ASSERT(it != live_.end(), "output cache: freeing a block it did not hand out");
-    idle_.push_back({block, it->second});
-    idle_bytes_ += it->second;
+    const size_t bytes = it->second;
     live_.erase(it);
+    live_bytes_ -= bytes;
+    idle_.push_back({block, bytes});
+    idle_bytes_ += bytes;
     trim_locked(limit_);
+    c10::reportMemoryUsageToProfiler(block, -static_cast<int64_t>(bytes), live_bytes_, live_bytes_ + idle_bytes_, kCpu);
   }
 
   // Frees the oldest idle blocks until the idle bytes are at most max_bytes.
@@ -147,7 +159,7 @@ class OutputCache final : public c10::Allocator {
   std::mutex mutex_;
   std::deque<Block> idle_;  // oldest first
   std::unordered_map<void*, size_t> live_;  // block -> bytes, of blocks handed out
-  size_t idle_bytes_ = 0;
+  size_t idle_bytes_ = 0, live_bytes_ = 0;
   int64_t limit_;
   int64_t hits_ = 0, misses_ = 0;
 };

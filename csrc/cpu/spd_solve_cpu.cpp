@@ -89,7 +89,7 @@ void solve_with_ridge(const float* gram, const float* rhs, int64_t r, Workspace&
     for (int64_t i = 0; i < r * r; ++i) ws.L1[i].v[0] = gram[i];
     bool ok;
     cholesky(ws.L1.data(), r, ridge, &ok);
-    if (ok || ridge >= mean_diagonal) break;
+    if (ok || !(ridge < mean_diagonal)) break;  // also ends on a NaN diagonal (the result is NaN)
   }
   for (int64_t i = 0; i < r; ++i) ws.b1[i].v[0] = rhs[i];
   cholesky_solve(ws.L1.data(), r, ws.b1.data());
