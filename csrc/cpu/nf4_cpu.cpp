@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 
 #include "lowrank_kernels/checks.h"
 #include "lowrank_kernels/nf4_math.h"
@@ -58,15 +59,64 @@ void encode_block(const T* x, int64_t n, float absmax, uint8_t* out) {
   for (int64_t j = 0; j < (n + 1) / 2; ++j) out[j] = nf4_pack(codes[2 * j], codes[2 * j + 1]);
 }
 
+#ifdef LK_HAVE_AVX2
+// encode_block for a full block on 8 AVX2 lanes: the same products and comparisons as
+// nf4_encode (so the same codes), 16 elements -> 8 bytes per step (blocksize >= 32).
+class Nf4EncoderAvx2 {
+ public:
+  Nf4EncoderAvx2() {
+    for (int k = 0; k < 15; ++k) boundary_[k] = _mm256_set1_ps((nf4_code(k) + nf4_code(k + 1)) * 0.5f);
+  }
+
+  template <typename T>
+  void encode(const T* x, int64_t n, float reciprocal, uint8_t* out) const {
+    const __m256 scale = _mm256_set1_ps(reciprocal);
+    for (int64_t i = 0; i < n; i += 16, out += 8) {
+      const __m256i first = _mm256_sllv_epi32(codes(_mm256_mul_ps(cpu::load8(x + i), scale)), kEvenHigh);
+      const __m256i second = _mm256_sllv_epi32(codes(_mm256_mul_ps(cpu::load8(x + i + 8), scale)), kEvenHigh);
+      // Pairs summed (their bits are disjoint: + is |) within 128-bit halves, then put in order.
+      const __m256i bytes = _mm256_permutevar8x32_epi32(_mm256_hadd_epi32(first, second), kPairOrder);
+      // The low byte of each 32-bit lane, packed into the low 4 bytes of each half.
+      const __m256i packed = _mm256_shuffle_epi8(bytes, kLowBytes);
+      const uint32_t low = _mm256_extract_epi32(packed, 0), high = _mm256_extract_epi32(packed, 4);
+      std::memcpy(out, &low, 4);
+      std::memcpy(out + 4, &high, 4);
+    }
+  }
+
+ private:
+  // nf4_encode: the number of decision boundaries below the value (a true compare is -1).
+  __m256i codes(__m256 scaled) const {
+    __m256i q = _mm256_setzero_si256();
+    for (int k = 0; k < 15; ++k)
+      q = _mm256_sub_epi32(q, _mm256_castps_si256(_mm256_cmp_ps(scaled, boundary_[k], _CMP_GT_OQ)));
+    return q;
+  }
+
+  __m256 boundary_[15];
+  const __m256i kEvenHigh = _mm256_setr_epi32(4, 0, 4, 0, 4, 0, 4, 0);
+  const __m256i kPairOrder = _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7);
+  const __m256i kLowBytes = _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+                                             0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
+};
+#endif
+
 template <typename T>
 void quantize_nf4_kernel(const T* x, int64_t numel, int64_t blocksize, uint8_t* packed,
                          float* absmax) {
   const int64_t full_blocks = numel / blocksize;
   at::parallel_for(0, full_blocks, grain_blocks(blocksize), [&](int64_t begin, int64_t end) {
+#ifdef LK_HAVE_AVX2
+    const Nf4EncoderAvx2 encoder;
+#endif
     for (int64_t b = begin; b < end; ++b) {
       const T* block = x + b * blocksize;
       absmax[b] = block_absmax(block, blocksize);
+#ifdef LK_HAVE_AVX2
+      encoder.encode(block, blocksize, nf4_block_reciprocal(absmax[b]), packed + b * blocksize / 2);
+#else
       encode_block<T, false>(block, blocksize, absmax[b], packed + b * blocksize / 2);
+#endif
     }
   });
   const int64_t tail = numel - full_blocks * blocksize;
