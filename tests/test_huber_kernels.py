@@ -125,8 +125,9 @@ def test_normal_equations_errors_and_opcheck():
     W, A, B, wd, ld = make_inputs((2,), 9, 40, 3, torch.float32)
     with pytest.raises(RuntimeError, match="a and b must be float32"):
         ops.huber_normal_equations(W, A.double(), B, wd, ld)
-    with pytest.raises(RuntimeError, match="positive and finite"):
-        ops.huber_loss(W, A, B, -ld)
+    for bad in (-1.0, 0.0, float("nan"), float("inf")):
+        with pytest.raises(RuntimeError, match="positive and finite"):
+            ops.huber_loss(W, A, B, torch.tensor([1.0, bad]))
     opcheck(ops.huber_normal_equations, (W, A, B, wd, ld))
     opcheck(ops.huber_loss, (W, A, B, ld))
 

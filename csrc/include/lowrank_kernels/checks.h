@@ -153,9 +153,12 @@ inline std::vector<int64_t> check_huber_weights_args(const at::Tensor& w, const 
     TORCH_CHECK(delta->scalar_type() == at::kFloat && delta->sizes() == batch && delta->device() == w.device(),
                 "weight_delta and loss_delta must be float32 tensors of w's batch shape ", batch, " on ", w.device(),
                 ", got ", delta->scalar_type(), " with shape ", delta->sizes(), " on ", delta->device());
-    if (delta->is_cpu() && delta->numel() > 0)
-      TORCH_CHECK((*delta > 0).all().item<bool>() && delta->isfinite().all().item<bool>(),
-                  "weight_delta and loss_delta must be positive and finite");
+    if (delta->is_cpu()) {  // a plain loop: tensor ops here cost more than a small matrix's kernel
+      const at::Tensor values = delta->contiguous();
+      const float* p = values.data_ptr<float>();
+      for (int64_t i = 0; i < values.numel(); ++i)
+        TORCH_CHECK(p[i] > 0 && std::isfinite(p[i]), "weight_delta and loss_delta must be positive and finite");
+    }
   }
   std::vector<int64_t> stats(batch.begin(), batch.end());
   stats.push_back(2);
