@@ -162,7 +162,7 @@ def _reorthonormalize(Y: torch.Tensor) -> torch.Tensor:
     """orthonormalize for a block that is already nearly orthonormal: one CholeskyQR step
     suffices; the full procedure runs only where that step fails."""
     Q, ok = _cholesky_qr(Y)
-    return Q if ok.all() else orthonormalize(Y)
+    return Q if ok.all() else torch.where(ok[..., None, None], Q, orthonormalize(Y))
 
 
 def orthonormalize(Y: torch.Tensor) -> torch.Tensor:
@@ -174,12 +174,11 @@ def orthonormalize(Y: torch.Tensor) -> torch.Tensor:
     """
     Y = Y.float()
     Q, ok = _cholesky_qr(Y)
-    if not ok.all():
+    if not ok.all():  # per matrix: a batch element takes the path it would take alone
         shifted, ok_shifted = _cholesky_qr(Y, shift=True)
-        Q = torch.where(ok[..., None, None], Q, shifted)
-        ok = ok | ok_shifted
-        Q, ok_second = _cholesky_qr(Q)
-        ok = ok & ok_second
+        second, ok_second = _cholesky_qr(shifted)
+        Q = torch.where(ok[..., None, None], Q, second)
+        ok = ok | (ok_shifted & ok_second)
     Q, ok_final = _cholesky_qr(Q)
     ok = ok & ok_final
     if not ok.all():

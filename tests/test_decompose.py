@@ -175,6 +175,19 @@ def test_orthonormalize_handles_ill_conditioned_and_rank_deficient_blocks():
     torch.testing.assert_close(Q @ (Q.T @ scaled), scaled, rtol=0, atol=1e-5)
 
 
+def test_orthonormalize_takes_each_batch_element_down_its_own_path():
+    """An ill-conditioned block in a batch must not change how its well-conditioned neighbours are
+    orthonormalised (CholeskyQR2 for them, the fallbacks only for it): bitwise their result alone."""
+    g = gen()
+    Y = torch.randn(3, 200, 6, generator=g)
+    Y[1, :, 5] = Y[1, :, 4] * (1 + 1e-7)
+    Q = D.orthonormalize(Y)
+    for i in (0, 2):
+        torch.testing.assert_close(Q[i], D.orthonormalize(Y[i].clone()), rtol=0, atol=0)
+        torch.testing.assert_close(D._reorthonormalize(Y)[i], D._reorthonormalize(Y[i].clone()), rtol=0, atol=0)
+    assert torch.isfinite(Q[1]).all()
+
+
 # ---- PiSSA factors ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -115,6 +115,10 @@ def test_history_matches_the_returned_factors():
 
 @pytest.mark.parametrize("method", ["irls", "adam"])
 def test_batched_equals_per_matrix(method):
+    """With the default SVD start. That start can differ in the last bits between a batched and a
+    single call on small matrices (MKL's small factorizations and GEMMs round differently for
+    batch elements), and ℓ1's flat valleys can carry that to ~2e-4 of max |W| in A B at the same
+    loss; bitwise equality from the same start is the next test."""
     _, W = low_rank_plus_outliers(m=50, n=40, batch=(3,), seed=4)
     W[1] *= 5  # matrices of different scales get their own δ and stop at their own sweep
     n_iter = 30 if method == "irls" else 200
@@ -125,9 +129,10 @@ def test_batched_equals_per_matrix(method):
                                                generator=loop_generator)
         assert Ai.shape == A[i].shape
         scale = W[i].abs().max()
-        assert torch.allclose(A[i] @ B[i], Ai @ Bi, atol=1e-4 * scale, rtol=0)
+        assert torch.allclose(A[i] @ B[i], Ai @ Bi, atol=1e-3 * scale, rtol=0)
         length = min(len(loss_i), len(loss))
         assert torch.allclose(loss[:length, i], loss_i[:length], rtol=1e-4)
+        assert math.isclose(loss[-1, i].item(), loss_i[-1].item(), rel_tol=1e-6)
 
 
 def test_irls_batch_gives_each_matrix_the_bits_of_its_own_call():

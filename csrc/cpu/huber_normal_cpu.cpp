@@ -83,8 +83,8 @@ template <typename T, bool kWeights>
 void residual_chunk_avx2(const T* w, const float* a, const float* b, int64_t n, int64_t r, int64_t j0, int64_t i0,
                          int64_t rows, HuberDeltas delta, Column* omega, Column* psi, double* stats) {
   const cpu::HuberLanes huber(delta);
-  __m256 loss[4], magnitude_sum[4];
-  for (int v = 0; v < 4; ++v) loss[v] = magnitude_sum[v] = _mm256_setzero_ps();
+  __m256 loss[2], magnitude_sum[2];
+  for (int v = 0; v < 2; ++v) loss[v] = magnitude_sum[v] = _mm256_setzero_ps();
   // Row q's residual vector h (columns j0 + 8h ..) is e: its loss terms, ω and ψ.
   auto finish = [&](int64_t q, int h, __m256 e, int slot) {
     e = _mm256_sub_ps(e, cpu::load8(w + (i0 + q) * n + j0 + 8 * h));
@@ -110,7 +110,7 @@ void residual_chunk_avx2(const T* w, const float* a, const float* b, int64_t n, 
       e[2] = _mm256_fmadd_ps(x1, b0, e[2]);
       e[3] = _mm256_fmadd_ps(x1, b1, e[3]);
     }
-    for (int v = 0; v < 4; ++v) finish(q + v / 2, v % 2, e[v], v);
+    for (int v = 0; v < 4; ++v) finish(q + v / 2, v % 2, e[v], v % 2);
   }
   if (q < rows) {
     const float* a0 = a + (i0 + q) * r;
@@ -122,10 +122,8 @@ void residual_chunk_avx2(const T* w, const float* a, const float* b, int64_t n, 
     }
     for (int h = 0; h < 2; ++h) finish(q, h, e[h], h);
   }
-  for (int v = 1; v < 4; ++v) {
-    loss[0] = _mm256_add_ps(loss[0], loss[v]);
-    magnitude_sum[0] = _mm256_add_ps(magnitude_sum[0], magnitude_sum[v]);
-  }
+  loss[0] = _mm256_add_ps(loss[0], loss[1]);
+  magnitude_sum[0] = _mm256_add_ps(magnitude_sum[0], magnitude_sum[1]);
   stats[0] += cpu::sum_as_double(loss[0]);
   stats[1] += cpu::sum_as_double(magnitude_sum[0]);
 }
