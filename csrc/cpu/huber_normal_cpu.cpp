@@ -133,7 +133,7 @@ void residual_chunk_avx2(const T* w, const float* a, const float* b, int64_t n, 
 // coef is row-major with row stride `terms`.
 //
 // Terms [t, t + U): the U accumulator columns stay in registers while the rows stream past (U = 4:
-// 8 vector FMA chains with AVX2; 6 measured 1.7x slower, the compiler spills).
+// 8 vector FMA chains with AVX2; 6 measured ~1.2x slower even without spills, 1.7x with them).
 template <int U>
 void accumulate_terms(const Column* weights, const float* coef, int64_t rows, int64_t terms, int64_t t, Column* acc) {
 #ifdef LK_HAVE_AVX2

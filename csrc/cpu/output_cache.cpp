@@ -64,8 +64,6 @@ class OutputCache final : public c10::Allocator {
     return {block, block, &release, kCpu};
   }
 
-  c10::DeleterFnPtr raw_deleter() const override { return &release; }
-
   void copy_data(void* dest, const void* src, std::size_t count) const override { std::memcpy(dest, src, count); }
 
   std::vector<int64_t> info() {
