@@ -23,6 +23,7 @@ from typing import Any, NamedTuple, Union
 import torch
 
 from lowrank_kernels import ops
+from lowrank_kernels.batch_invariant import addmm, matmul, matmul_per_matrix, per_matrix
 from lowrank_kernels.reference.decompose import gram_ref, row_col_sq_norms_ref
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -151,11 +152,11 @@ def _cholesky_qr(Y: torch.Tensor, shift: bool = False) -> tuple[torch.Tensor, to
         norm2 = G.diagonal(dim1=-2, dim2=-1).sum(-1)  # ‖Y‖_F² >= ‖Y‖_2²
         s = 11 * (m * k + k * (k + 1)) * torch.finfo(torch.float32).eps * norm2
         G = G + s[..., None, None] * torch.eye(k, dtype=G.dtype, device=G.device)
-    R, info = torch.linalg.cholesky_ex(G, upper=True)
+    R, info = per_matrix(torch.linalg.cholesky_ex, G, upper=True)
     # Q = Y R⁻¹ as a GEMM with the small explicit inverse: faster than a right-sided
     # triangular solve on the tall block, and as accurate for CholeskyQR's purposes.
     eye = torch.eye(R.shape[-1], dtype=R.dtype, device=R.device)
-    return Y @ torch.linalg.solve_triangular(R, eye, upper=True), info == 0
+    return matmul(Y, per_matrix(torch.linalg.solve_triangular, R, eye, upper=True)), info == 0
 
 
 def _reorthonormalize(Y: torch.Tensor) -> torch.Tensor:
@@ -182,7 +183,7 @@ def orthonormalize(Y: torch.Tensor) -> torch.Tensor:
     Q, ok_final = _cholesky_qr(Q)
     ok = ok & ok_final
     if not ok.all():
-        Q = torch.where(ok[..., None, None], Q, torch.linalg.qr(Y).Q)
+        Q = torch.where(ok[..., None, None], Q, per_matrix(torch.linalg.qr, Y, always=True)[0])
     return Q
 
 
@@ -258,7 +259,7 @@ def rsvd(W: torch.Tensor, rank: int, *, oversample: int | None = None, n_iter: i
     if not bool(torch.isfinite(S).all()):  # finite W whose products overflow fp32
         raise ValueError(f"W is too large for fp32 arithmetic (max |W| = {W.abs().max().item():.3g}, "
                          f"{_describe(W)}): scale it down")
-    U = Q @ Uh
+    U = matmul(Q, Uh)
     Vh = Vb.mT
     if transpose:
         U, Vh = Vh.mT, U.mT
@@ -275,10 +276,10 @@ def _top_svd(Bt: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, t
     the columns of (numerically) zero singular values into valid orthonormal directions.
     """
     G = _gram(Bt).double()
-    eigenvalues, vectors = torch.linalg.eigh(G)  # ascending
+    eigenvalues, vectors = per_matrix(torch.linalg.eigh, G, always=True)  # ascending
     top = vectors[..., -rank:].flip(-1)
     S = eigenvalues[..., -rank:].flip(-1).clamp(min=0).sqrt().float()
-    V = orthonormalize(Bt @ top.float())
+    V = orthonormalize(matmul(Bt, top.float()))
     return top.float(), S, V
 
 
@@ -308,7 +309,7 @@ def _pass(A: torch.Tensor, X: torch.Tensor, transpose: bool = False) -> torch.Te
         if A.dtype != torch.float32 or X.shape[-1] <= widest:
             W = A.mT if stored_transposed else A
             return ops.op("skinny_matmul")(W, X.float().contiguous(), stored_transposed)
-    return (A @ X.to(A.dtype)).float()
+    return matmul_per_matrix(A, X.to(A.dtype)).float()
 
 
 def _subspace_basis(A: torch.Tensor, sketch: torch.Tensor, n_iter: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -346,13 +347,14 @@ def _krylov_basis(A: torch.Tensor, sketch: torch.Tensor, n_iter: int) -> tuple[t
         if room <= 0:
             break
         Y = _pass(A, orthonormalize(products[-1][..., :room]))
-        Y = orthonormalize(Y - basis @ (basis.mT @ Y))
+        Y = orthonormalize(Y - matmul(basis, matmul(basis.mT, Y)))
         # Second Gram-Schmidt pass, only where needed: after the normalisation above, a residual
         # that was mostly rounding noise (an exhausted space, an ill-conditioned block) is far
         # from orthogonal to the basis; a healthy block is orthogonal to working precision.
-        overlap = basis.mT @ Y
-        if bool((overlap.abs().amax(dim=(-2, -1)) > _REORTHOGONALIZE_ABOVE).any()):
-            Y = _reorthonormalize(Y - basis @ overlap)
+        overlap = matmul(basis.mT, Y)
+        again = overlap.abs().amax(dim=(-2, -1)) > _REORTHOGONALIZE_ABOVE  # per matrix, as alone
+        if bool(again.any()):
+            Y = torch.where(again[..., None, None], _reorthonormalize(Y - matmul(basis, overlap)), Y)
         blocks.append(Y)
         products.append(_pass(A, blocks[-1], transpose=True))
     return torch.cat(blocks, dim=-1), torch.cat(products, dim=-1)
@@ -381,8 +383,7 @@ def _split(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, W: torch.Tensor) 
 
 def residual(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     """``W − A B`` computed in fp32 and rounded once to W's dtype."""
-    return torch.baddbmm(W.float().reshape(-1, *W.shape[-2:]), A.float().reshape(-1, *A.shape[-2:]),
-                         B.float().reshape(-1, *B.shape[-2:]), alpha=-1).reshape(W.shape).to(W.dtype)
+    return addmm(W.float(), A.float(), B.float(), alpha=-1).to(W.dtype)
 
 
 def pissa_factors(W: torch.Tensor, rank: int, *, exact: bool = False, **rsvd_options) -> PiSSAFactors:
@@ -393,7 +394,7 @@ def pissa_factors(W: torch.Tensor, rank: int, *, exact: bool = False, **rsvd_opt
     W = _check_matrix(W, finite=exact)  # rsvd checks on its first pass
     rank = _check_rank(W, rank)
     if exact:
-        U, S, Vh = torch.linalg.svd(W.float(), full_matrices=False)
+        U, S, Vh = per_matrix(torch.linalg.svd, W.float(), always=True, full_matrices=False)
         return _split(U[..., :rank], S[..., :rank], Vh[..., :rank, :], W)
     U, S, Vh, _ = rsvd(W, rank, **rsvd_options)
     return _split(U, S, Vh, W)
@@ -410,7 +411,7 @@ def random_pissa_factors(W: torch.Tensor, rank: int, *, n_random: int | None = N
     rank = _check_rank(W, rank)
     n_random = rank // 2 if n_random is None else _check_int(n_random, "n_random", 0, rank)
     generators = _matrix_generators(generator, W.shape[:-2])
-    U, S, Vh = torch.linalg.svd(W.float(), full_matrices=False)
+    U, S, Vh = per_matrix(torch.linalg.svd, W.float(), always=True, full_matrices=False)
     top = rank - n_random
     minor = S.shape[-1] - top  # >= n_random since rank <= min(m, n)
     # Drawn matrix by matrix: with one shared generator the same numbers as one batch-wide draw.
@@ -470,17 +471,22 @@ def cur(W: torch.Tensor, rank: int, *, u: str = "pinv", generator: Generators = 
     C = W.gather(-1, cols[..., None, :].expand(*W.shape[:-1], rank))
     R = W.gather(-2, rows[..., :, None].expand(*rows.shape, W.shape[-1]))
     if u == "optimal":
-        U = torch.linalg.pinv(C.float()) @ (W.float() @ torch.linalg.pinv(R.float()))
+        U = matmul(_pinv(C.float()), matmul(W.float(), _pinv(R.float())))
     else:
         core = C.gather(-2, rows[..., :, None].expand(*rows.shape, rank)).float()
-        U = torch.linalg.pinv(core, rtol=math.sqrt(torch.finfo(torch.float32).eps) if u == "stable" else None)
+        U = _pinv(core, rtol=math.sqrt(torch.finfo(torch.float32).eps) if u == "stable" else None)
     return CURResult(C, U, R, rows, cols)
+
+
+def _pinv(X: torch.Tensor, rtol: float | None = None) -> torch.Tensor:
+    """Pseudo-inverse of each matrix of ``X [..., m, n]`` (fp32), as of that matrix alone."""
+    return per_matrix(torch.linalg.pinv, X, always=True, rtol=rtol)
 
 
 def cur_factors(W: torch.Tensor, rank: int, **cur_options) -> PiSSAFactors:
     """PiSSA-style CUR split (CURA): ``A = C [..., m, r]``, ``B = U R [..., r, n]``, ``W_res = W − A B``."""
     C, U, R, _, _ = cur(W, rank, **cur_options)
-    B = (U @ R.float()).to(W.dtype)
+    B = matmul(U, R.float()).to(W.dtype)
     return PiSSAFactors(C, B, residual(W, C, B))
 
 

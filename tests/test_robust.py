@@ -115,10 +115,9 @@ def test_history_matches_the_returned_factors():
 
 @pytest.mark.parametrize("method", ["irls", "adam"])
 def test_batched_equals_per_matrix(method):
-    """With the default SVD start. That start can differ in the last bits between a batched and a
-    single call on small matrices (MKL's small factorizations and GEMMs round differently for
-    batch elements), and ℓ1's flat valleys can carry that to ~2e-4 of max |W| in A B at the same
-    loss; bitwise equality from the same start is the next test."""
+    """With the default start (the SVD for IRLS: bitwise, odd sizes included; the Adam reference
+    runs torch's batched autograd GEMMs, whose bits may differ from single ones, so it is
+    compared to a tolerance)."""
     _, W = low_rank_plus_outliers(m=50, n=40, batch=(3,), seed=4)
     W[1] *= 5  # matrices of different scales get their own δ and stop at their own sweep
     n_iter = 30 if method == "irls" else 200
@@ -127,32 +126,32 @@ def test_batched_equals_per_matrix(method):
     for i in range(3):
         Ai, Bi, loss_i, _ = lk.huber_factorize(W[i], 3, method=method, n_iter=n_iter, return_history=True,
                                                generator=loop_generator)
-        assert Ai.shape == A[i].shape
+        if method == "irls":
+            assert torch.equal(A[i], Ai) and torch.equal(B[i], Bi)
+            assert torch.equal(loss[:len(loss_i), i], loss_i) and (loss[len(loss_i):, i] == loss_i[-1]).all()
+            continue
         scale = W[i].abs().max()
         assert torch.allclose(A[i] @ B[i], Ai @ Bi, atol=1e-3 * scale, rtol=0)
-        length = min(len(loss_i), len(loss))
-        assert torch.allclose(loss[:length, i], loss_i[:length], rtol=1e-4)
-        assert math.isclose(loss[-1, i].item(), loss_i[-1].item(), rel_tol=1e-6)
+        assert torch.allclose(loss[:, i], loss_i, rtol=1e-4)
 
 
 def test_irls_batch_gives_each_matrix_the_bits_of_its_own_call():
     """Matrices stop on their own and the active ones are gathered as others converge: each
     matrix's factors and loss history are exactly those of its own call, and a matrix that
     stopped early repeats its last loss. Two batch dims; matrices 0 and 2 are the same, with the
-    same seed, so they stop at the same sweep. (Random starts: the batched rsvd start of small
-    matrices may differ from the single one in the last bits.)"""
+    same seed, so they stop at the same sweep."""
     _, W = low_rank_plus_outliers(m=50, n=40, batch=(4,), seed=4)
     W[1] *= 5
     W[2] = W[0]
     W[3] = W[3] + torch.randn(50, 40, generator=gen(9))  # noisier: converges later
     W = W.reshape(2, 2, 50, 40)
     seeds = (1, 2, 1, 3)
-    A, B, loss, mae = lk.huber_factorize(W, 3, n_iter=60, init="random", return_history=True,
+    A, B, loss, mae = lk.huber_factorize(W, 3, n_iter=60, return_history=True,
                                          generator=[gen(s) for s in seeds])
     assert A.shape == (2, 2, 50, 3) and B.shape == (2, 2, 3, 40) and loss.shape[1:] == (2, 2)
     lengths = []
     for (i, j), seed in zip(((0, 0), (0, 1), (1, 0), (1, 1)), seeds):
-        alone = lk.huber_factorize(W[i, j], 3, n_iter=60, init="random", return_history=True, generator=gen(seed))
+        alone = lk.huber_factorize(W[i, j], 3, n_iter=60, return_history=True, generator=gen(seed))
         k = len(alone.loss_history)
         lengths.append(k)
         assert torch.equal(A[i, j], alone.A) and torch.equal(B[i, j], alone.B)
