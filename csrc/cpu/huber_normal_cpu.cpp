@@ -180,7 +180,8 @@ at::Tensor pair_products(const float* a, int64_t m, int64_t r) {
   const int64_t pairs = r * (r + 1) / 2;
   at::Tensor out = at::empty({m, pairs}, at::kFloat);
   float* op = out.data_ptr<float>();
-  at::parallel_for(0, m, 256, [&](int64_t begin, int64_t end) {
+  // Grain: a fork costs about as much as a few thousand rows of products, so one matrix runs inline.
+  at::parallel_for(0, m, 4096, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       float* row = op + i * pairs;
       for (int64_t k = 0, t = 0; k < r; ++k)
