@@ -51,7 +51,7 @@ def matmul_per_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def addmm(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, alpha: float) -> torch.Tensor:
     """``c [..., m, n] + alpha · a [..., m, k] @ b [..., k, n]``, rounded once (``torch.addmm``)."""
-    if c.dim() > 2 and not _on_cpu(c, a, b):
+    if c.dim() > 2 and (not _on_cpu(c, a, b) or _no_matrices(c)):
         flat = [t.reshape(-1, *t.shape[-2:]) for t in (c, a, b)]
         return torch.baddbmm(*flat, alpha=alpha).reshape(c.shape)
     return _product(lambda c, a, b: torch.addmm(c, a, b, alpha=alpha), c, a, b)
@@ -62,7 +62,7 @@ def per_matrix(fn: Callable, x: torch.Tensor, *args, always: bool = False, **kwa
     ``always``: matrix by matrix whenever x is batched on the CPU, for functions with outputs of
     other sizes (eigenvalues, R of QR, ...) whose alignment the input's size does not decide.
     Tuple results of the matrix-by-matrix path are plain tuples."""
-    if x.dim() == 2 or not _on_cpu(x) or (not always and _packed_aligned(x.shape, x.dtype)):
+    if x.dim() == 2 or not _on_cpu(x) or _no_matrices(x) or (not always and _packed_aligned(x.shape, x.dtype)):
         return fn(x, *args, **kwargs)
     return _stack([fn(matrix, *args, **kwargs) for matrix in _singles(x)], x.shape[:-2])
 
@@ -78,7 +78,7 @@ def _check_batches(*operands: torch.Tensor) -> None:
 def _product(fn: Callable, *operands: torch.Tensor) -> torch.Tensor:
     """``fn(*operands)`` for a GEMM-like ``fn`` of matrices, matrix by matrix where batched."""
     _check_batches(*operands)
-    if not _on_cpu(*operands):
+    if not _on_cpu(*operands) or _no_matrices(operands[0]):
         return fn(*operands)
     if operands[0].dim() == 2:
         return fn(*map(_as_single, operands))
@@ -87,6 +87,11 @@ def _product(fn: Callable, *operands: torch.Tensor) -> torch.Tensor:
 
 def _on_cpu(*tensors: torch.Tensor) -> bool:
     return all(t.device.type == "cpu" for t in tensors)
+
+
+def _no_matrices(x: torch.Tensor) -> bool:
+    """A batch of zero matrices (the batched call returns the empty result)."""
+    return x.shape[:-2].numel() == 0
 
 
 def _dense(x: torch.Tensor) -> bool:

@@ -82,6 +82,8 @@ def _check_matrix(W: Any, finite: bool = True) -> torch.Tensor:
         raise ValueError(f"W must be a matrix [m, n] or a batch [..., m, n], got {_describe(W)}")
     if W.shape[-1] == 0 or W.shape[-2] == 0:
         raise ValueError(f"W must have m, n >= 1, got {_describe(W)}")
+    if W.numel() == 0:
+        raise ValueError(f"W's batch holds no matrices, got {_describe(W)}")
     # One cheap reduction: a NaN or Inf element makes the sum non-finite (so does an overflowing
     # sum of huge finite values, which the exact elementwise check then clears).
     if finite and not torch.isfinite(W.sum(dtype=torch.float32)):

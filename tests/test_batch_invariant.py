@@ -96,3 +96,11 @@ def test_off_the_cpu_the_plain_batched_calls_run():
     assert bi.matmul(a, b).shape == (3, 7, 2) and bi.matmul(a, b).device.type == "meta"
     assert bi.addmm(c, a, b, alpha=-1).shape == (3, 7, 2)
     assert bi.per_matrix(torch.linalg.pinv, a, always=True).shape == (3, 5, 7)
+
+
+def test_a_batch_of_no_matrices_gives_empty_results():
+    a, b, c = torch.ones(0, 4, 3), torch.ones(0, 3, 5), torch.ones(0, 4, 5)
+    assert bi.matmul(a, b).shape == (0, 4, 5) and bi.matmul_per_matrix(a, b).shape == (0, 4, 5)
+    assert bi.addmm(c, a, b, alpha=-1).shape == (0, 4, 5)
+    values, vectors = bi.per_matrix(torch.linalg.eigh, torch.ones(2, 0, 3, 3, dtype=torch.float64), always=True)
+    assert values.shape == (2, 0, 3) and vectors.shape == (2, 0, 3, 3)

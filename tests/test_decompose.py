@@ -357,6 +357,8 @@ def test_sampling_frequencies_match_the_norm_distribution(k):
         (lambda: D.rsvd(torch.full((4, 4), float("nan")), 2), ValueError, "NaN or Inf"),
         (lambda: D.rsvd(torch.full((50, 40), 3e38), 2), ValueError, "too large for fp32"),
         (lambda: D.rsvd(torch.zeros(0, 4), 1), ValueError, "m, n >= 1"),
+        (lambda: D.rsvd(torch.zeros(0, 10, 8), 2), ValueError, r"batch holds no matrices.*\(0, 10, 8\)"),
+        (lambda: D.cur(torch.zeros(2, 0, 10, 8), 2), ValueError, "batch holds no matrices"),
         (lambda: D.cur(torch.randn(10, 8), 0), ValueError, "rank must be in"),
         (lambda: D.cur(torch.randn(10, 8), 2, u="svd"), ValueError, "u must be one of"),
         (lambda: D.cur(torch.tensor([[1.0, float("inf")]]), 1), ValueError, "NaN or Inf"),

@@ -253,9 +253,10 @@ def test_all_zero_matrix_gives_zero_fit():
          ValueError, "NaN or Inf"),
         (lambda W: lk.huber_factorize(W.index_put((torch.tensor(0), torch.tensor(0)), torch.tensor(float("inf"))), 2),
          ValueError, "NaN or Inf"),
+        (lambda W: lk.huber_factorize(W.expand(0, 30, 20), 2), ValueError, "batch holds no matrices"),
     ],
     ids=["rank-0", "rank-too-large", "delta-0", "delta-negative", "delta-shape", "delta-type", "n_iter", "tol",
-         "method", "init", "1-D", "int", "nan", "inf"],
+         "method", "init", "1-D", "int", "nan", "inf", "empty-batch"],
 )
 def test_bad_input_raises_clear_errors(call, error, match):
     W = torch.randn(30, 20, generator=gen())
