@@ -4,8 +4,8 @@
 Cases: the real all-MiniLM-L6-v2 `encoder.layer.0.intermediate.dense.weight` (1536×384) at
 rank 8 (the issue's target); a synthetic low-rank matrix with 1 % sparse large outliers (ground
 truth known: the error of the recovered low-rank part is reported); the 24 MiniLM 384×384
-attention matrices as one batch vs one at a time, with the
-time each spends inside the compiled ops (which bounds what batching can gain). δ = 1e-3 (the seed's setting) on MiniLM.
+attention matrices as one batch vs one at a time, with the time each spends inside the
+compiled ops (which bounds what batching can gain). δ = 1e-3 (the seed's setting) on MiniLM.
 Mean absolute error (MAE) |W − A B| in fp64. MAE-vs-time curves: each point is a separate
 timed run with that budget (IRLS sweeps, Adam steps).
 
