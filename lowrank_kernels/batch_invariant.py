@@ -54,7 +54,7 @@ def addmm(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, alpha: float) ->
     if c.dim() > 2 and (not _on_cpu(c, a, b) or _no_matrices(c)):
         flat = [t.reshape(-1, *t.shape[-2:]) for t in (c, a, b)]
         return torch.baddbmm(*flat, alpha=alpha).reshape(c.shape)
-    return _product(lambda c, a, b: torch.addmm(c, a, b, alpha=alpha), c, a, b)
+    return _product(lambda c, a, b, out=None: torch.addmm(c, a, b, alpha=alpha, out=out), c, a, b)
 
 
 def per_matrix(fn: Callable, x: torch.Tensor, *args, always: bool = False, **kwargs):
@@ -76,13 +76,25 @@ def _check_batches(*operands: torch.Tensor) -> None:
 
 
 def _product(fn: Callable, *operands: torch.Tensor) -> torch.Tensor:
-    """``fn(*operands)`` for a GEMM-like ``fn`` of matrices, matrix by matrix where batched."""
+    """``fn(*operands, out=None)`` for a GEMM-like ``fn`` of matrices (the result has the rows of
+    the second-to-last operand and the columns of the last), matrix by matrix where batched:
+    into one preallocated result where its matrices start aligned (as new tensors do), else
+    stacked."""
     _check_batches(*operands)
     if not _on_cpu(*operands) or _no_matrices(operands[0]):
         return fn(*operands)
     if operands[0].dim() == 2:
         return fn(*map(_as_single, operands))
-    return _stack([fn(*group) for group in zip(*map(_singles, operands))], operands[0].shape[:-2])
+    batch, rows, columns = operands[0].shape[:-2], operands[-2].shape[-2], operands[-1].shape[-1]
+    groups = list(zip(*map(_singles, operands)))
+    if len(groups) == 1:
+        return fn(*groups[0]).reshape(*batch, rows, columns)
+    if not _packed_aligned((rows, columns), operands[-1].dtype):
+        return _stack([fn(*group) for group in groups], batch)
+    out = torch.empty(len(groups), rows, columns, dtype=operands[-1].dtype)
+    for matrix, group in zip(out, groups):
+        fn(*group, out=matrix)
+    return out.reshape(*batch, rows, columns)
 
 
 def _on_cpu(*tensors: torch.Tensor) -> bool:
@@ -94,11 +106,21 @@ def _no_matrices(x: torch.Tensor) -> bool:
     return x.shape[:-2].numel() == 0
 
 
+def matrix_layout(x: torch.Tensor) -> str | None:
+    """"row" or "column" if every matrix of ``x [..., m, n]`` is row- or column-major without
+    gaps (whatever the batch strides: a batch expanded from one matrix or every other matrix of
+    a larger batch qualifies), else None. Matrices with one row or column count as row-major."""
+    m, n = x.shape[-2:]
+    if min(m, n) <= 1 or (x.stride(-1) == 1 and x.stride(-2) == n):
+        return "row"
+    if x.stride(-2) == 1 and x.stride(-1) == m:
+        return "column"
+    return None
+
+
 def _dense(x: torch.Tensor) -> bool:
     """Each matrix of ``x [..., m, n]`` row-major or column-major without gaps."""
-    m, n = x.shape[-2:]
-    return ((x.stride(-1) == 1 and x.stride(-2) == n) or (x.stride(-2) == 1 and x.stride(-1) == m)
-            or min(m, n) <= 1)
+    return matrix_layout(x) is not None
 
 
 def _packed_aligned(shape: torch.Size, dtype: torch.dtype) -> bool:

@@ -23,7 +23,7 @@ from typing import Any, NamedTuple, Union
 import torch
 
 from lowrank_kernels import ops
-from lowrank_kernels.batch_invariant import addmm, matmul, matmul_per_matrix, per_matrix
+from lowrank_kernels.batch_invariant import addmm, matmul, matmul_per_matrix, matrix_layout, per_matrix
 from lowrank_kernels.reference.decompose import gram_ref, row_col_sq_norms_ref
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -303,13 +303,16 @@ _SKINNY_FP32_MAX_COLUMNS_TRANSPOSED = 32
 def _pass(A: torch.Tensor, X: torch.Tensor, transpose: bool = False) -> torch.Tensor:
     """One pass over the big matrix: ``A @ X`` (or ``Aᵀ @ X``) in fp32 for ``A [..., M, N]`` in its
     own dtype and a thin ``X``. On CPU, by the `skinny_matmul` kernel where it is the faster
-    GEMM, reading A in place whichever way it is stored (A is often a transposed view of W)."""
+    GEMM, reading A in place whichever way its matrices are stored (A is often a transposed view
+    of W; the choice follows each matrix's layout, not the batch's, so that a batch takes the
+    path its matrices take alone)."""
     A = A.mT if transpose else A
-    if A.device.type == "cpu" and (A.is_contiguous() or A.mT.is_contiguous()):
-        stored_transposed = not A.is_contiguous()
+    layout = matrix_layout(A) if A.device.type == "cpu" else None
+    if layout is not None:
+        stored_transposed = layout == "column"
         widest = _SKINNY_FP32_MAX_COLUMNS_TRANSPOSED if stored_transposed else _SKINNY_FP32_MAX_COLUMNS
         if A.dtype != torch.float32 or X.shape[-1] <= widest:
-            W = A.mT if stored_transposed else A
+            W = (A.mT if stored_transposed else A).contiguous()  # packs a batch stored otherwise
             return ops.op("skinny_matmul")(W, X.float().contiguous(), stored_transposed)
     return matmul_per_matrix(A, X.to(A.dtype)).float()
 

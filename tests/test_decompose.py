@@ -146,6 +146,26 @@ def test_rsvd_batched_is_bitwise_per_matrix(method, shape, rank):
             assert torch.equal(a[i], b)
 
 
+UNPACKED_BATCHES = {  # batches whose matrices are dense but not stored one after another
+    "expanded": lambda W: W[0].expand(3, *W.shape[-2:]),
+    "every-other": lambda W: torch.cat([W, W.flip(0)])[::2],
+    "swapped-batch-dims": lambda W: torch.stack([W, 2 * W]).transpose(0, 1),
+}
+
+
+@pytest.mark.parametrize("layout", sorted(UNPACKED_BATCHES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_unpacked_batches_are_bitwise_per_matrix(layout, dtype):
+    """The path of each pass is chosen by each matrix's layout, not the batch's."""
+    W = UNPACKED_BATCHES[layout](decaying(50, 40, batch=(3,))).to(dtype)
+    batch = W.shape[:-2]
+    matrices = W.reshape(-1, 50, 40)
+    batched = D.pissa_factors(W, 3, generator=[gen(i) for i in range(batch.numel())])
+    for i, matrix in enumerate(matrices):
+        single = D.pissa_factors(matrix, 3, generator=gen(i))
+        assert all(torch.equal(a.reshape(-1, *a.shape[-2:])[i], b) for a, b in zip(batched, single))
+
+
 @pytest.mark.parametrize("exact", [False, True])
 @pytest.mark.parametrize("shape", BATCH_SHAPES)
 def test_pissa_factors_batched_is_bitwise_per_matrix(exact, shape):
