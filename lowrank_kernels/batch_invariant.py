@@ -35,13 +35,21 @@ _SKINNY_MAX_COLUMNS = 128
 
 def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a [..., m, k] @ b [..., k, n]`` (one batch shape on both sides, or none)."""
-    _check_batches(a, b)
     if _on_cpu(a, b) and a.dtype == b.dtype == torch.float32 and b.shape[-1] <= _SKINNY_MAX_COLUMNS:
-        # Row-major a is the kernel's W; column-major a is the transpose of a row-major W.
-        if not a.is_contiguous() and a.mT.is_contiguous():
-            return ops.op("skinny_matmul")(a.mT, b.contiguous(), True)
-        return ops.op("skinny_matmul")(a.contiguous(), b.contiguous(), False)
+        _check_batches(a, b)
+        return skinny_product(a, b)
     return matmul_per_matrix(a, b)
+
+
+def skinny_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """fp32 ``a [..., m, k] @ b [..., k, n]`` (CPU; a in any float dtype, b thin) by the
+    skinny_matmul kernel, which reads a row-major W or the transpose of one. The choice follows
+    each matrix's layout, not the batch's (`matrix_layout`), so a batch takes the path its
+    matrices take alone; a batch stored otherwise is packed first, other layouts copied
+    row-major."""
+    if matrix_layout(a) == "column":
+        return ops.op("skinny_matmul")(a.mT.contiguous(), b.float().contiguous(), True)
+    return ops.op("skinny_matmul")(a.contiguous(), b.float().contiguous(), False)
 
 
 def matmul_per_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,14 @@ from typing import Any, NamedTuple, Union
 import torch
 
 from lowrank_kernels import ops
-from lowrank_kernels.batch_invariant import addmm, matmul, matmul_per_matrix, matrix_layout, per_matrix
+from lowrank_kernels.batch_invariant import (
+    addmm,
+    matmul,
+    matmul_per_matrix,
+    matrix_layout,
+    per_matrix,
+    skinny_product,
+)
 from lowrank_kernels.reference.decompose import gram_ref, row_col_sq_norms_ref
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -309,11 +316,9 @@ def _pass(A: torch.Tensor, X: torch.Tensor, transpose: bool = False) -> torch.Te
     A = A.mT if transpose else A
     layout = matrix_layout(A) if A.device.type == "cpu" else None
     if layout is not None:
-        stored_transposed = layout == "column"
-        widest = _SKINNY_FP32_MAX_COLUMNS_TRANSPOSED if stored_transposed else _SKINNY_FP32_MAX_COLUMNS
+        widest = _SKINNY_FP32_MAX_COLUMNS_TRANSPOSED if layout == "column" else _SKINNY_FP32_MAX_COLUMNS
         if A.dtype != torch.float32 or X.shape[-1] <= widest:
-            W = (A.mT if stored_transposed else A).contiguous()  # packs a batch stored otherwise
-            return ops.op("skinny_matmul")(W, X.float().contiguous(), stored_transposed)
+            return skinny_product(A, X)
     return matmul_per_matrix(A, X.to(A.dtype)).float()
 
 
