@@ -168,11 +168,14 @@ def _cholesky_qr(Y: torch.Tensor, shift: bool = False) -> tuple[torch.Tensor, to
     return matmul(Y, per_matrix(torch.linalg.solve_triangular, R, eye, upper=True)), info == 0
 
 
-def _reorthonormalize(Y: torch.Tensor) -> torch.Tensor:
-    """orthonormalize for a block that is already nearly orthonormal: one CholeskyQR step
-    suffices; the full procedure runs only where that step fails."""
-    Q, ok = _cholesky_qr(Y)
-    return Q if ok.all() else torch.where(ok[..., None, None], Q, orthonormalize(Y))
+def _power_of_two_scale(X: torch.Tensor) -> torch.Tensor:
+    """Per matrix of ``X [..., m, k]``, the power of two nearest below max |X| (1 where X is zero
+    or not finite): dividing by it is exact, so scaling changes no bits of a well-scaled block,
+    and keeps the fp32 Gram matrix of a tiny (or huge) block out of underflow (overflow)."""
+    amax = X.abs().amax(dim=(-2, -1), keepdim=True)
+    usable = (amax > 0) & torch.isfinite(amax)
+    exponent = torch.frexp(torch.where(usable, amax, torch.ones_like(amax))).exponent - 1
+    return torch.ldexp(torch.ones_like(amax), exponent)
 
 
 def orthonormalize(Y: torch.Tensor) -> torch.Tensor:
@@ -180,9 +183,11 @@ def orthonormalize(Y: torch.Tensor) -> torch.Tensor:
 
     CholeskyQR2 (GEMM-shaped, batched); where Cholesky fails (an ill-conditioned block),
     shifted CholeskyQR3; where that fails too (a numerically rank-deficient block),
-    Householder QR, batch element by batch element.
+    Householder QR, batch element by batch element. Each matrix is first scaled by a power of
+    two (exact), so the result does not depend on Y's magnitude.
     """
     Y = Y.float()
+    Y = Y / _power_of_two_scale(Y)
     Q, ok = _cholesky_qr(Y)
     if not ok.all():  # per matrix: a batch element takes the path it would take alone
         shifted, ok_shifted = _cholesky_qr(Y, shift=True)
@@ -194,6 +199,72 @@ def orthonormalize(Y: torch.Tensor) -> torch.Tensor:
     if not ok.all():
         Q = torch.where(ok[..., None, None], Q, per_matrix(torch.linalg.qr, Y, always=True)[0])
     return Q
+
+
+# Krylov blocks: a direction of a new block whose part outside the basis is below this fraction
+# of the block's largest column is taken for rounding noise (fp32 projections leave about
+# eps·√k of the basis behind, ~1e-6 for k in the thousands) and replaced by a random direction.
+_COLLAPSED_BELOW = 1e-4
+# A block is accepted once its overlap with the basis and its departure from orthonormality are
+# this small (~100 fp32 roundings: far below what moves the Ritz values).
+_ORTHONORMAL_WITHIN = 1e-5
+# Sweeps (project, SVQB, check) a block may take: a healthy block needs one; a collapsed one a
+# second, for the random directions that replaced its noise; the third covers rounding.
+_MAX_SWEEPS = 3
+
+
+def _random_directions(shape: tuple[int, ...], seed: int, like: torch.Tensor) -> torch.Tensor:
+    """Unit-norm Gaussian columns ``[M, l]`` from a fixed seed: the same for every matrix and
+    every call (a batch gets the bits of its matrices alone; the user's generator is not drawn
+    from), different for every seed."""
+    draws = torch.randn(shape, generator=torch.Generator().manual_seed(0x6B72_796C + seed))
+    return (draws / torch.linalg.vector_norm(draws, dim=0)).to(like.device)
+
+
+def _svqb(X: torch.Tensor, floor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """SVQB with drop (Stathopoulos & Wu 2002; Duersch et al. 2018): ``X V Σ⁻¹`` from the
+    eigendecomposition ``XᵀX = V Σ² Vᵀ`` in fp64, and the mask ``[..., l]`` of its columns whose
+    σ is at most ``floor [..., 1, 1]`` (noise: their column is left for the caller to replace)."""
+    theta, V = per_matrix(torch.linalg.eigh, _gram(X).double(), always=True)
+    sigma = theta.clamp(min=0).sqrt()
+    collapsed = sigma <= floor[..., 0, :].double()
+    inverse = torch.where(collapsed, torch.zeros_like(sigma), 1 / sigma.clamp(min=torch.finfo(torch.float64).tiny))
+    return matmul(X, (V * inverse[..., None, :]).float()), collapsed
+
+
+def _orthonormal_extension(basis: torch.Tensor, Y: torch.Tensor, seed: int) -> torch.Tensor:
+    """Orthonormal ``Q [..., M, l]`` orthogonal to the orthonormal ``basis [..., M, k]``, spanning
+    the part of ``Y [..., M, l]`` outside it; where Y has no such part (an exhausted Krylov space,
+    a rank-deficient or zero W), random directions orthogonalised like the rest.
+
+    Per sweep: one Gram-Schmidt pass, SVQB (noise directions replaced by random ones), then the
+    check, whose overlap ``basisᵀ Q`` is the next sweep's Gram-Schmidt coefficients. Sweeps
+    repeat, per matrix, until the block is orthonormal and orthogonal to the basis: a healthy
+    block costs what one Gram-Schmidt pass and one orthonormalisation do.
+    """
+    X = Y / _power_of_two_scale(Y)
+    floor = _COLLAPSED_BELOW * torch.linalg.vector_norm(X, dim=-2, keepdim=True).amax(-1, keepdim=True)
+    overlap = matmul(basis.mT, X)
+    eye = torch.eye(X.shape[-1], dtype=torch.float32, device=X.device)
+    pending = torch.ones(X.shape[:-2], dtype=torch.bool, device=X.device)
+    for sweep in range(_MAX_SWEEPS):
+        candidate, collapsed = _svqb(X - matmul(basis, overlap), floor)
+        if bool(collapsed.any()):
+            fill = _random_directions(X.shape[-2:], seed * _MAX_SWEEPS + sweep, X)
+            candidate = torch.where(collapsed[..., None, :], fill, candidate)
+        # SVQB leaves eps·κ of non-orthonormality; one CholeskyQR step of the now well-conditioned
+        # block (cheap next to a projection) leaves rounding only, as in CholeskyQR2.
+        polished, ok = _cholesky_qr(candidate)
+        candidate = torch.where(ok[..., None, None], polished, candidate)
+        X = torch.where(pending[..., None, None], candidate, X)
+        overlap = matmul(basis.mT, X)
+        accepted = ((overlap.abs().amax(dim=(-2, -1)) <= _ORTHONORMAL_WITHIN)
+                    & ((_gram(X) - eye).abs().amax(dim=(-2, -1)) <= _ORTHONORMAL_WITHIN) & ~collapsed.any(-1))
+        pending = pending & ~accepted
+        if not bool(pending.any()):
+            break
+        floor = torch.full_like(floor, _COLLAPSED_BELOW)  # X's columns now have unit norm
+    return X
 
 
 # ---- randomized SVD ------------------------------------------------------------------------------
@@ -262,18 +333,24 @@ def rsvd(W: torch.Tensor, rank: int, *, oversample: int | None = None, n_iter: i
     # sketch non-finite (the Gaussian Ω has no zeros, almost surely); only then is W scanned.
     if not bool(torch.isfinite(sketch).all()):
         _check_finite(W)
+        raise _too_large(W)
     basis = _subspace_basis if method == "subspace" else _krylov_basis
     Q, Bt = basis(A, sketch, n_iter)  # Q [..., M, l] orthonormal, Bt = Aᵀ Q [..., N, l]
     Uh, S, Vb = _top_svd(Bt, rank)  # Qᵀ A = Uh S Vbᵀ (top rank triplets)
-    if not bool(torch.isfinite(S).all()):  # finite W whose products overflow fp32
-        raise ValueError(f"W is too large for fp32 arithmetic (max |W| = {W.abs().max().item():.3g}, "
-                         f"{_describe(W)}): scale it down")
+    if not bool(torch.isfinite(S).all()):
+        raise _too_large(W)
     U = matmul(Q, Uh)
     Vh = Vb.mT
     if transpose:
         U, Vh = Vh.mT, U.mT
     err = _relative_error(W, S) if error else None
     return SVDResult(U.contiguous(), S, Vh.contiguous(), err)
+
+
+def _too_large(W: torch.Tensor) -> ValueError:
+    """The error for a finite W whose products overflow fp32."""
+    return ValueError(f"W is too large for fp32 arithmetic (max |W| = {W.abs().max().item():.3g}, "
+                      f"{_describe(W)}): scale it down")
 
 
 def _top_svd(Bt: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -284,10 +361,11 @@ def _top_svd(Bt: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, t
     which costs several times more; V = Bt Uh S⁻¹ is then re-orthonormalised, which also turns
     the columns of (numerically) zero singular values into valid orthonormal directions.
     """
-    G = _gram(Bt).double()
+    scale = _power_of_two_scale(Bt)  # exact: keeps the fp32 Gram of a tiny W out of underflow
+    G = _gram(Bt / scale).double()
     eigenvalues, vectors = per_matrix(torch.linalg.eigh, G, always=True)  # ascending
     top = vectors[..., -rank:].flip(-1)
-    S = eigenvalues[..., -rank:].flip(-1).clamp(min=0).sqrt().float()
+    S = eigenvalues[..., -rank:].flip(-1).clamp(min=0).sqrt().float() * scale[..., 0]
     V = orthonormalize(matmul(Bt, top.float()))
     return top.float(), S, V
 
@@ -332,40 +410,27 @@ def _subspace_basis(A: torch.Tensor, sketch: torch.Tensor, n_iter: int) -> tuple
     return Q, _pass(A, Q, transpose=True)
 
 
-# Largest |qᵢᵀ y| (unit vectors) a new Krylov block may keep against the basis before it is
-# projected a second time: ~100 fp32 roundings, far below what affects the Ritz values.
-_REORTHOGONALIZE_ABOVE = 1e-5
-
-
 def _krylov_basis(A: torch.Tensor, sketch: torch.Tensor, n_iter: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Orthonormal basis ``Q [..., M, (q + 1)·l]`` from the sketch A Ω ``[..., M, l]``: the block Krylov space
     [AΩ, (AAᵀ)AΩ, ..., (AAᵀ)^q AΩ] (block Lanczos with full re-orthogonalisation; Musco &
     Musco 2015), and ``Aᵀ Q`` (fp32). Where the space reaches min(M, N) columns its last block
     is narrower, and it grows no further.
 
-    Each new block A Z is orthogonalised against all previous blocks (classical Gram-Schmidt,
-    normalised; a second time where needed) *before* its product with Aᵀ is taken; that product is the next iteration's input,
-    so Aᵀ Q comes out of the iteration itself: 2q + 2 passes of l columns, as for
-    subspace iteration, for a (q + 1)-times larger search space. A block that adds nothing new
-    (an exhausted space) becomes random orthonormal directions, which do no harm.
+    Each new block A Z is orthogonalised against all previous blocks (`_orthonormal_extension`)
+    *before* its product with Aᵀ is taken; that product is the next iteration's input, so Aᵀ Q
+    comes out of the iteration itself: 2q + 2 passes of l columns, as for subspace iteration,
+    for a (q + 1)-times larger search space. Directions a block does not add (an exhausted
+    space: W of rank below the basis width) become random orthonormal ones, which do no harm.
     """
     blocks = [orthonormalize(sketch)]
     products = [_pass(A, blocks[0], transpose=True)]
-    for _ in range(n_iter):
+    for step in range(n_iter):
         basis = torch.cat(blocks, dim=-1)
         room = min(A.shape[-2:]) - basis.shape[-1]  # the space cannot outgrow A's rank bound
         if room <= 0:
             break
         Y = _pass(A, orthonormalize(products[-1][..., :room]))
-        Y = orthonormalize(Y - matmul(basis, matmul(basis.mT, Y)))
-        # Second Gram-Schmidt pass, only where needed: after the normalisation above, a residual
-        # that was mostly rounding noise (an exhausted space, an ill-conditioned block) is far
-        # from orthogonal to the basis; a healthy block is orthogonal to working precision.
-        overlap = matmul(basis.mT, Y)
-        again = overlap.abs().amax(dim=(-2, -1)) > _REORTHOGONALIZE_ABOVE  # per matrix, as alone
-        if bool(again.any()):
-            Y = torch.where(again[..., None, None], _reorthonormalize(Y - matmul(basis, overlap)), Y)
-        blocks.append(Y)
+        blocks.append(_orthonormal_extension(basis, Y, seed=step))
         products.append(_pass(A, blocks[-1], transpose=True))
     return torch.cat(blocks, dim=-1), torch.cat(products, dim=-1)
 

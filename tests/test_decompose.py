@@ -222,7 +222,6 @@ def test_orthonormalize_takes_each_batch_element_down_its_own_path():
     Q = D.orthonormalize(Y)
     for i in (0, 2):
         torch.testing.assert_close(Q[i], D.orthonormalize(Y[i].clone()), rtol=0, atol=0)
-        torch.testing.assert_close(D._reorthonormalize(Y)[i], D._reorthonormalize(Y[i].clone()), rtol=0, atol=0)
     assert torch.isfinite(Q[1]).all()
 
 
