@@ -1,5 +1,13 @@
-"""quantize_nf4 / dequantize_nf4 are bit-identical to bitsandbytes 0.50 (CPU), both directions."""
+"""quantize_nf4 / dequantize_nf4 are bit-identical to bitsandbytes 0.50 (CPU), both directions.
+
+The storage (packed codes, absmax, double-quant statistics) is the contract. Values are checked
+against the pure reference ``code[q] · absmax``; bitsandbytes' own CPU dequantize is compared
+too where it computes that, and its known defect is reported, not trusted (see below).
+"""
 from __future__ import annotations
+
+from importlib.metadata import version
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,7 +16,27 @@ bnb_functional = pytest.importorskip("bitsandbytes.functional", reason="bitsandb
 
 import lowrank_kernels as lk  # noqa: E402
 from lowrank_kernels.codebooks import NF4_CODE, dynamic_code  # noqa: E402
+from lowrank_kernels.reference.nf4 import dequantize_blockwise8_ref, dequantize_nf4_ref  # noqa: E402
 from nf4_cases import BLOCKSIZES, CASES, SHAPES, make_weight  # noqa: E402
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        return set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return set()
+
+
+BNB_VERSION = version("bitsandbytes")
+#: bitsandbytes 0.50.2's native CPU dequantize_4bit takes its AVX-512 path on any CPU with
+#: avx512f (its own detection: ATEN_CPU_CAPABILITY does not change it). That path returns values
+#: other than code[q]·absmax on some 2-D weights whose rows are not whole blocks (seen on an Intel
+#: Xeon with AVX-512: rows of 96, 64, 192, 384 elements at blocksizes 64, 128, 128, 256; up to
+#: 0.032 off on N(0, 0.02) weights, a round-trip error of 1.65 where code[q]·absmax gives 0.44).
+#: Its quantize, and so its storage, are right.
+BNB_AVX512_DEQUANTIZE_DEFECT = BNB_VERSION == "0.50.2" and "avx512f" in _cpu_flags()
+PEER_DEFECT_REASON = (f"bitsandbytes {BNB_VERSION} CPU dequantize_4bit, AVX-512 path (this CPU has avx512f): "
+                      "values other than code[q]·absmax on 2-D weights whose rows are not whole blocks")
 
 
 
@@ -77,10 +105,42 @@ def test_quantize_and_dequantize_bit_identical(shape, blocksize, case, double_qu
     assert_same_storage(q, packed, state)
     ours = lk.dequantize_nf4(q)
     assert ours.shape == w.shape and ours.dtype == dtype
+    assert torch.equal(ours, reference_dequantize(q).view(w.shape))
+    if BNB_AVX512_DEQUANTIZE_DEFECT:
+        return  # the peer's values are not code[q]·absmax here: test_bitsandbytes_cpu_dequantize_*
     # Same storage -> same values. (bitsandbytes returns a 1-D weight as [1, n].)
     assert torch.equal(ours, bnb_functional.dequantize_4bit(q.packed.view(-1, 1), q.to_bnb()[1]).view(w.shape))
     if torch.equal(q.absmax, state.absmax):
         assert torch.equal(ours, bnb_functional.dequantize_4bit(packed, state).view(w.shape))
+
+
+def reference_dequantize(q: lk.NF4Weight) -> torch.Tensor:
+    """Flat ``code[q] · absmax`` of q's storage by the pure-PyTorch reference (double-quant
+    statistics decoded by the reference too)."""
+    absmax = q.absmax
+    if q.double_quant:
+        absmax = dequantize_blockwise8_ref(q.absmax, q.absmax2, q.code2, 256) + q.offset
+    return dequantize_nf4_ref(q.packed, absmax, q.blocksize, q.numel, q.dtype)
+
+
+#: Weights on which the peer's AVX-512 dequantize was seen wrong, and one it gets right on every
+#: CPU (rows of whole blocks).
+PEER_PROBES = [((4, 96), 64, True), ((64, 64), 128, True), ((8, 192), 128, True), ((256, 384), 256, True),
+               ((256, 384), 128, False)]
+
+
+@pytest.mark.parametrize("shape,blocksize,defect_applies", PEER_PROBES, ids=str)
+def test_bitsandbytes_cpu_dequantize_equals_the_reference(shape, blocksize, defect_applies, dtype, request):
+    """The peer checked against the pure reference before any test trusts its values. Where its
+    known defect applies this is a strict xfail: it fails loudly once bitsandbytes is fixed."""
+    if defect_applies and BNB_AVX512_DEQUANTIZE_DEFECT:
+        request.applymarker(pytest.mark.xfail(strict=True, reason=PEER_DEFECT_REASON))
+    w = make_weight(shape, dtype, "normal")
+    packed, state = bnb_quantize(w, blocksize, False)
+    q = lk.NF4Weight.from_bnb(packed, state)
+    expected = reference_dequantize(q).view(shape)
+    assert torch.equal(lk.dequantize_nf4(q), expected)
+    assert torch.equal(bnb_functional.dequantize_4bit(packed, state), expected), "bitsandbytes' dequantize_4bit"
 
 
 @pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "dq"])
