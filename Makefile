@@ -13,7 +13,7 @@ SOURCES := $(shell find csrc lowrank_kernels -name '*.cpp' -o -name '*.cu' -o -n
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export MAX_JOBS ?= 2
 
-.PHONY: demo test bench info build clean
+.PHONY: demo test test-rounding bench info build clean
 
 demo: $(BUILD_STAMP)
 	$(PY) -m lowrank_kernels demo
@@ -22,6 +22,21 @@ test: $(BUILD_STAMP)
 	$(PY) -m pytest tests --ignore=tests/triton -q -p no:cacheprovider
 	@echo "== Triton kernels under TRITON_INTERPRET=1 (own process: read at decoration time) =="
 	TRITON_INTERPRET=1 $(PY) -m pytest tests/triton -q -p no:cacheprovider
+
+# The numerical modules again under other BLAS / ATen code paths (CI runs this after `test`): a
+# test that holds only for one machine's rounding fails here on any machine. MKL_CBWR=COMPATIBLE
+# is MKL's conservative code path; ATEN_CPU_CAPABILITY picks ATen's vectorised kernels (avx2, and
+# default = scalar where the CPU has AVX-512, whose own path the plain run already took).
+NUMERICAL_TESTS := tests/test_decompose.py tests/test_rsvd_properties.py tests/test_batch_invariant.py \
+	tests/test_robust.py tests/test_adapters_qpissa.py
+ROUNDING_VARIANTS := MKL_CBWR=COMPATIBLE ATEN_CPU_CAPABILITY=avx2 \
+	$(if $(shell grep -qw avx512f /proc/cpuinfo 2>/dev/null && echo yes),ATEN_CPU_CAPABILITY=default)
+
+test-rounding: $(BUILD_STAMP)
+	@set -e; for variant in $(ROUNDING_VARIANTS); do \
+		echo "== numerical tests under $$variant =="; \
+		env $$variant $(PY) -m pytest $(NUMERICAL_TESTS) -q -p no:cacheprovider; \
+	done
 
 bench: $(BUILD_STAMP)
 	$(PY) -m lowrank_kernels bench
