@@ -498,39 +498,3 @@ def cur_factors(W: torch.Tensor, rank: int, **cur_options) -> PiSSAFactors:
     C, U, R, _, _ = cur(W, rank, **cur_options)
     B = matmul(U, R.float()).to(W.dtype)
     return PiSSAFactors(C, B, residual(W, C, B))
-
-
-# ---- op registration: fake kernels and CUDA kernels that are not C++ ----------------------------
-
-def _register() -> None:
-    from lowrank_kernels import _extension
-
-    if _extension.load_error() is not None:
-        return
-
-    @torch.library.register_fake(f"{ops.NAMESPACE}::row_col_sq_norms")
-    def _(w):
-        return w.new_empty(w.shape[:-1], dtype=torch.float32), w.new_empty((*w.shape[:-2], w.shape[-1]), dtype=torch.float32)
-
-    @torch.library.register_fake(f"{ops.NAMESPACE}::skinny_matmul")
-    def _(w, x, transpose_w):
-        rows = w.shape[-1] if transpose_w else w.shape[-2]
-        return x.new_empty((*w.shape[:-2], rows, x.shape[-1]), dtype=torch.float32)
-
-    @torch.library.register_fake(f"{ops.NAMESPACE}::gram")
-    def _(y):
-        return y.new_empty((*y.shape[:-2], y.shape[-1], y.shape[-1]), dtype=torch.float32)
-
-    if not torch.version.cuda:
-        return
-    torch.library.register_kernel(f"{ops.NAMESPACE}::gram", "cuda", _gram_cuda)
-    if not _extension.compiled_config().get("cuda_kernels"):
-        torch.library.register_kernel(f"{ops.NAMESPACE}::row_col_sq_norms", "cuda", _row_col_sq_norms_cuda)
-
-
-_gram_cuda = ops.triton_or_reference("gram", "gram", gram_ref)
-# CUDA fallback when the extension was built without nvcc.
-_row_col_sq_norms_cuda = ops.triton_or_reference("norms", "row_col_sq_norms", row_col_sq_norms_ref)
-
-
-_register()
