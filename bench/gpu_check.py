@@ -106,14 +106,14 @@ def device_name(device: torch.device) -> str:
 # ---- step 1: the suite on CUDA ---------------------------------------------------------------------
 
 def run_suite(name: str, args: list[str], env: dict[str, str], timeout: float) -> SuiteRun:
-    """pytest ``args`` in a subprocess; counts from its JUnit XML."""
+    """pytest ``args`` in a subprocess with environment ``env``; counts from its JUnit XML."""
     with tempfile.TemporaryDirectory() as tmp:
         xml = Path(tmp) / "junit.xml"
         command = [sys.executable, "-m", "pytest", *args, "-q", "-p", "no:cacheprovider", f"--junitxml={xml}"]
         run = SuiteRun(name, " ".join(["pytest", *args]))
         start = time.perf_counter()
         try:
-            subprocess.run(command, cwd=ROOT, env={**os.environ, **env}, timeout=timeout, check=False)
+            subprocess.run(command, cwd=ROOT, env=env, timeout=timeout, check=False)
         except subprocess.TimeoutExpired:
             run.timed_out = True
         run.seconds = time.perf_counter() - start
@@ -129,7 +129,8 @@ def run_suite(name: str, args: list[str], env: dict[str, str], timeout: float) -
 
 def run_suites(timeout: float = SUITE_TIMEOUT_S) -> list[SuiteRun]:
     """Every CUDA parametrisation of tests/, then tests/triton compiled for the GPU (no interpreter)."""
-    env = {"HYPOTHESIS_PROFILE": "gpu-check", "TRITON_INTERPRET": "0"}
+    # Triton compiles for the GPU: no interpreter (TRITON_INTERPRET is read at kernel decoration).
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"HYPOTHESIS_PROFILE": "gpu-check"}
     start = time.perf_counter()
     cuda = run_suite("tests (CUDA parametrisations)", ["tests", "--ignore=tests/triton", "-k", "cuda"], env, timeout)
     left = max(30.0, timeout - (time.perf_counter() - start))

@@ -45,7 +45,7 @@ def test_suite_runner_counts_from_junit(tmp_path):
                      "def test_c(): assert False\n"
                      "@pytest.mark.skip(reason='x')\n"
                      "def test_d(): pass\n")
-    run = gpu_check.run_suite("sample", [str(tests)], {}, timeout=120)
+    run = gpu_check.run_suite("sample", [str(tests)], dict(os.environ), timeout=120)
     assert (run.tests, run.failures, run.errors, run.skipped, run.timed_out) == (4, 1, 0, 1, False)
 
 
