@@ -3,8 +3,10 @@ device, a missing extension raises ExtensionNotBuiltError however an op is reach
 backward through the fused NF4 linear equals plain torch autograd on the dequantized W_res."""
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -218,3 +220,23 @@ def test_hessian_vector_product_of_the_kernel_ops_is_exact(device):
     got = third_derivative(kernel, leaves["x"].detach().clone().requires_grad_())
     want = third_derivative(plain, leaves["x"].detach().double().requires_grad_())
     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+
+
+# ---- every capability test module runs per device -------------------------------------------------
+
+CAPABILITY_MODULES = ("test_nf4_kernels.py", "test_nf4_api.py", "test_fused_linear_api.py", "test_decompose.py",
+                      "test_robust.py", "test_adapters.py", "test_adapters_convert.py")
+
+
+def test_cuda_parametrisations_are_collected_on_every_machine():
+    """Each capability module has tests parametrised on cuda, collected here too (and skipped
+    without a GPU), so none of them can silently lose its GPU run."""
+    tests = Path(__file__).parent
+    result = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                             *(str(tests / m) for m in CAPABILITY_MODULES)],
+                            capture_output=True, text=True, timeout=600, cwd=tests.parent)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    ids = result.stdout.splitlines()
+    for module in CAPABILITY_MODULES:
+        cuda = [i for i in ids if i.startswith(f"tests/{module}::") and re.search(r"[\[-]cuda[\]-]", i)]
+        assert cuda, f"{module} has no test parametrised on cuda"
