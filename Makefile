@@ -13,7 +13,7 @@ SOURCES := $(shell find csrc lowrank_kernels -name '*.cpp' -o -name '*.cu' -o -n
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export MAX_JOBS ?= 2
 
-.PHONY: demo test test-rounding bench info build clean
+.PHONY: demo test test-rounding bench info build clean gpu-check
 
 demo: $(BUILD_STAMP)
 	$(PY) -m lowrank_kernels demo
@@ -45,6 +45,15 @@ info: $(BUILD_STAMP)
 	$(PY) -m lowrank_kernels info
 
 build: $(BUILD_STAMP)
+
+# On a CUDA machine: build (with the CUDA sources), the suite on the GPU, the GPU benchmarks, one
+# report in bench/results/gpu_check.md (bench/gpu_check.py). Without a GPU: one line, exit 0.
+gpu-check:
+	@if ! nvidia-smi -L >/dev/null 2>&1; then \
+		echo "gpu-check: no CUDA GPU on this machine (nvidia-smi finds none); nothing to check"; \
+	else \
+		$(MAKE) --no-print-directory build && $(PY) bench/gpu_check.py; \
+	fi
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)

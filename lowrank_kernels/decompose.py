@@ -31,7 +31,6 @@ from lowrank_kernels.batch_invariant import (
     per_matrix,
     skinny_product,
 )
-from lowrank_kernels.reference.decompose import gram_ref, row_col_sq_norms_ref
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _METHODS = ("subspace", "krylov")
@@ -148,7 +147,7 @@ def _draw_device(generator: torch.Generator | None) -> torch.device:
 
 def _gram(Y: torch.Tensor) -> torch.Tensor:
     """fp32 ``Yᵀ Y [..., k, k]`` of ``Y [..., m, k]`` (exactly symmetric)."""
-    return torch.ops.lowrank_kernels.gram(Y)
+    return ops.op("gram")(Y)
 
 
 def _cholesky_qr(Y: torch.Tensor, shift: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -444,7 +443,7 @@ def _relative_error(W: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
 
 def frobenius_sq(W: torch.Tensor) -> torch.Tensor:
     """‖W‖_F² [...] (fp32) from the one-pass norm kernel."""
-    rows, _ = torch.ops.lowrank_kernels.row_col_sq_norms(W)
+    rows, _ = ops.op("row_col_sq_norms")(W)
     return rows.sum(-1)
 
 
@@ -539,7 +538,7 @@ def cur(W: torch.Tensor, rank: int, *, u: str = "pinv", generator: Generators = 
     W = _check_matrix(W)
     rank = _check_rank(W, rank)
     u = _check_choice(u, "u", _CUR_CORES)
-    row_norms, col_norms = torch.ops.lowrank_kernels.row_col_sq_norms(W)
+    row_norms, col_norms = ops.op("row_col_sq_norms")(W)
     row_uniform, col_uniform = _uniforms(W.shape[:-2], W.shape[-2:], generator, W.device)
     rows = sample_proportional(row_norms, rank, row_uniform)
     cols = sample_proportional(col_norms, rank, col_uniform)
@@ -563,39 +562,3 @@ def cur_factors(W: torch.Tensor, rank: int, **cur_options) -> PiSSAFactors:
     C, U, R, _, _ = cur(W, rank, **cur_options)
     B = matmul(U, R.float()).to(W.dtype)
     return PiSSAFactors(C, B, residual(W, C, B))
-
-
-# ---- op registration: fake kernels and CUDA kernels that are not C++ ----------------------------
-
-def _register() -> None:
-    from lowrank_kernels import _extension
-
-    if _extension.load_error() is not None:
-        return
-
-    @torch.library.register_fake(f"{ops.NAMESPACE}::row_col_sq_norms")
-    def _(w):
-        return w.new_empty(w.shape[:-1], dtype=torch.float32), w.new_empty((*w.shape[:-2], w.shape[-1]), dtype=torch.float32)
-
-    @torch.library.register_fake(f"{ops.NAMESPACE}::skinny_matmul")
-    def _(w, x, transpose_w):
-        rows = w.shape[-1] if transpose_w else w.shape[-2]
-        return x.new_empty((*w.shape[:-2], rows, x.shape[-1]), dtype=torch.float32)
-
-    @torch.library.register_fake(f"{ops.NAMESPACE}::gram")
-    def _(y):
-        return y.new_empty((*y.shape[:-2], y.shape[-1], y.shape[-1]), dtype=torch.float32)
-
-    if not torch.version.cuda:
-        return
-    torch.library.register_kernel(f"{ops.NAMESPACE}::gram", "cuda", _gram_cuda)
-    if not _extension.compiled_config().get("cuda_kernels"):
-        torch.library.register_kernel(f"{ops.NAMESPACE}::row_col_sq_norms", "cuda", _row_col_sq_norms_cuda)
-
-
-_gram_cuda = ops.triton_or_reference("gram", "gram", gram_ref)
-# CUDA fallback when the extension was built without nvcc.
-_row_col_sq_norms_cuda = ops.triton_or_reference("norms", "row_col_sq_norms", row_col_sq_norms_ref)
-
-
-_register()

@@ -22,11 +22,10 @@ from typing import Any
 
 import torch
 
-from lowrank_kernels import _extension, ops
+from lowrank_kernels import ops
 from lowrank_kernels.nf4 import NF4Weight
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_OP = f"{ops.NAMESPACE}::fused_pissa_linear_nf4"
 
 
 def _describe(t: torch.Tensor) -> str:
@@ -137,97 +136,3 @@ def _check_residual(w_res, x) -> tuple[int, int]:
         raise ValueError("w_res is the frozen residual of PiSSA: fused_pissa_linear computes no gradient for it. "
                          "Pass w_res.detach() (train A and B), or use F.linear to train the full weight.")
     return tuple(w_res.shape)
-
-
-# ---- op registration: forward, autograd, fake and CUDA kernels ------------------------------------
-
-def _fused_forward(x, packed, absmax, blocksize, A, B, bias, scale):
-    """``x [M, in]`` -> ``[M, out]``: the fused kernel with the low-rank input ``x Bᵀ``."""
-    return torch.ops.lowrank_kernels.nf4_lowrank_linear(x, packed, absmax, blocksize, A.shape[0], x @ B.T, A,
-                                                        scale, bias)
-
-
-def _setup_context(ctx, inputs, output):
-    x, packed, absmax, blocksize, A, B, bias, scale = inputs
-    ctx.save_for_backward(x, packed, absmax, A, B)
-    ctx.blocksize, ctx.scale, ctx.has_bias = blocksize, scale, bias is not None
-
-
-def _backward(ctx, grad_y):
-    x, packed, absmax, A, B = ctx.saved_tensors
-    needs_x, _, _, _, needs_A, needs_B, needs_bias, _ = ctx.needs_input_grad
-    grad_lowrank = grad_y @ A  # [M, r]
-    grad_x = grad_A = grad_B = grad_bias = None
-    if needs_x:
-        grad_x = torch.ops.lowrank_kernels.nf4_lowrank_linear_grad_input(
-            grad_y, packed, absmax, ctx.blocksize, x.shape[1], grad_lowrank, B, ctx.scale)
-    if needs_A:
-        grad_A = ctx.scale * (grad_y.T @ (x @ B.T))
-    if needs_B:
-        grad_B = ctx.scale * (grad_lowrank.T @ x)
-    if needs_bias and ctx.has_bias:
-        grad_bias = grad_y.sum(0)
-    return grad_x, None, None, None, grad_A, grad_B, grad_bias, None
-
-
-def _register_fakes() -> None:
-    @torch.library.register_fake(f"{ops.NAMESPACE}::nf4_lowrank_linear")
-    def _(x, packed, absmax, blocksize, out_features, lowrank_x, up, scale, bias):
-        return x.new_empty(x.shape[0], out_features)
-
-    @torch.library.register_fake(f"{ops.NAMESPACE}::nf4_lowrank_gemv")
-    def _(x, packed, absmax, blocksize, out_features, lowrank_x, up, scale, bias):
-        return x.new_empty(x.shape[0], out_features)
-
-    @torch.library.register_fake(f"{ops.NAMESPACE}::nf4_lowrank_linear_grad_input")
-    def _(grad_y, packed, absmax, blocksize, in_features, lowrank_grad, down, scale):
-        return grad_y.new_empty(grad_y.shape[0], in_features)
-
-    @torch.library.register_fake(_OP)
-    def _(x, packed, absmax, blocksize, A, B, bias, scale):
-        return x.new_empty(x.shape[0], A.shape[0])
-
-
-def _triton_or_reference():
-    """The GPU GEMM kernels: Triton, or the fp64 PyTorch reference where Triton is missing."""
-    if ops.triton_available():
-        from lowrank_kernels.triton import fused_linear
-
-        return fused_linear.nf4_lowrank_linear, fused_linear.nf4_lowrank_linear_grad_input
-    from lowrank_kernels.reference import fused_linear
-
-    return fused_linear.nf4_lowrank_linear_ref, fused_linear.nf4_lowrank_linear_grad_input_ref
-
-
-def _nf4_lowrank_linear_cuda(x, packed, absmax, blocksize, out_features, lowrank_x, up, scale, bias):
-    if x.shape[0] <= ops.cuda_gemv_max_tokens():
-        return torch.ops.lowrank_kernels.nf4_lowrank_gemv(x, packed, absmax, blocksize, out_features, lowrank_x,
-                                                          up, scale, bias)
-    return _triton_or_reference()[0](x, packed, absmax, blocksize, out_features, lowrank_x, up, scale, bias)
-
-
-def _nf4_lowrank_grad_input_cuda(grad_y, packed, absmax, blocksize, in_features, lowrank_grad, down, scale):
-    return _triton_or_reference()[1](grad_y, packed, absmax, blocksize, in_features, lowrank_grad, down, scale)
-
-
-def _nf4_lowrank_gemv_fallback(x, packed, absmax, blocksize, out_features, lowrank_x, up, scale, bias):
-    """CUDA GEMV when the extension was built without nvcc: the GEMM kernel serves every M."""
-    return _triton_or_reference()[0](x, packed, absmax, blocksize, out_features, lowrank_x, up, scale, bias)
-
-
-def _register() -> None:
-    if _extension.load_error() is not None:
-        return
-    _register_fakes()
-    for device in ("cpu", "cuda"):
-        torch.library.register_kernel(_OP, device, _fused_forward)
-    torch.library.register_autograd(_OP, _backward, setup_context=_setup_context)
-    if torch.version.cuda:
-        torch.library.register_kernel(f"{ops.NAMESPACE}::nf4_lowrank_linear", "cuda", _nf4_lowrank_linear_cuda)
-        torch.library.register_kernel(f"{ops.NAMESPACE}::nf4_lowrank_linear_grad_input", "cuda",
-                                      _nf4_lowrank_grad_input_cuda)
-        if not _extension.compiled_config().get("cuda_kernels"):
-            torch.library.register_kernel(f"{ops.NAMESPACE}::nf4_lowrank_gemv", "cuda", _nf4_lowrank_gemv_fallback)
-
-
-_register()

@@ -45,7 +45,6 @@ from lowrank_kernels.decompose import (
     residual,
     rsvd,
 )
-from lowrank_kernels.reference.robust import huber_weights_ref
 
 _METHODS = ("irls", "adam")
 _INITS = ("svd", "random")
@@ -326,81 +325,3 @@ def _adam(W, A, B, delta, n_iter, return_history):
         optimizer.step()
     A, B = A.detach().reshape(*batch, m, -1), B.detach().reshape(*batch, -1, n)
     return A, B, *_history(history, tuple(batch), m * n, return_history)
-
-
-def _register() -> None:
-    from lowrank_kernels import _extension
-
-    if _extension.load_error() is not None:
-        return
-
-    @torch.library.register_fake(f"{ops.NAMESPACE}::huber_weights")
-    def _(w, a, b, weight_delta, loss_delta):
-        return (torch.empty_like(w, dtype=torch.float32), torch.empty_like(w, dtype=torch.float32),
-                w.new_empty((*w.shape[:-2], 2), dtype=torch.float64))
-
-    @torch.library.register_fake(f"{ops.NAMESPACE}::spd_solve")
-    def _(gram, rhs):
-        return torch.empty_like(rhs)
-
-    @torch.library.register_fake(f"{ops.NAMESPACE}::huber_normal_equations")
-    def _(w, a, b, weight_delta, loss_delta):
-        n, r = w.shape[-1], a.shape[-1]
-        return (w.new_empty((*w.shape[:-2], n, r, r), dtype=torch.float32),
-                w.new_empty((*w.shape[:-2], n, r), dtype=torch.float32),
-                w.new_empty((*w.shape[:-2], 2), dtype=torch.float64))
-
-    @torch.library.register_fake(f"{ops.NAMESPACE}::huber_loss")
-    def _(w, a, b, loss_delta):
-        return w.new_empty((*w.shape[:-2], 2), dtype=torch.float64)
-
-    if torch.version.cuda:
-        for name, kernel in (("huber_weights", _huber_weights_cuda), ("spd_solve", spd_solve_batched),
-                             ("huber_normal_equations", huber_normal_equations_composed),
-                             ("huber_loss", huber_loss_composed)):
-            torch.library.register_kernel(f"{ops.NAMESPACE}::{name}", "cuda", kernel)
-
-
-def huber_normal_equations_composed(w, a, b, weight_delta, loss_delta):
-    """`huber_normal_equations` on a GPU: ω and ψ from the `huber_weights` kernel (Triton), then
-    the normal equations as two GEMMs (cuBLAS): G = ωᵀ [a_i a_iᵀ], g = ψᵀ a. The same
-    arithmetic as the fused CPU kernel, at the price of writing ω and ψ."""
-    omega, psi, stats = ops.op("huber_weights")(w, a, b, weight_delta, loss_delta)
-    r = a.shape[-1]
-    pairs = (a[..., :, None] * a[..., None, :]).flatten(-2)
-    return (omega.mT @ pairs).unflatten(-1, (r, r)), psi.mT @ a, stats
-
-
-def huber_loss_composed(w, a, b, loss_delta):
-    """`huber_loss` on a GPU: the stats of the `huber_weights` kernel."""
-    return ops.op("huber_weights")(w, a, b, loss_delta, loss_delta)[2]
-
-
-def spd_solve_batched(gram: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
-    """The `spd_solve` semantics with torch's batched Cholesky (cuSOLVER on a GPU, where batched
-    small factorizations are efficient): ``gram [..., r, r]``, ``rhs [..., r]`` fp32 -> fp32
-    ``(G + λI)⁻¹ g``, fp64 inside, λ = 0 unless Cholesky fails, then 1e-12 · mean diag · 1e4ᵏ
-    for the systems that failed."""
-    if gram.dtype != torch.float32 or rhs.dtype != torch.float32:
-        raise RuntimeError(f"gram and rhs must be float32, got {gram.dtype} and {rhs.dtype}")
-    if rhs.dim() < 1 or gram.shape != (*rhs.shape, rhs.shape[-1]):
-        raise RuntimeError(f"gram must be [..., r, r] and rhs [..., r], got shapes {list(gram.shape)} and "
-                           f"{list(rhs.shape)}")
-    G = gram.double()
-    scale = G.diagonal(dim1=-2, dim2=-1).mean(-1).clamp(min=1e-300)[..., None, None]
-    eye = torch.eye(G.shape[-1], dtype=G.dtype, device=G.device)
-    factor, info = torch.linalg.cholesky_ex(G)
-    ridge = 1e-12
-    while bool(info.any()) and ridge <= 1:
-        failed = (info > 0)[..., None, None]
-        retry, retry_info = torch.linalg.cholesky_ex(G + ridge * scale * eye)
-        factor = torch.where(failed, retry, factor)
-        info = torch.where(info > 0, retry_info, info)
-        ridge *= 1e4
-    return torch.cholesky_solve(rhs.double()[..., None], factor)[..., 0].float()
-
-
-_huber_weights_cuda = ops.triton_or_reference("huber", "huber_weights", huber_weights_ref)
-
-
-_register()

@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from adapter_models import effective_weight64, residual64
+from conftest import on_gpu
 from fused_linear_cases import FP32_UNIT_ROUNDOFF
 import lowrank_kernels
 from lowrank_kernels import quantize_nf4
@@ -27,7 +28,7 @@ def gen(seed=0):
     return torch.Generator().manual_seed(seed)
 
 
-def make_linear(seed=0, bias=True, dtype=torch.float32, out_features=OUT, in_features=IN):
+def make_linear(seed=0, bias=True, dtype=torch.float32, out_features=OUT, in_features=IN, device="cpu"):
     """A linear layer with a decaying spectrum plus noise (like trained weights)."""
     g = gen(seed)
     U = torch.linalg.qr(torch.randn(out_features, 32, generator=g)).Q
@@ -38,23 +39,25 @@ def make_linear(seed=0, bias=True, dtype=torch.float32, out_features=OUT, in_fea
         linear.weight.copy_(W)
         if bias:
             linear.bias.copy_(torch.randn(out_features, generator=g))
-    return linear.to(dtype)
+    return linear.to(device, dtype)
 
 
 def forward_bound(x, *terms):
-    """fp32 error bound of a sum of GEMMs: (K + 4) u Σ |x| |M|ᵀ over the products' factors."""
+    """fp32 error bound of a sum of GEMMs: (K + 4) u Σ |x| |M|ᵀ over the products' factors; on a
+    GPU the NF4 GEMM kernels (Triton) also round both factors to TF32 (unit roundoff 2^-11)."""
     magnitude = sum(abs(x.double()) @ abs(t.double()).T for t in terms)
-    return (IN + R + 4) * FP32_UNIT_ROUNDOFF * magnitude + 1e-30
+    tf32 = 2 * 2.0 ** -11 * magnitude if on_gpu(x.device) else 0
+    return (IN + R + 4) * FP32_UNIT_ROUNDOFF * magnitude + tf32 + 1e-30
 
 
 # ---- the layer at init ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("scale", [1.0, 0.25, 3.0])
 @pytest.mark.parametrize("init", ["svd", "rsvd", "cur", "random"])
-def test_dense_layer_at_init_computes_the_original_layer(init, scale):
-    linear = make_linear()
+def test_dense_layer_at_init_computes_the_original_layer(init, scale, device):
+    linear = make_linear(device=device)
     m = PiSSALinear.from_linear(linear, R, init=init, scale=scale, generator=gen(1))
-    x = torch.randn(3, 5, IN, generator=gen(2))
+    x = torch.randn(3, 5, IN, generator=gen(2)).to(device)
     W = linear.weight.double()
     # W_res = W − s A B is computed in fp32 from the stored A, B: a length-r dot product and one
     # subtraction, each rounded, so W_res + s A B reproduces W to (r + 2) u (|W| + s |A| |B|).
@@ -87,12 +90,12 @@ def test_bf16_layer_at_init_within_bf16_rounding():
 
 @pytest.mark.parametrize("double_quant", [False, True])
 @pytest.mark.parametrize("quant_iters", [1, 3])
-def test_nf4_layer_is_the_dense_forward_with_the_dequantized_residual(quant_iters, double_quant):
-    linear = make_linear()
+def test_nf4_layer_is_the_dense_forward_with_the_dequantized_residual(quant_iters, double_quant, device):
+    linear = make_linear(device=device)
     m = PiSSALinear.from_linear(linear, R, quantize="nf4", quant_iters=quant_iters, double_quant=double_quant,
                                 scale=0.5, generator=gen(1))
     assert m.residual_weight().double_quant == double_quant
-    x = torch.randn(7, IN, generator=gen(2))
+    x = torch.randn(7, IN, generator=gen(2)).to(device)
     want = x.double() @ residual64(m).T + m.scale * (x.double() @ m.B.double().T) @ m.A.double().T + m.bias.double()
     assert (abs(m(x).double() - want) <= forward_bound(x, residual64(m), m.A @ m.B)).all()
 
@@ -126,29 +129,30 @@ def test_nf4_layer_at_init_is_within_the_quantization_error_bound(init):
 # ---- training ----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("quantize", [None, "nf4"])
-def test_only_A_and_B_are_trained_and_their_gradients_match_fp64(quantize):
-    linear = make_linear()
+def test_only_A_and_B_are_trained_and_their_gradients_match_fp64(quantize, device):
+    linear = make_linear(device=device)
     m = PiSSALinear.from_linear(linear, R, quantize=quantize, scale=2.0, generator=gen(1))
     assert {name for name, _ in m.named_parameters()} == {"A", "B"}
     assert all(not b.requires_grad for b in m.buffers())
-    x = torch.randn(2, 9, IN, generator=gen(2), requires_grad=True)
-    grad_y = torch.randn(2, 9, OUT, generator=gen(3))
+    x = torch.randn(2, 9, IN, generator=gen(2)).to(device).requires_grad_()
+    grad_y = torch.randn(2, 9, OUT, generator=gen(3)).to(device)
     m(x).backward(grad_y)
     leaves = {k: v.detach().double().requires_grad_() for k, v in dict(x=x, A=m.A, B=m.B).items()}
     ref = leaves["x"] @ residual64(m).T + m.scale * (leaves["x"] @ leaves["B"].T) @ leaves["A"].T + m.bias.double()
     ref.backward(grad_y.double())
+    tol = 4e-3 if on_gpu(device) else 1e-4  # GPU: the NF4 kernels multiply fp32 in TF32
     for name, got in (("x", x.grad), ("A", m.A.grad), ("B", m.B.grad)):
-        torch.testing.assert_close(got.double(), leaves[name].grad, rtol=1e-4, atol=1e-4 * leaves[name].grad.abs().max().item())
+        torch.testing.assert_close(got.double(), leaves[name].grad, rtol=tol, atol=tol * leaves[name].grad.abs().max().item())
 
 
 # ---- merge -------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("quantize", [None, "nf4"])
-def test_merge_is_an_equivalent_linear(quantize):
-    linear = make_linear()
+def test_merge_is_an_equivalent_linear(quantize, device):
+    linear = make_linear(device=device)
     m = PiSSALinear.from_linear(linear, R, quantize=quantize, scale=0.5, generator=gen(1))
     with torch.no_grad():  # a trained adapter, not the init
-        m.A.add_(0.1 * torch.randn(m.A.shape, generator=gen(4)))
+        m.A.add_(0.1 * torch.randn(m.A.shape, generator=gen(4)).to(device))
     merged = m.merge()
     assert type(merged) is nn.Linear and not any(p is m.A or p is m.B for p in merged.parameters())
     want = effective_weight64(m)
@@ -156,7 +160,7 @@ def test_merge_is_an_equivalent_linear(quantize):
     assert (abs(merged.weight.double() - want) <= (R + 2) * FP32_UNIT_ROUNDOFF * (abs(residual64(m)) + m.scale
             * abs(m.A.double()) @ abs(m.B.double()))).all()
     assert torch.equal(merged.bias, m.bias)
-    x = torch.randn(5, IN, generator=gen(2))
+    x = torch.randn(5, IN, generator=gen(2)).to(device)
     assert (abs(merged(x).double() - m(x).double()) <= 2 * forward_bound(x, residual64(m), m.A @ m.B)).all()
 
 

@@ -23,8 +23,8 @@ TARGETS = ["up", "down", "head"]
 # ---- batching and seeds ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("quantize", [None, "nf4"])
-def test_batched_conversion_equals_converting_each_layer_alone(quantize):
-    batched, alone = Toy(), Toy()
+def test_batched_conversion_equals_converting_each_layer_alone(quantize, device):
+    batched, alone = Toy().to(device), Toy().to(device)
     convert_model(batched, target_modules=TARGETS, rank=4, quantize=quantize, quant_iters=2, scale=0.5, seed=3,
                   progress=False)
     for name in reversed(LINEARS):  # another order, one layer per call
@@ -41,8 +41,8 @@ def test_batched_conversion_equals_converting_each_layer_alone(quantize):
         torch.testing.assert_close(b.A.abs(), a.A.abs(), rtol=0, atol=1e-4)  # singular vectors: sign is free
 
 
-def test_same_seed_same_result_and_another_seed_another_result():
-    first, second, other = Toy(), Toy(), Toy()
+def test_same_seed_same_result_and_another_seed_another_result(device):
+    first, second, other = Toy().to(device), Toy().to(device), Toy().to(device)
     for model, seed in ((first, 7), (second, 7), (other, 8)):
         convert_model(model, target_modules=TARGETS, rank=4, quantize="nf4", seed=seed, progress=False)
     assert all(torch.equal(v, second.state_dict()[k]) for k, v in first.state_dict().items())
@@ -106,8 +106,8 @@ def test_a_nan_weight_is_reported_before_any_layer_is_converted():
 # ---- the report, freezing, merging ----------------------------------------------------------------------
 
 @pytest.mark.parametrize("quantize", [None, "nf4"])
-def test_report_holds_each_layer_and_its_errors(quantize, capsys):
-    model, original = Toy(), Toy()
+def test_report_holds_each_layer_and_its_errors(quantize, capsys, device):
+    model, original = Toy().to(device), Toy().to(device)
     report = convert_model(model, target_modules=TARGETS, rank=4, quantize=quantize, scale=2.0, seed=1)
     assert "PiSSA conversion" in capsys.readouterr().err  # the tqdm bar
     assert [layer.name for layer in report] == LINEARS and len(report) == 7
@@ -147,10 +147,10 @@ def test_freeze_base_leaves_only_the_adapters_trainable(freeze_base):
 
 
 @pytest.mark.parametrize("quantize", [None, "nf4"])
-def test_merge_model_replaces_adapters_by_equivalent_linears(quantize):
-    model = Toy()
+def test_merge_model_replaces_adapters_by_equivalent_linears(quantize, device):
+    model = Toy().to(device)
     convert_model(model, target_modules=TARGETS, rank=4, quantize=quantize, progress=False)
-    x = torch.randn(5, 32, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(5, 32, generator=torch.Generator().manual_seed(0)).to(device)
     want = model(x)
     merged = merge_model(copy.deepcopy(model))
     assert not any(isinstance(m, PiSSALinear) for m in merged.modules())

@@ -34,7 +34,7 @@ def gen(seed=0):
 
 
 def assert_orthonormal_columns(Q, tol=2e-5):
-    eye = torch.eye(Q.shape[-1], dtype=torch.float64)
+    eye = torch.eye(Q.shape[-1], dtype=torch.float64, device=Q.device)
     assert (Q.double().mT @ Q.double() - eye).abs().max() <= tol
 
 
@@ -49,8 +49,8 @@ def suboptimality(W, U, S, Vh, rank):
 
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("shape", [(60, 40), (40, 60), (33, 33)], ids=str)
-def test_rsvd_recovers_low_rank_matrices_exactly(shape, method):
-    W = low_rank(*shape, 5)
+def test_rsvd_recovers_low_rank_matrices_exactly(shape, method, device):
+    W = low_rank(*shape, 5).to(device)
     U, S, Vh, _ = D.rsvd(W, 5, method=method, n_iter=1, generator=gen())
     assert U.shape == (shape[0], 5) and S.shape == (5,) and Vh.shape == (5, shape[1])
     assert (U @ torch.diag(S) @ Vh - W).abs().max() <= 2e-5 * W.abs().max()
@@ -103,8 +103,8 @@ def test_block_size_is_the_sketch_width_oversample_sets():
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_rsvd_factors_are_orthonormal_and_sorted(method):
-    U, S, Vh, _ = D.rsvd(decaying(80, 50), 10, method=method, generator=gen())
+def test_rsvd_factors_are_orthonormal_and_sorted(method, device):
+    U, S, Vh, _ = D.rsvd(decaying(80, 50).to(device), 10, method=method, generator=gen())
     assert_orthonormal_columns(U)
     assert_orthonormal_columns(Vh.mT)
     assert (S[:-1] >= S[1:]).all() and (S >= 0).all()
@@ -112,15 +112,15 @@ def test_rsvd_factors_are_orthonormal_and_sorted(method):
 
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("rank", [1, 8])
-def test_rsvd_approaches_the_optimal_rank_k_error(method, rank):
-    W = decaying(120, 90)
+def test_rsvd_approaches_the_optimal_rank_k_error(method, rank, device):
+    W = decaying(120, 90).to(device)
     coarse = suboptimality(W, *D.rsvd(W, rank, n_iter=0, oversample=0, method=method, generator=gen())[:3], rank)
     fine = suboptimality(W, *D.rsvd(W, rank, n_iter=4, method=method, generator=gen())[:3], rank)
     assert fine <= 0.005 and fine <= coarse
 
 
-def test_rsvd_error_estimate_is_the_actual_error():
-    W = decaying(70, 50)
+def test_rsvd_error_estimate_is_the_actual_error(device):
+    W = decaying(70, 50).to(device)
     U, S, Vh, error = D.rsvd(W, 6, error=True, generator=gen())
     actual = torch.linalg.matrix_norm(W.double() - (U.double() * S.double()) @ Vh.double()) / torch.linalg.matrix_norm(W.double())
     assert abs(error.item() - actual.item()) <= 1e-4
@@ -186,8 +186,8 @@ def test_rsvd_four_dim_batch_and_same_generator_same_result():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_rsvd_half_precision_matches_fp32(dtype):
-    W = decaying(128, 96)
+def test_rsvd_half_precision_matches_fp32(dtype, device):
+    W = decaying(128, 96).to(device)
     half = D.rsvd(W.to(dtype), 6, generator=gen())
     full = D.rsvd(W.to(dtype).float(), 6, generator=gen())
     torch.testing.assert_close(half.S, full.S, rtol=4 * torch.finfo(dtype).eps * 8, atol=0)
@@ -229,8 +229,8 @@ def test_orthonormalize_takes_each_batch_element_down_its_own_path():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("exact", [False, True])
-def test_pissa_factors_reconstruct_w(exact, dtype):
-    W = decaying(64, 48).to(dtype)
+def test_pissa_factors_reconstruct_w(exact, dtype, device):
+    W = decaying(64, 48).to(device, dtype)
     A, B, W_res = D.pissa_factors(W, 8, exact=exact, **({} if exact else {"generator": gen(), "n_iter": 4}))
     assert A.shape == (64, 8) and B.shape == (8, 48) and W_res.dtype == dtype
     product = A.float() @ B.float()
@@ -243,8 +243,8 @@ def test_pissa_factors_reconstruct_w(exact, dtype):
     torch.testing.assert_close(torch.linalg.svdvals(product)[:8], S[:8], rtol=2e-2 if dtype != torch.float32 else 1e-3, atol=0)
 
 
-def test_random_pissa_keeps_top_components_and_picks_minor_ones():
-    W = decaying(40, 30)
+def test_random_pissa_keeps_top_components_and_picks_minor_ones(device):
+    W = decaying(40, 30).to(device)
     U, S, Vh = torch.linalg.svd(W.double(), full_matrices=False)
     A, B, W_res = D.random_pissa_factors(W, 6, n_random=2, generator=gen(3))
     torch.testing.assert_close(W_res + A @ B, W, rtol=0, atol=1e-5)
@@ -260,16 +260,16 @@ def test_random_pissa_keeps_top_components_and_picks_minor_ones():
 # ---- CUR -------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("u", ["pinv", "stable", "optimal"])
-def test_cur_recovers_low_rank_matrices_exactly(u):
-    W = low_rank(50, 70, 4, seed=2)
+def test_cur_recovers_low_rank_matrices_exactly(u, device):
+    W = low_rank(50, 70, 4, seed=2).to(device)
     C, U, R, rows, cols = D.cur(W, 4, u=u, generator=gen())
     assert torch.equal(C, W[:, cols]) and torch.equal(R, W[rows, :])
     assert torch.linalg.matrix_rank(W[rows][:, cols]) == 4  # the sampled core is nonsingular
     assert (C @ U @ R - W).abs().max() <= 1e-3 * W.abs().max()
 
 
-def test_cur_factors_split_and_optimal_core_is_best():
-    W = decaying(60, 50)
+def test_cur_factors_split_and_optimal_core_is_best(device):
+    W = decaying(60, 50).to(device)
     A, B, W_res = D.cur_factors(W, 6, generator=gen(5))
     torch.testing.assert_close(A @ B + W_res, W, rtol=0, atol=1e-6)
     errors = {}

@@ -7,21 +7,24 @@ import torch
 import torch.nn.functional as F
 
 import lowrank_kernels as lk
+from conftest import on_gpu
 from fused_linear_cases import FP32_UNIT_ROUNDOFF
 from lowrank_kernels.reference import dequantize_nf4_ref
 
 IN, OUT, R = 100, 37, 3
+#: fp32 on a GPU: the Triton GEMM kernels multiply in TF32 (10-bit mantissa, unit roundoff 2^-11).
+TF32_UNIT_ROUNDOFF = 2.0 ** -11
 
 
-def make_operands(dtype, *, double_quant=False, leading=(6,), seed=0, requires_grad=True):
+def make_operands(dtype, *, double_quant=False, leading=(6,), seed=0, requires_grad=True, device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    w = torch.randn(OUT, IN, generator=g)
+    w = torch.randn(OUT, IN, generator=g).to(device)
     q = lk.quantize_nf4(w, blocksize=64, double_quant=double_quant)
     tensors = dict(
         x=torch.randn(*leading, IN, generator=g), A=torch.randn(OUT, R, generator=g) / 2,
         B=torch.randn(R, IN, generator=g) / 2, bias=torch.randn(OUT, generator=g),
     )
-    tensors = {k: v.to(dtype).requires_grad_(requires_grad) for k, v in tensors.items()}
+    tensors = {k: v.to(device, dtype).requires_grad_(requires_grad) for k, v in tensors.items()}
     return q, tensors
 
 
@@ -41,18 +44,20 @@ def reference(x, w64, A, B, bias, scale):
     return y, leaves
 
 
-def tolerance(dtype, magnitude):
-    """Error bound for fp32 accumulation; bf16/fp16 activations also round x@B^T and the outputs."""
+def tolerance(dtype, magnitude, device="cpu"):
+    """Error bound for fp32 accumulation; bf16/fp16 activations also round x@B^T and the outputs;
+    fp32 on a GPU also rounds both factors of every product to TF32."""
     if dtype == torch.float32:
-        return (IN + R + 4) * FP32_UNIT_ROUNDOFF * magnitude + 1e-30
+        tf32 = 2 * TF32_UNIT_ROUNDOFF * magnitude if on_gpu(device) else 0
+        return (IN + R + 4) * FP32_UNIT_ROUNDOFF * magnitude + tf32 + 1e-30
     return 4 * torch.finfo(dtype).eps * magnitude
 
 
 @pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("residual", ["nf4", "nf4-double-quant", "dense"])
 @pytest.mark.parametrize("leading", [(0,), (1,), (2, 3), (40,)], ids=str)
-def test_forward_and_gradients_match_fp64_reference(leading, residual, with_bias, dtype):
-    q, t = make_operands(dtype, double_quant=residual == "nf4-double-quant", leading=leading)
+def test_forward_and_gradients_match_fp64_reference(leading, residual, with_bias, dtype, device):
+    q, t = make_operands(dtype, double_quant=residual == "nf4-double-quant", leading=leading, device=device)
     bias = t["bias"] if with_bias else None
     w_res = q if residual != "dense" else q.dequantize().to(dtype)
     y = lk.fused_pissa_linear(t["x"], w_res, t["A"], t["B"], bias, scale=0.5)
@@ -63,9 +68,9 @@ def test_forward_and_gradients_match_fp64_reference(leading, residual, with_bias
     magnitude = x64 @ w64.abs().T + 0.5 * (x64 @ t["B"].detach().double().abs().T) @ t["A"].detach().double().abs().T
     if with_bias:
         magnitude += t["bias"].detach().double().abs()
-    assert ((y.double() - ref).abs() <= tolerance(dtype, magnitude)).all()
+    assert ((y.double() - ref).abs() <= tolerance(dtype, magnitude, device)).all()
 
-    grad_y = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    grad_y = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(device, dtype)
     y.backward(grad_y)
     ref.backward(grad_y.double())
     for name, leaf in leaves.items():
@@ -76,16 +81,16 @@ def test_forward_and_gradients_match_fp64_reference(leading, residual, with_bias
         scale = want.abs().amax()
         # Gradients are sums over tokens and features: compare relative to their largest entry.
         limit = 4e-6 * (IN + OUT + 40) if dtype == torch.float32 else 12 * torch.finfo(dtype).eps
+        if dtype == torch.float32 and on_gpu(device):
+            limit += 4 * TF32_UNIT_ROUNDOFF
         assert (got - want).abs().max() <= limit * scale + 1e-12, name
 
 
-def test_dense_residual_gradcheck_fp64():
+def test_dense_residual_gradcheck_fp64(device):
     g = torch.Generator().manual_seed(0)
-    w = torch.randn(7, 5, dtype=torch.float64, generator=g)
-    x = torch.randn(2, 3, 5, dtype=torch.float64, generator=g, requires_grad=True)
-    A = torch.randn(7, 2, dtype=torch.float64, generator=g, requires_grad=True)
-    B = torch.randn(2, 5, dtype=torch.float64, generator=g, requires_grad=True)
-    bias = torch.randn(7, dtype=torch.float64, generator=g, requires_grad=True)
+    w, x, A, B, bias = (torch.randn(*shape, dtype=torch.float64, generator=g).to(device)
+                        for shape in ((7, 5), (2, 3, 5), (7, 2), (2, 5), (7,)))
+    x, A, B, bias = (t.requires_grad_() for t in (x, A, B, bias))
     assert torch.autograd.gradcheck(lambda *a: lk.fused_pissa_linear(a[0], w, a[1], a[2], a[3], scale=0.7),
                                     (x, A, B, bias))
     assert torch.autograd.gradgradcheck(lambda *a: lk.fused_pissa_linear(a[0], w, a[1], a[2], None, scale=0.7),
@@ -93,17 +98,18 @@ def test_dense_residual_gradcheck_fp64():
 
 
 @pytest.mark.parametrize("tokens", [3, 40])
-def test_nf4_and_dense_residual_agree(tokens):
-    """The two residual kinds are the same function of the same weights."""
-    q, t = make_operands(torch.float32, leading=(tokens,))
+def test_nf4_and_dense_residual_agree(tokens, device):
+    """The two residual kinds are the same function of the same weights (to TF32 on a GPU)."""
+    q, t = make_operands(torch.float32, leading=(tokens,), device=device)
     y_nf4 = lk.fused_pissa_linear(t["x"], q, t["A"], t["B"], t["bias"], 0.5)
     y_dense = lk.fused_pissa_linear(t["x"], q.dequantize(), t["A"], t["B"], t["bias"], 0.5)
-    torch.testing.assert_close(y_nf4, y_dense, rtol=1e-5, atol=1e-5)
+    tol = 4 * TF32_UNIT_ROUNDOFF if on_gpu(device) else 1e-5
+    torch.testing.assert_close(y_nf4, y_dense, rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("residual", ["nf4", "dense"])
-def test_compiled_equals_eager(residual):
-    q, t = make_operands(torch.float32, leading=(2, 9))
+def test_compiled_equals_eager(residual, device):
+    q, t = make_operands(torch.float32, leading=(2, 9), device=device)
     w = q if residual == "nf4" else q.dequantize()
 
     def step(x, A, B, bias):
@@ -120,9 +126,9 @@ def test_compiled_equals_eager(residual):
         torch.testing.assert_close(c, e)
 
 
-def test_autocast_runs_in_the_autocast_dtype():
-    q, t = make_operands(torch.float32, requires_grad=False)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+def test_autocast_runs_in_the_autocast_dtype(device):
+    q, t = make_operands(torch.float32, requires_grad=False, device=device)
+    with torch.autocast(device, dtype=torch.bfloat16):
         y = lk.fused_pissa_linear(t["x"], q, t["A"], t["B"], t["bias"], 0.5)
         dense = F.linear(t["x"], q.dequantize(), t["bias"]) + 0.5 * F.linear(F.linear(t["x"], t["B"]), t["A"])
     assert y.dtype == torch.bfloat16 == dense.dtype
@@ -131,15 +137,15 @@ def test_autocast_runs_in_the_autocast_dtype():
     assert torch.equal(y, expected)
 
 
-def test_training_step_updates_only_the_adapter():
+def test_training_step_updates_only_the_adapter(device):
     torch.manual_seed(0)
-    teacher = torch.randn(OUT, IN)
-    q = lk.quantize_nf4(torch.randn(OUT, IN), blocksize=64)
+    teacher = torch.randn(OUT, IN).to(device)
+    q = lk.quantize_nf4(torch.randn(OUT, IN).to(device), blocksize=64)
     packed, absmax = q.packed.clone(), q.absmax.clone()
-    A = torch.nn.Parameter(torch.zeros(OUT, 8))
-    B = torch.nn.Parameter(torch.randn(8, IN) / 10)
+    A = torch.nn.Parameter(torch.zeros(OUT, 8, device=device))
+    B = torch.nn.Parameter((torch.randn(8, IN) / 10).to(device))
     optimizer = torch.optim.Adam([A, B], lr=0.05)
-    x = torch.randn(64, IN)
+    x = torch.randn(64, IN).to(device)
     target = x @ teacher.T
     losses = []
     for _ in range(20):
@@ -153,19 +159,27 @@ def test_training_step_updates_only_the_adapter():
 
 
 @pytest.mark.parametrize("tokens", [4, 64])
-def test_never_materialises_the_dequantized_residual(tokens):
-    """Every allocation of forward + backward, summed (an upper bound on the peak), stays below
-    the size of the dequantized W_res, while a dequantize-then-matmul path exceeds it."""
+def test_never_materialises_the_dequantized_residual(tokens, device):
+    """Every allocation of forward + backward, summed (an upper bound on the peak; on a GPU the
+    allocator's peak itself), stays below the size of the dequantized W_res, while a
+    dequantize-then-matmul path exceeds it."""
     from torch.profiler import ProfilerActivity, profile
 
     out_features, in_features = 4096, 2048
-    q = lk.quantize_nf4(torch.randn(out_features, in_features))
-    A = torch.randn(out_features, 16, requires_grad=True)
-    B = torch.randn(16, in_features, requires_grad=True)
-    x = torch.randn(tokens, in_features, requires_grad=True)
+    q = lk.quantize_nf4(torch.randn(out_features, in_features).to(device))
+    A = torch.randn(out_features, 16).to(device).requires_grad_()
+    B = torch.randn(16, in_features).to(device).requires_grad_()
+    x = torch.randn(tokens, in_features).to(device).requires_grad_()
     dense_bytes = out_features * in_features * 4
 
     def allocated(fn) -> int:
+        if on_gpu(device):
+            torch.cuda.synchronize()
+            before = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            fn()
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated() - before
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             fn()
         # Each allocation counts once, in the innermost op that made it (aten::empty*, or a

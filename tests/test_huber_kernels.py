@@ -101,7 +101,7 @@ def test_normal_equations_bound_catches_a_wrong_term():
 
 def test_gpu_composition_equals_the_fused_cpu_kernel():
     """The CUDA registration (huber_weights + GEMMs) computes the same normal equations."""
-    from lowrank_kernels.robust import huber_loss_composed, huber_normal_equations_composed
+    from lowrank_kernels._registry import huber_loss_composed, huber_normal_equations_composed
 
     inputs = make_inputs((3,), 40, 70, 5, torch.float32)
     assert_normal_equations_match(huber_normal_equations_composed(*inputs), *inputs)
@@ -154,7 +154,7 @@ def test_spd_solve_singular_system_gets_a_descent_step():
     assert torch.isfinite(x).all()
     assert ((x * rhs).sum(-1) > 0).all()
     assert torch.allclose(x[0, 0], torch.tensor(0.25))
-    from lowrank_kernels.robust import spd_solve_batched
+    from lowrank_kernels._registry import spd_solve_batched
 
     assert torch.allclose(spd_solve_batched(G, rhs), x, rtol=1e-4)
 

@@ -1,4 +1,4 @@
-"""NF4 public API: bad input, serialisation round trips, opcheck, torch.compile."""
+"""NF4 public API: bad input, serialisation round trips, torch.compile."""
 from __future__ import annotations
 
 import dataclasses
@@ -8,7 +8,6 @@ import torch
 
 import lowrank_kernels as lk
 from lowrank_kernels import ops
-from lowrank_kernels.codebooks import dynamic_code
 from nf4_cases import make_weight
 
 
@@ -58,16 +57,16 @@ def test_rejects_packed_data_of_wrong_length():
         dataclasses.replace(q, offset=torch.tensor(0.0))
 
 
-def test_raw_ops_check_lengths_too():
-    q = lk.quantize_nf4(torch.randn(8, 64))
+def test_raw_ops_check_lengths_too(device):
+    q = lk.quantize_nf4(torch.randn(8, 64).to(device))
     with pytest.raises(RuntimeError, match="packed must hold 256 bytes for 512 elements"):
         ops.op("dequantize_nf4")(q.packed[:-1], q.absmax, 64, 512, torch.float32)
     with pytest.raises(RuntimeError, match="absmax must hold 8 values"):
         ops.op("dequantize_nf4")(q.packed, q.absmax[:3], 64, 512, torch.float32)
     with pytest.raises(RuntimeError, match="blocksize must be a power of two"):
-        ops.op("quantize_nf4")(torch.randn(64), 33)
+        ops.op("quantize_nf4")(torch.randn(64, device=device), 33)
     with pytest.raises(RuntimeError, match="must be float32, float16 or bfloat16"):
-        ops.op("quantize_nf4")(torch.zeros(64, dtype=torch.int32), 64)
+        ops.op("quantize_nf4")(torch.zeros(64, dtype=torch.int32, device=device), 64)
 
 
 def test_dequantize_rejects_wrong_out_and_wrong_type():
@@ -88,22 +87,22 @@ def assert_identical(a: lk.NF4Weight, b: lk.NF4Weight):
 
 
 @pytest.mark.parametrize("double_quant", [False, True], ids=["plain", "dq"])
-def test_safetensors_round_trip_bit_exact(tmp_path, double_quant, dtype):
+def test_safetensors_round_trip_bit_exact(tmp_path, double_quant, dtype, device):
     weights = {
-        "layer.0.q": lk.quantize_nf4(make_weight((33, 77), dtype, "normal"), 64, double_quant),
-        "layer.1.v": lk.quantize_nf4(make_weight((1000,), dtype, "large"), 128, double_quant),
+        "layer.0.q": lk.quantize_nf4(make_weight((33, 77), dtype, "normal").to(device), 64, double_quant),
+        "layer.1.v": lk.quantize_nf4(make_weight((1000,), dtype, "large").to(device), 128, double_quant),
     }
     path = tmp_path / "w.safetensors"
     lk.save_nf4(path, weights)
-    loaded = lk.load_nf4(path)
+    loaded = lk.load_nf4(path, device=device)
     assert loaded.keys() == weights.keys()
     for name in weights:
         assert_identical(loaded[name], weights[name])
         assert torch.equal(loaded[name].dequantize(), weights[name].dequantize())
 
 
-def test_state_dict_round_trip_through_module_buffers():
-    q = lk.quantize_nf4(torch.randn(40, 70), 64, double_quant=True)
+def test_state_dict_round_trip_through_module_buffers(device):
+    q = lk.quantize_nf4(torch.randn(40, 70).to(device), 64, double_quant=True)
     module = torch.nn.Module()
     for k, v in q.state_dict().items():
         module.register_buffer(k, v)
@@ -135,42 +134,13 @@ def test_from_state_dict_refuses_unknown_version():
         lk.NF4Weight.from_state_dict(sd)
 
 
-# ---- op registry ------------------------------------------------------------------------------
+# ---- torch.compile (opcheck of every op: tests/test_registry.py) ---------------------------------
 
-def opcheck_cases():
-    w = make_weight((30, 70), torch.float32, "normal")
-    packed, absmax = ops.op("quantize_nf4")(w, 64)
-    code = dynamic_code()
-    q8, absmax8 = ops.op("quantize_blockwise8")(absmax, code, 256)
-    return [
-        (torch.ops.lowrank_kernels.quantize_nf4.default, (w, 64)),
-        (torch.ops.lowrank_kernels.quantize_nf4.default, (w.bfloat16(), 128)),
-        (torch.ops.lowrank_kernels.dequantize_nf4.default, (packed, absmax, 64, w.numel(), torch.float32)),
-        (torch.ops.lowrank_kernels.dequantize_nf4.default, (packed, absmax, 64, w.numel(), torch.float16)),
-        (torch.ops.lowrank_kernels.quantize_blockwise8.default, (absmax, code, 256)),
-        (torch.ops.lowrank_kernels.dequantize_blockwise8.default, (q8, absmax8, code, 256)),
-    ]
-
-
-@pytest.mark.parametrize("case", range(6))
-def test_opcheck(case):
-    op, args = opcheck_cases()[case]
-    torch.library.opcheck(op, args)
-
-
-def test_opcheck_out_variant():
-    w = make_weight((30, 70), torch.float32, "normal")
-    packed, absmax = ops.op("quantize_nf4")(w, 64)
-    out = torch.empty(w.numel())
-    torch.library.opcheck(torch.ops.lowrank_kernels.dequantize_nf4.out,
-                          (packed, absmax, 64, w.numel(), torch.float32), {"out": out})
-
-
-def test_compiled_quantize_dequantize_equals_eager():
+def test_compiled_quantize_dequantize_equals_eager(device):
     def roundtrip(w):
         packed, absmax = torch.ops.lowrank_kernels.quantize_nf4(w, 64)
         return torch.ops.lowrank_kernels.dequantize_nf4(packed, absmax, 64, w.numel(), w.dtype).view(w.shape) * 2
 
-    w = torch.randn(48, 80)
+    w = torch.randn(48, 80).to(device)
     compiled = torch.compile(roundtrip, fullgraph=True, backend="aot_eager")
     assert torch.equal(compiled(w), roundtrip(w))

@@ -17,13 +17,13 @@ def gen(seed=0):
     return torch.Generator().manual_seed(seed)
 
 
-def low_rank_plus_outliers(m=120, n=80, rank=4, fraction=0.01, seed=0, batch=()):
-    """L = U V (rank `rank`, entries ~ N(0, 1)) and S with `fraction` of entries ±10."""
+def low_rank_plus_outliers(m=120, n=80, rank=4, fraction=0.01, seed=0, batch=(), device="cpu"):
+    """L = U V (rank `rank`, entries ~ N(0, 1)) and S with `fraction` of entries ±10, on `device`."""
     g = gen(seed)
     L = torch.randn(*batch, m, rank, generator=g) @ torch.randn(*batch, rank, n, generator=g) / math.sqrt(rank)
     mask = torch.rand(*batch, m, n, generator=g) < fraction
     S = torch.where(mask, 10 * torch.sign(torch.randn(*batch, m, n, generator=g)), torch.zeros(()))
-    return L, L + S
+    return L.to(device), (L + S).to(device)
 
 
 def truncated_svd(W, rank):
@@ -56,8 +56,8 @@ def brute_force_rank1_l1(W, steps=241):
 
 # ---- recovery and ℓ1 quality ------------------------------------------------------------------------
 
-def test_recovers_low_rank_part_under_sparse_outliers():
-    L, W = low_rank_plus_outliers()
+def test_recovers_low_rank_part_under_sparse_outliers(device):
+    L, W = low_rank_plus_outliers(device=device)
     A, B, _, _ = lk.huber_factorize(W, 4, delta=1e-3, n_iter=200, generator=gen())
     ours = ((A @ B).double() - L.double()).norm() / L.double().norm()
     svd = (truncated_svd(W, 4) - L.double()).norm() / L.double().norm()
@@ -76,35 +76,35 @@ TEXTBOOK = [
 
 
 @pytest.mark.parametrize("W", TEXTBOOK, ids=["seed-3x3", "outlier-3x3"])
-def test_rank1_l1_beats_truncated_svd_and_reaches_the_brute_force_optimum(W):
+def test_rank1_l1_beats_truncated_svd_and_reaches_the_brute_force_optimum(W, device):
     optimum = brute_force_rank1_l1(W)
     svd = l1(W, truncated_svd(W, 1))
-    A, B, _, _ = lk.huber_factorize(W, 1, delta=1e-5, n_iter=300, generator=gen())
-    ours = l1(W, A @ B)
+    A, B, _, _ = lk.huber_factorize(W.to(device), 1, delta=1e-5, n_iter=300, generator=gen())
+    ours = l1(W, (A @ B).cpu())
     print(f"ℓ1 error: huber_factorize {ours:.4f}, brute force {optimum:.4f}, truncated SVD {svd:.4f}")
     assert optimum < svd - 0.5
     assert ours <= optimum + 1e-3
 
 
-def test_heavy_tailed_matrix_mae_below_svd():
+def test_heavy_tailed_matrix_mae_below_svd(device):
     g = gen(3)
     W = torch.distributions.StudentT(2.0).sample((96, 64)) + torch.randn(96, 3, generator=g) @ torch.randn(3, 64, generator=g)
-    A, B, _, _ = lk.huber_factorize(W, 3, generator=gen())
-    assert (W - A @ B).abs().mean() < 0.97 * (W.double() - truncated_svd(W, 3)).abs().mean()
+    A, B, _, _ = lk.huber_factorize(W.to(device), 3, generator=gen())
+    assert (W - (A @ B).cpu()).abs().mean() < 0.97 * (W.double() - truncated_svd(W, 3)).abs().mean()
 
 
 # ---- the IRLS method's properties ---------------------------------------------------------------------
 
-def test_irls_loss_history_is_non_increasing_and_decreases():
-    _, W = low_rank_plus_outliers(seed=1)
+def test_irls_loss_history_is_non_increasing_and_decreases(device):
+    _, W = low_rank_plus_outliers(seed=1, device=device)
     _, _, loss, mae = lk.huber_factorize(W, 4, n_iter=40, return_history=True, generator=gen())
     assert loss.dtype == torch.float64 and loss.shape == mae.shape and loss.dim() == 1
     assert (loss[1:] <= loss[:-1]).all()
     assert loss[-1] < 0.5 * loss[0]
 
 
-def test_history_matches_the_returned_factors():
-    _, W = low_rank_plus_outliers(m=40, n=30, seed=2)
+def test_history_matches_the_returned_factors(device):
+    _, W = low_rank_plus_outliers(m=40, n=30, seed=2, device=device)
     delta = 0.05
     A, B, loss, mae = lk.huber_factorize(W, 2, delta=delta, n_iter=15, return_history=True, generator=gen())
     E = (A.double() @ B.double() - W.double()).abs()
@@ -176,15 +176,15 @@ def test_a_batch_starts_where_the_loop_over_its_matrices_starts():
 
 
 @pytest.mark.parametrize("method", ["irls", "adam"])
-def test_same_generator_same_result(method):
-    _, W = low_rank_plus_outliers(m=30, n=20, seed=5)
+def test_same_generator_same_result(method, device):
+    _, W = low_rank_plus_outliers(m=30, n=20, seed=5, device=device)
     first = lk.huber_factorize(W, 2, method=method, n_iter=20, generator=gen(7))
     second = lk.huber_factorize(W, 2, method=method, n_iter=20, generator=gen(7))
     assert torch.equal(first.A, second.A) and torch.equal(first.B, second.B)
 
 
-def test_bf16_matches_fp32_within_bf16_tolerance():
-    L, W = low_rank_plus_outliers(seed=6)
+def test_bf16_matches_fp32_within_bf16_tolerance(device):
+    L, W = low_rank_plus_outliers(seed=6, device=device)
     A32, B32, _, _ = lk.huber_factorize(W, 4, generator=gen())
     A16, B16, _, _ = lk.huber_factorize(W.bfloat16(), 4, generator=gen())
     assert A16.dtype == B16.dtype == torch.bfloat16
@@ -211,8 +211,8 @@ def test_adam_reproduces_the_seeds_algorithm_1():
     assert torch.allclose(A, A_ref.detach(), atol=1e-5) and torch.allclose(B, B_ref.detach(), atol=1e-5)
 
 
-def test_robust_pissa_factors_split_is_exact():
-    _, W = low_rank_plus_outliers(batch=(2,), seed=9)
+def test_robust_pissa_factors_split_is_exact(device):
+    _, W = low_rank_plus_outliers(batch=(2,), seed=9, device=device)
     A, B, W_res = lk.robust_pissa_factors(W, 4, generator=gen())
     assert A.shape == (2, 120, 4) and B.shape == (2, 4, 80) and W_res.shape == W.shape
     assert torch.allclose(W_res + A @ B, W, atol=1e-5)
@@ -220,16 +220,16 @@ def test_robust_pissa_factors_split_is_exact():
     assert torch.equal(A, A2) and torch.equal(W_res, W_res2)
 
 
-def test_zero_iterations_return_the_svd_start():
-    _, W = low_rank_plus_outliers(m=30, n=20, seed=10)
+def test_zero_iterations_return_the_svd_start(device):
+    _, W = low_rank_plus_outliers(m=30, n=20, seed=10, device=device)
     A, B, _, _ = lk.huber_factorize(W, 2, n_iter=0, init="svd", generator=gen())
     clipped = W.clamp(-1.5 * W.abs().median(), 1.5 * W.abs().median())  # 600 entries: all sampled
     fits = [truncated_svd(W, 2), truncated_svd(clipped, 2)]
     assert min((A.double() @ B.double() - f).norm() / f.norm() for f in fits) < 1e-5
 
 
-def test_all_zero_matrix_gives_zero_fit():
-    A, B, _, _ = lk.huber_factorize(torch.zeros(3, 10, 8), 2, generator=gen())
+def test_all_zero_matrix_gives_zero_fit(device):
+    A, B, _, _ = lk.huber_factorize(torch.zeros(3, 10, 8, device=device), 2, generator=gen())
     assert torch.isfinite(A).all() and torch.isfinite(B).all()
     assert (A @ B).abs().max() == 0
 
@@ -265,10 +265,10 @@ def test_bad_input_raises_clear_errors(call, error, match):
 
 
 @pytest.mark.parametrize("method", ["irls", "adam"])
-def test_one_generator_per_matrix_makes_each_result_independent_of_the_batch(method):
+def test_one_generator_per_matrix_makes_each_result_independent_of_the_batch(method, device):
     """Per-layer seeds (model conversion): with a generator per matrix, a matrix's factors are
     what it gets alone with its own generator."""
-    _, W = low_rank_plus_outliers(m=30, n=20, batch=(3,), seed=11)
+    _, W = low_rank_plus_outliers(m=30, n=20, batch=(3,), seed=11, device=device)
     n_iter = 10 if method == "irls" else 30
     batched = lk.huber_factorize(W, 2, method=method, n_iter=n_iter, generator=[gen(s) for s in (5, 6, 7)])
     alone = lk.huber_factorize(W[2], 2, method=method, n_iter=n_iter, generator=gen(7))

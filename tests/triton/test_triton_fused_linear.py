@@ -362,31 +362,31 @@ def test_launchers_reject_cpu_tensors_without_interpreter(monkeypatch):
 def test_cuda_dispatch_routes_by_token_count(m, monkeypatch, triton_device):
     """M <= cuda_gemv_max_tokens goes to the GEMV op (its CPU kernel stands in for CUDA C++ here),
     more tokens to the Triton GEMM; both give the reference result, and so does the backward."""
-    from lowrank_kernels import fused_linear, ops
+    from lowrank_kernels import _registry, ops
     from lowrank_kernels.reference import nf4_lowrank_linear_grad_input_ref, nf4_lowrank_linear_ref
     from lowrank_kernels.reference.nf4 import quantize_nf4_ref
 
     triton_calls = []
-    original = fused_linear._triton_or_reference
+    original = _registry.triton_or_reference_gemm
 
     def spy():
         triton_calls.append(m)
         return original()
 
-    monkeypatch.setattr(fused_linear, "_triton_or_reference", spy)
+    monkeypatch.setattr(_registry, "triton_or_reference_gemm", spy)
     g = torch.Generator().manual_seed(m)
     packed, absmax = quantize_nf4_ref(torch.randn(24, 64, generator=g), 32)
     x, lx, up = torch.randn(m, 64, generator=g), torch.randn(m, 3, generator=g), torch.randn(24, 3, generator=g)
     args = [t.to(triton_device) if isinstance(t, torch.Tensor) else t
             for t in (x, packed, absmax, 32, 24, lx, up, 0.5, None)]
-    y = fused_linear._nf4_lowrank_linear_cuda(*args)
+    y = _registry.nf4_lowrank_linear_cuda(*args)
     assert bool(triton_calls) == (m > ops.cuda_gemv_max_tokens())
     torch.testing.assert_close(y, nf4_lowrank_linear_ref(*args), rtol=1e-5, atol=1e-4)
 
     grad_args = (torch.randn(m, 24, generator=g), packed, absmax, 32, 64, torch.randn(m, 3, generator=g),
                  torch.randn(3, 64, generator=g), 0.5)
     grad_args = [t.to(triton_device) if isinstance(t, torch.Tensor) else t for t in grad_args]
-    dx = fused_linear._nf4_lowrank_grad_input_cuda(*grad_args)
+    dx = _registry.nf4_lowrank_grad_input_cuda(*grad_args)
     torch.testing.assert_close(dx, nf4_lowrank_linear_grad_input_ref(*grad_args), rtol=1e-5, atol=1e-4)
-    gemv = fused_linear._nf4_lowrank_gemv_fallback(*args)
+    gemv = _registry.nf4_lowrank_gemv_cuda(*args)
     torch.testing.assert_close(gemv, nf4_lowrank_linear_ref(*args), rtol=1e-5, atol=1e-4)

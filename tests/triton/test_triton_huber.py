@@ -51,12 +51,12 @@ def test_triton_bad_arguments_raise(args, match, triton_device):
 
 
 def test_cuda_registration_routes_to_triton(triton_device, monkeypatch):
-    """The op's CUDA kernel (robust._huber_weights_cuda) is this Triton kernel."""
-    from lowrank_kernels import robust
+    """The op's CUDA kernel (_registry.huber_weights_cuda) is this Triton kernel."""
+    from lowrank_kernels import _registry
 
     inputs = make_inputs((2,), 20, 33, 4, torch.float32, device=triton_device)
     calls = []
     real = triton_huber.huber_weights
     monkeypatch.setattr(triton_huber, "huber_weights", lambda *a: calls.append(1) or real(*a))
-    assert_matches_reference(robust._huber_weights_cuda(*inputs), *inputs)
+    assert_matches_reference(_registry.huber_weights_cuda(*inputs), *inputs)
     assert calls
