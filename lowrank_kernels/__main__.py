@@ -146,7 +146,7 @@ def _convert(args: argparse.Namespace) -> int:
         report = convert_files(
             args.source, args.output, fmt=args.format, rank=args.rank, init=args.init,
             target_modules=args.target_regex or args.target_modules,
-            quantize=None if args.quantize == "none" else args.quantize, quant_iters=args.quant_iters or 1,
+            quantize=None if args.quantize == "none" else args.quantize, quant_iters=1 if args.quant_iters is None else args.quant_iters,
             seed=args.seed, metrics=args.metrics, max_shard_size=_size(args.max_shard_size), resume=args.resume,
             overwrite=args.overwrite, progress=sys.stderr.isatty())
         if report is not None:  # rank 0 (or the only process)
