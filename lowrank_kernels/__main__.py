@@ -75,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="report each layer's reconstruction error and (nf4) quantization error reduction "
                               "(full nuclear norms: about as long as the conversion itself with nf4)")
     convert.add_argument("--max-shard-size", default="2GB", metavar="SIZE",
-                         help="output shard size of a directory output, e.g. 500MB, 2GB (default 2GB)")
+                         help="directory outputs: a shard holds at most SIZE of output, made from at most SIZE of "
+                              "source tensors, e.g. 500MB, 2GB (default 2GB); torchrun ranks share out whole shards")
     convert.add_argument("--resume", action="store_true",
                          help="continue an interrupted conversion into OUTPUT: finished shards whose digests "
                               "check are kept")

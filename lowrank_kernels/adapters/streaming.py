@@ -99,15 +99,18 @@ def _layer_nbytes(shape: tuple[int, int], dtype: torch.dtype, options: AdapterOp
 def plan_shards(source: LazySource, targets: Sequence[str], options: AdapterOptions, fmt: str,
                 max_shard_size: int) -> list[Shard]:
     """The output shards: model order, a new shard when the next item would take the current one
-    past ``max_shard_size`` bytes. The lowrank format holds the target layers only; the PEFT
-    residual every source tensor (targets' biases travel with their layer)."""
+    past ``max_shard_size`` bytes of output or of source tensors read (an NF4 shard is ~4x
+    smaller than its source: so it still splits a model into parts torchrun ranks can share).
+    The lowrank format holds the target layers only; the PEFT residual every source tensor
+    (targets' biases travel with their layer)."""
     target_set = set(targets)
     items: list[tuple[str, str, int, int]] = []  # kind, name, bytes, cost
     for key, info in source.tensors.items():
         name = key.removesuffix(".weight")
         if name in target_set and key.endswith(".weight"):
             shape = source.linears[name]
-            items.append(("layer", name, _layer_nbytes(shape, info.dtype, options, source.has_bias(name)),
+            read = info.nbytes + (source.tensors[f"{name}.bias"].nbytes if source.has_bias(name) else 0)
+            items.append(("layer", name, max(read, _layer_nbytes(shape, info.dtype, options, source.has_bias(name))),
                           shape[0] * shape[1]))
         elif fmt == "peft" and not (key.endswith(".bias") and key.removesuffix(".bias") in target_set):
             items.append(("copy", key, info.nbytes, 0))
