@@ -46,9 +46,10 @@ def generate(path: Path, layers: int) -> None:
     code = f"""
 import torch, transformers
 config = transformers.LlamaConfig(num_hidden_layers={layers}, tie_word_embeddings=False, **{SHAPE_7B!r})
+torch.set_default_dtype(torch.bfloat16)
 with torch.device("meta"):
     model = transformers.LlamaForCausalLM(config)
-model = model.to_empty(device="cpu").to(torch.bfloat16)
+model = model.to_empty(device="cpu")
 g = torch.Generator().manual_seed(0)
 with torch.no_grad():
     for name, p in model.named_parameters():
