@@ -66,6 +66,31 @@ def test_peft_output_loads_in_transformers_and_peft_and_reproduces_the_logits(ll
     torch.testing.assert_close(torch.linalg.svdvals(AB)[:4], torch.linalg.svdvals(W)[:4], rtol=1e-3, atol=0)
 
 
+def test_peft_nf4_output_loads_as_a_bitsandbytes_4bit_model_computing_our_qpissa_layers(tmp_path):
+    """bitsandbytes' CPU 4-bit path needs in_features divisible by the block size: hidden 64."""
+    pytest.importorskip("bitsandbytes")
+    original = tiny_llama(tmp_path / "src", layers=1, hidden=64, intermediate=128, dtype=torch.bfloat16)
+    options = dict(rank=4, quantize="nf4", seed=4, target_modules=["q_proj", "v_proj", "down_proj"])
+    convert_files(tmp_path / "src", tmp_path / "peft", fmt="peft", **options)
+    convert_files(tmp_path / "src", tmp_path / "ours.safetensors", **options)
+    base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "peft" / "residual", device_map="cpu")
+    import bitsandbytes as bnb
+
+    assert isinstance(base.model.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)
+    assert not isinstance(base.model.layers[0].self_attn.k_proj, bnb.nn.Linear4bit)
+    model = peft.PeftModel.from_pretrained(base, tmp_path / "peft" / "adapter").eval()
+    ours = load_converted(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "src"),
+                          tmp_path / "ours.safetensors").eval()
+    with torch.no_grad():
+        got, want, exact = model(IDS).logits.float(), ours(IDS).logits.float(), original(IDS).logits.float()
+        with model.disable_adapter():
+            residual_only = model(IDS).logits.float()
+    assert (residual_only - want).abs().max() > 0.1 * want.abs().max()  # the adapter matters
+    # the same QPiSSA layers, computed by bitsandbytes + PEFT vs our fused kernels (bf16 rounding)
+    torch.testing.assert_close(got, want, rtol=0, atol=0.02 * want.abs().max().item())
+    assert (got - exact).abs().max() < 0.1 * exact.abs().max()  # ≈ the original at init
+
+
 @pytest.mark.parametrize("quantize", [None, "nf4"])
 def test_lowrank_output_equals_in_memory_conversion_bit_for_bit(llama, tmp_path, quantize):
     path, original = llama

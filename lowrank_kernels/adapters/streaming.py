@@ -15,8 +15,10 @@ Output formats (``fmt``):
   file when ``output`` ends in ``.safetensors``, else a directory of shards
   ``adapters-0000i-of-0000N.safetensors`` with ``adapters.safetensors.index.json``.
 * ``"peft"``: ``output/residual/``, a transformers model directory (config.json, every source
-  tensor with each target's weight replaced by its residual W_res in the source dtype, sharded
-  with ``model.safetensors.index.json``), and ``output/adapter/``, a PEFT LoRA adapter
+  tensor with each target's weight replaced by its residual W_res in the source dtype — or, with
+  ``quantize="nf4"``, by its bitsandbytes 4-bit state and a ``quantization_config`` in
+  config.json, so transformers + bitsandbytes load it as a 4-bit model — sharded with
+  ``model.safetensors.index.json``), and ``output/adapter/``, a PEFT LoRA adapter
   (``lora_A`` = our B, ``lora_B`` = our A, ``lora_alpha = scale · r`` so PEFT's scaling
   ``lora_alpha / r`` is our scale).
 
@@ -153,6 +155,7 @@ class _Job:
     metrics: bool
     batch_elements: int
     fingerprint: str
+    targets: tuple[str, ...]
 
 
 def convert_files(source: str | os.PathLike, output: str | os.PathLike, *, rank: int, fmt: str = "lowrank",
@@ -188,8 +191,6 @@ def convert_files(source: str | os.PathLike, output: str | os.PathLike, *, rank:
     if fmt == "peft" and lazy.config_dir is None:
         raise ValueError("format 'peft' needs a Hugging Face model directory as the source (config.json), "
                          f"{os.fspath(source)!r} is a bare safetensors file")
-    if fmt == "peft" and quantize is not None:
-        raise ValueError("format 'peft' writes a dense residual; --quantize nf4 is written in format 'lowrank' only")
     targets = _targets(lazy, target_modules, options)
     output = os.path.abspath(os.fspath(output))
     single = os.path.basename(output) if fmt == "lowrank" and output.endswith(".safetensors") else None
@@ -198,7 +199,7 @@ def convert_files(source: str | os.PathLike, output: str | os.PathLike, *, rank:
                          "written in one step")
     plan = plan_shards(lazy, targets, options, fmt, math.inf if single else max_shard_size)
     job = _Job(lazy, os.path.dirname(output) if single else output, fmt, single, options, seed, metrics,
-               batch_elements, _fingerprint(lazy, targets, options, fmt, seed, plan, init_options))
+               batch_elements, _fingerprint(lazy, targets, options, fmt, seed, plan, init_options), tuple(targets))
     distributed = dist.is_available() and dist.is_initialized()
     rank_id, world = (dist.get_rank(group), dist.get_world_size(group)) if distributed else (0, 1)
     estimate = sum(_layer_nbytes(lazy.linears[n], lazy.tensors[f"{n}.weight"].dtype, options, lazy.has_bias(n))
@@ -353,11 +354,29 @@ def _emit(job: _Job, writers: dict[str, ShardWriter], configs: dict, name: str, 
             writers["lowrank"].add(f"{name}.{key}", tensor)
         configs[name] = checkpoint._layer_config(layer)
         return
-    writers["residual"].add(f"{name}.weight", layer.residual)
+    if layer.quantize:
+        for key, tensor in bnb_4bit_state(layer.residual_weight()).items():
+            writers["residual"].add(f"{name}.{key}", tensor)
+    else:
+        writers["residual"].add(f"{name}.weight", layer.residual)
     if layer.bias is not None:
         writers["residual"].add(f"{name}.bias", layer.bias)
     writers["adapter"].add(f"base_model.model.{name}.lora_A.weight", layer.B.detach())
     writers["adapter"].add(f"base_model.model.{name}.lora_B.weight", layer.A.detach())
+
+
+def bnb_4bit_state(q) -> dict[str, torch.Tensor]:
+    """An `NF4Weight` as the tensors of a bitsandbytes ``Linear4bit`` state dict (``weight``: the
+    packed codes ``[numel / 2, 1]`` uint8, then ``weight.absmax``, ``weight.quant_map``, the nested
+    statistics with double quant and the packed ``weight.quant_state.bitsandbytes__nf4``), which
+    transformers loads as a pre-quantized 4-bit model. Our NF4 is bitsandbytes' bit for bit."""
+    from bitsandbytes.functional import QuantState, get_4bit_type
+
+    nested = QuantState(absmax=q.absmax2, code=q.code2, blocksize=256, dtype=torch.float32) if q.double_quant else None
+    state = QuantState(absmax=q.absmax, shape=q.shape, code=get_4bit_type("nf4", device="cpu"), blocksize=q.blocksize,
+                       quant_type="nf4", dtype=q.dtype, offset=q.offset, state2=nested)
+    return {"weight": q.packed.reshape(-1, 1),
+            **{f"weight.{key}": tensor for key, tensor in state.as_dict(packed=True).items()}}
 
 
 def _lowrank_metadata(configs: dict[str, dict]):
@@ -474,6 +493,21 @@ def _finish(job: _Job, plan: Sequence[Shard]) -> None:
     shutil.rmtree(os.path.join(job.output, RESUME_DIR), ignore_errors=True)
 
 
+def _bnb_config(job: _Job, path: str) -> dict:
+    """The source's config.json with the bitsandbytes 4-bit quantization_config of the residual
+    (the linears that are not targets stay unquantized)."""
+    with open(path) as f:
+        config = json.load(f)
+    dtype = {info.dtype for key, info in job.source.tensors.items()
+             if key.removesuffix(".weight") in job.source.linears}
+    config["quantization_config"] = {
+        "quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False, "bnb_4bit_quant_type": "nf4",
+        "bnb_4bit_use_double_quant": job.options.double_quant, "bnb_4bit_quant_storage": "uint8",
+        "bnb_4bit_compute_dtype": str(dtype.pop() if len(dtype) == 1 else torch.float32).removeprefix("torch."),
+        "llm_int8_skip_modules": sorted(set(job.source.linears) - set(job.targets))}
+    return config
+
+
 def _weight_map(root: str, rels: Sequence[str]) -> dict[str, str]:
     from safetensors import safe_open
 
@@ -493,7 +527,9 @@ def _finish_peft(job: _Job, residuals: Sequence[str], adapters: Sequence[str]) -
                {"metadata": {"total_size": total}, "weight_map": _weight_map(job.output, residuals)})
     for entry in sorted(os.listdir(job.source.config_dir)):  # config, generation config, tokenizer
         path = os.path.join(job.source.config_dir, entry)
-        if os.path.isfile(path) and not entry.endswith((".safetensors", ".bin", ".pt", ".pth")) and entry != INDEX_NAME:
+        if entry == "config.json" and job.options.quantize:
+            write_json(os.path.join(residual_dir, entry), _bnb_config(job, path))
+        elif os.path.isfile(path) and not entry.endswith((".safetensors", ".bin", ".pt", ".pth")) and entry != INDEX_NAME:
             shutil.copyfile(path, os.path.join(residual_dir, f".{entry}.tmp-{os.getpid()}"))
             os.replace(os.path.join(residual_dir, f".{entry}.tmp-{os.getpid()}"), os.path.join(residual_dir, entry))
     os.makedirs(adapter_dir, exist_ok=True)
