@@ -196,6 +196,24 @@ def test_an_interrupted_run_resumes_to_the_bytes_of_an_uninterrupted_one(llama, 
     assert tree(tmp_path / "part") == tree(tmp_path / "full")
 
 
+def test_too_little_space_or_a_file_size_limit_is_refused_before_any_work(llama, tmp_path, monkeypatch):
+    import collections
+    import resource
+
+    path, _ = llama
+    monkeypatch.setattr(streaming.shutil, "disk_usage", lambda d: collections.namedtuple("u", "total used free")(
+        10**6, 10**6 - 1000, 1000))
+    with pytest.raises(OutputError, match="needs about .* GB free"):
+        convert_files(path, tmp_path / "out", rank=2)
+    monkeypatch.undo()
+    real = resource.getrlimit
+    monkeypatch.setattr(streaming.resource, "getrlimit", lambda what: (1000, resource.RLIM_INFINITY)
+                        if what == resource.RLIMIT_FSIZE else real(what))
+    with pytest.raises(OutputError, match=r"file size limit \(ulimit -f\) is 1000 bytes"):
+        convert_files(path, tmp_path / "out", rank=2)
+    assert not any((tmp_path / "out").rglob("*.safetensors"))
+
+
 def test_files_honour_the_umask(llama, tmp_path):
     path, _ = llama
     old = os.umask(0o027)

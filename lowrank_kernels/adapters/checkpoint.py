@@ -117,6 +117,8 @@ def read_converted(path: str | os.PathLike) -> dict[str, PiSSALinear]:
 
 
 def _read_sharded(path: str) -> dict[str, PiSSALinear]:
+    from safetensors import safe_open
+
     index_path = os.path.join(path, INDEX_NAME)
     try:
         with open(index_path) as f:
@@ -132,8 +134,6 @@ def _read_sharded(path: str) -> dict[str, PiSSALinear]:
     for shard in sorted(set(weight_map.values())):
         if os.path.basename(shard) != shard:
             raise CheckpointError(f"{index_path!r}: shard name {shard!r} is not a file name in the directory")
-        from safetensors import safe_open
-
         shard_layers = read_converted(os.path.join(path, shard))
         with safe_open(os.path.join(path, shard), framework="pt") as f:
             keys.update({key: shard for key in f.keys()})

@@ -1,5 +1,6 @@
-"""Multi-process model conversion: the target layers of one model are sharded across the ranks of
-a ``torch.distributed`` process group (gloo on CPU, nccl on GPU), each rank decomposes its share
+"""Multi-process conversion of a model in memory (the `convert` command streams from disk instead,
+`streaming.convert_files`, where each rank writes its own shards): the target layers of one
+model are sharded across the ranks of a ``torch.distributed`` process group (gloo on CPU, nccl on GPU), each rank decomposes its share
 with `convert_model` (same-shape layers of a shard as one batch), and rank 0 gathers the
 converted layers into its model.
 
