@@ -214,6 +214,43 @@ def test_too_little_space_or_a_file_size_limit_is_refused_before_any_work(llama,
     assert not any((tmp_path / "out").rglob("*.safetensors"))
 
 
+KILLED_IN_SECOND_COMMIT = """
+import os, signal, sys
+from lowrank_kernels.adapters import shards, streaming
+commit = shards.ShardWriter.commit
+count = []
+def dying(self, metadata):
+    count.append(1)
+    if len(count) == 2:  # the second shard's data is on disk, its file half-written
+        real_read = self._read
+        def read(start, end):
+            yield from real_read(start, end)
+            os.kill(os.getpid(), signal.SIGKILL)
+        self._read = read
+    return commit(self, metadata)
+shards.ShardWriter.commit = dying
+streaming.convert_files(sys.argv[1], sys.argv[2], rank=2, max_shard_size=8000)
+"""
+
+
+def test_a_killed_run_leaves_no_temporary_file_and_resumes(llama, tmp_path):
+    import subprocess
+    import sys
+
+    path, _ = llama
+    repo = Path(__file__).resolve().parent.parent
+    result = subprocess.run([sys.executable, "-c", KILLED_IN_SECOND_COMMIT, str(path), str(tmp_path / "out")],
+                            env={**os.environ, "PYTHONPATH": str(repo)}, capture_output=True, timeout=300)
+    assert result.returncode == -9, result.stderr[-2000:]
+    names = sorted(str(p.relative_to(tmp_path / "out")) for p in (tmp_path / "out").rglob("*") if p.is_file())
+    # the first shard and its record; of the second nothing (its files were unnamed)
+    assert len(names) == 2 and names[0].startswith(".resume/shard-00001-") and names[1].startswith("adapters-00001-"), \
+        names
+    convert_files(path, tmp_path / "out", rank=2, max_shard_size=8000, resume=True)
+    convert_files(path, tmp_path / "full", rank=2, max_shard_size=8000)
+    assert tree(tmp_path / "out") == tree(tmp_path / "full")
+
+
 def test_files_honour_the_umask(llama, tmp_path):
     path, _ = llama
     old = os.umask(0o027)
