@@ -219,8 +219,9 @@ def convert_files(source: str | os.PathLike, output: str | os.PathLike, *, rank:
     metric_seconds = 0.0
     outcome = None
     try:
-        with tqdm(total=sum(len(s.layers) for s in mine), disable=not progress, desc="PiSSA conversion",
-                  unit="layer", dynamic_ncols=True) as bar:
+        desc = "PiSSA conversion" + (f" (rank 0's {len(mine)} of {len(plan)} shards)" if world > 1 else "")
+        with tqdm(total=sum(len(s.layers) for s in mine), disable=not progress or rank_id != 0, desc=desc,
+                  unit="layer", dynamic_ncols=True) as bar:  # layers, time left; peak RSS in the postfix
             for shard in mine:
                 if resume and _finished(job, shard):
                     bar.update(len(shard.layers))
