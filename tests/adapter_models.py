@@ -66,3 +66,18 @@ def residual64(m) -> torch.Tensor:
 def effective_weight64(m) -> torch.Tensor:
     """W_res + s A B of a PiSSALinear, fp64."""
     return residual64(m) + m.scale * m.A.double() @ m.B.double()
+
+
+def tiny_llama(path, *, dtype=torch.float32, layers: int = 2, max_shard_size: str = "60KB", seed: int = 0,
+               hidden: int = 32, intermediate: int = 48):
+    """A small random Llama (4 heads / 2 KV heads, untied lm_head) saved offline with
+    save_pretrained in several shards with an index; returns the model."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=64, max_position_embeddings=64, tie_word_embeddings=False)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config).to(dtype).eval()
+    model.save_pretrained(path, max_shard_size=max_shard_size, safe_serialization=True)
+    return model

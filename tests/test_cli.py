@@ -79,7 +79,7 @@ def test_demo_quick_prints_tables_that_match_independent_references(tmp_path):
     # QPiSSA 1: what `convert` writes with the same seed, recomputed from the checkpoint
     ckpt = tmp_path / "layer0.safetensors"
     convert = run_cli("convert", weights_file, "--target-regex", r"encoder\.layer\.0\..*", "--rank", "16",
-                      "--init", "rsvd", "--quantize", "nf4", "--quant-iters", "1", "--seed", "4", "--no-metrics",
+                      "--init", "rsvd", "--quantize", "nf4", "--quant-iters", "1", "--seed", "4",
                       "--output", str(ckpt))
     assert convert.returncode == 0, convert.stderr[-3000:]
     layers = read_converted(ckpt)
@@ -119,7 +119,7 @@ def test_convert_minilm_directory_round_trips_and_reports_the_checkpoints_metric
     source = minilm_dir()
     ckpt = tmp_path / "minilm.safetensors"
     result = run_cli("convert", source, "--target-modules", "query", "value", "--rank", "8", "--quantize", "nf4",
-                     "--quant-iters", "2", "--seed", "1", "--output", str(ckpt))
+                     "--quant-iters", "2", "--seed", "1", "--metrics", "--output", str(ckpt))
     assert result.returncode == 0, result.stderr[-3000:]
 
     original = load_model(source).eval()
@@ -203,9 +203,19 @@ def _bad_file(tmp_path: Path) -> str:
      "target_modules ['query'] matches no nn.Linear"),
     ("bad regex", ["convert", "{good}", "--target-regex", "(", "-o", "{tmp}/o.safetensors"], "not a valid regex"),
     ("corrupted file", ["convert", "{bad}", "-o", "{tmp}/o.safetensors"], "cannot read safetensors file"),
-    ("output directory missing", ["convert", "{good}", "-o", "{tmp}/no/dir/o.safetensors"], "does not exist"),
+    ("output directory missing", ["convert", "{good}", "--rank", "2", "-o", "{tmp}/no/dir/o.safetensors"], "does not exist"),
     ("quant iters", ["convert", "{good}", "--quantize", "nf4", "--quant-iters", "0", "-o", "{tmp}/o.safetensors"],
      "quant_iters must be an int >= 1"),
+    ("quant iters without effect", ["convert", "{good}", "--quant-iters", "5", "-o", "{tmp}/o.safetensors"],
+     "--quant-iters has no effect with --quantize none"),
+    ("shard size without effect", ["convert", "{good}", "--max-shard-size", "1MB", "-o", "{tmp}/o.safetensors"],
+     "--max-shard-size has no effect on a one-file output"),
+    ("bad shard size", ["convert", "{good}", "--max-shard-size", "lots", "-o", "{tmp}/odir"],
+     "--max-shard-size must be a size like 500MB"),
+    ("threads", ["convert", "{good}", "--threads", "0", "-o", "{tmp}/o.safetensors"], "--threads must be >= 1"),
+    ("output is the source", ["convert", "{good}", "--rank", "2", "-o", "{good}"], "is, lies inside or contains the source"),
+    ("peft from a bare file", ["convert", "{good}", "--format", "peft", "-o", "{tmp}/odir"],
+     "format 'peft' needs a Hugging Face model directory"),
     ("unknown benchmark", ["bench", "nope"], "unknown benchmark(s) nope"),
 ])
 def test_bad_input_gives_one_error_line_and_status_2(tmp_path, capsys, case, argv, message):
@@ -216,6 +226,32 @@ def test_bad_input_gives_one_error_line_and_status_2(tmp_path, capsys, case, arg
     err = capsys.readouterr().err
     assert err.startswith(f"lowrank-kernels {argv[0]}: error: ") and message in err, err
     assert err.count("\n") == 1 and not (tmp_path / "o.safetensors").exists()
+
+
+def test_existing_output_needs_overwrite_and_unwritable_directories_fail_before_any_work(tmp_path, capsys):
+    source = tmp_path / "good.safetensors"
+    save_file({"a.weight": torch.randn(8, 8)}, str(source))
+    out = tmp_path / "o.safetensors"
+    assert cli.main(["convert", str(source), "--rank", "2", "-o", str(out)]) == 0
+    first = out.read_bytes()
+    assert cli.main(["convert", str(source), "--rank", "3", "-o", str(out)]) == 2
+    assert "exists; pass --overwrite" in capsys.readouterr().err and out.read_bytes() == first
+    assert cli.main(["convert", str(source), "--rank", "3", "--overwrite", "-o", str(out)]) == 0
+    assert out.read_bytes() != first
+    assert cli.main(["convert", str(source), "--rank", "2", "-o", "/proc/self/o.safetensors"]) == 2  # even for root
+    assert "cannot write to the output directory" in capsys.readouterr().err
+
+
+def test_an_interrupt_prints_one_line_and_exits_130(tmp_path, capsys, monkeypatch):
+    from lowrank_kernels.adapters import streaming
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(streaming, "convert_files", interrupted)
+    assert cli.main(["convert", str(tmp_path), "-o", str(tmp_path / "out")]) == 130
+    err = capsys.readouterr().err
+    assert err == "lowrank-kernels convert: interrupted (finished shards are kept: rerun with --resume)\n"
 
 
 def test_bad_input_through_the_interpreter_exits_2_without_traceback(tmp_path):
@@ -236,7 +272,7 @@ def test_bench_runs_each_script_with_quick_where_it_applies(monkeypatch):
     assert cli.main(["bench", "--quick"]) == 1  # a failing script fails the command; the others still run
     scripts = [(Path(c[1]).name, c[2:]) for c, _ in calls]
     assert scripts == [("bench_nf4.py", []), ("bench_fused_linear.py", ["--quick"]), ("bench_decompose.py", ["--quick"]),
-                       ("bench_robust.py", ["--quick"]), ("bench_adapters.py", [])]
+                       ("bench_robust.py", ["--quick"]), ("bench_adapters.py", []), ("bench_convert.py", ["--quick"])]
     assert all(c[0] == sys.executable and Path(c[1]).is_file() for c, _ in calls)
     assert all(env["PYTHONPATH"].split(os.pathsep)[0] == str(REPO) for _, env in calls)
     calls.clear()

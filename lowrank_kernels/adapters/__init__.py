@@ -4,6 +4,8 @@
 * `convert_model` / `merge_model`: in-place conversion of a model's linears (batched per shape).
 * `qpissa_factors` / `loftq_factors` and the quantization error metrics.
 * `save_converted` / `load_converted` / `read_converted`: checked safetensors checkpoints.
+* `convert_files`: streaming conversion of a model on disk (lowrank or PEFT format, resumable,
+  torchrun shards without a gather).
 * `init_factors` / `INITS`: init name -> PiSSA split.
 * PEFT bridge (optional extra `peft`): `init_peft_adapters`, `use_fused_forward`, `pissa_to_lora`.
 """
@@ -12,6 +14,7 @@ from lowrank_kernels.adapters.convert import ConversionReport, LayerReport, conv
 from lowrank_kernels.adapters.inits import INITS, init_factors
 from lowrank_kernels.adapters.peft_bridge import LayerInit, init_peft_adapters, pissa_to_lora, use_fused_forward
 from lowrank_kernels.adapters.pissa_linear import AdapterOptions, PiSSALinear, adapter_split
+from lowrank_kernels.adapters.streaming import convert_files
 from lowrank_kernels.adapters.qpissa import (
     QuantizedFactors,
     error_metrics,
@@ -33,6 +36,7 @@ __all__ = [
     "PiSSALinear",
     "QuantizedFactors",
     "adapter_split",
+    "convert_files",
     "convert_model",
     "error_metrics",
     "init_factors",

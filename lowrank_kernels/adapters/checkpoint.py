@@ -23,6 +23,8 @@ from lowrank_kernels.nf4 import NF4Weight
 
 FORMAT = "lowrank_kernels.adapters"
 FORMAT_VERSION = 1
+#: The index of a sharded checkpoint directory.
+INDEX_NAME = "adapters.safetensors.index.json"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _NF4_KEYS = ("residual_packed", "residual_absmax")
 _DOUBLE_QUANT_KEYS = ("residual_offset", "residual_absmax2", "residual_code2")
@@ -100,13 +102,45 @@ def _digest(tensors: dict[str, torch.Tensor], configs: str) -> str:
 # ---- load ---------------------------------------------------------------------------------------------
 
 def read_converted(path: str | os.PathLike) -> dict[str, PiSSALinear]:
-    """The checked `PiSSALinear` layers of a checkpoint, by module name (on CPU)."""
-    tensors, metadata = _read(os.fspath(path))
+    """The checked `PiSSALinear` layers of a checkpoint, by module name (on CPU): one file, or a
+    directory of shards with ``adapters.safetensors.index.json`` (`streaming.convert_files`),
+    each shard checked on its own and the index checked against the shards' tensors."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        return _read_sharded(path)
+    tensors, metadata = _read(path)
     configs = _configs(metadata)
     if metadata.get("sha256") != _digest(tensors, metadata["layers"]):
         raise CheckpointError(f"{os.fspath(path)!r}: checksum mismatch, the tensor data or layer configs are corrupted")
     _check_keys(tensors, configs)
     return {name: _build_layer(name, config, tensors) for name, config in configs.items()}
+
+
+def _read_sharded(path: str) -> dict[str, PiSSALinear]:
+    from safetensors import safe_open
+
+    index_path = os.path.join(path, INDEX_NAME)
+    try:
+        with open(index_path) as f:
+            index = json.load(f)
+        weight_map, metadata = index["weight_map"], index["metadata"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{path!r}: cannot read the checkpoint index {INDEX_NAME} ({type(exc).__name__}: {exc})") \
+            from exc
+    if metadata.get("format") != FORMAT or metadata.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{index_path!r} is not a lowrank_kernels adapter index of version {FORMAT_VERSION}")
+    layers: dict[str, PiSSALinear] = {}
+    keys: dict[str, str] = {}
+    for shard in sorted(set(weight_map.values())):
+        if os.path.basename(shard) != shard:
+            raise CheckpointError(f"{index_path!r}: shard name {shard!r} is not a file name in the directory")
+        shard_layers = read_converted(os.path.join(path, shard))
+        with safe_open(os.path.join(path, shard), framework="pt") as f:
+            keys.update({key: shard for key in f.keys()})
+        layers.update(shard_layers)
+    if keys != weight_map:
+        raise CheckpointError(f"{index_path!r}: the index does not list exactly the shards' tensors")
+    return layers
 
 
 def load_converted(model: nn.Module, path: str | os.PathLike, *, freeze_base: bool = True) -> nn.Module:

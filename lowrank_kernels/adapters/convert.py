@@ -82,9 +82,15 @@ def _fmt(value: float | None, spec: str) -> str:
 # ---- target selection ------------------------------------------------------------------------------
 
 def find_targets(model: nn.Module, target_modules: str | Sequence[str]) -> list[tuple[str, nn.Linear]]:
-    """The ``nn.Linear`` submodules to convert, in model order. Like PEFT: a string is a regex
-    that must match the whole module name; a list holds names or name suffixes ("query" matches
-    "encoder.layer.0.attention.self.query")."""
+    """The ``nn.Linear`` submodules to convert, in model order (see `select_targets`)."""
+    linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear) and name}
+    return [(name, linears[name]) for name in select_targets(list(linears), target_modules)]
+
+
+def select_targets(linears: Sequence[str], target_modules: str | Sequence[str]) -> list[str]:
+    """The names of ``linears`` (module names of linear layers, model order) to convert. Like
+    PEFT: a string is a regex that must match the whole module name; a list holds names or name
+    suffixes ("query" matches "encoder.layer.0.attention.self.query")."""
     if isinstance(target_modules, str):
         try:
             pattern = re.compile(target_modules)
@@ -97,10 +103,9 @@ def find_targets(model: nn.Module, target_modules: str | Sequence[str]) -> list[
     else:
         raise TypeError(f"target_modules must be a regex string or a non-empty list of module names / suffixes, "
                         f"got {target_modules!r}")
-    linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear) and name]
-    targets = [(name, m) for name, m in linears if matches(name)]
+    targets = [name for name in linears if matches(name)]
     if not targets:
-        sample = ", ".join(name for name, _ in linears[:6]) or "none"
+        sample = ", ".join(linears[:6]) or "none"
         raise ValueError(f"target_modules {target_modules!r} matches no nn.Linear of the model "
                          f"({len(linears)} linear layers, e.g. {sample})")
     return targets
@@ -156,7 +161,7 @@ def convert_model(model: nn.Module, *, target_modules: str | Sequence[str], rank
             errors = _metrics(weights, split, options) if metrics else [(None, None)] * len(group)
             t2 = time.perf_counter() if metrics else t1
             for i, (name, linear) in enumerate(group):
-                replace_module(model, name, _layer(split, i, linear, options))
+                replace_module(model, name, _layer(split, i, linear.bias, options))
             seconds = (time.perf_counter() - t2 + t1 - t0) / len(group)
             metric_seconds += t2 - t1
             for (name, linear), (recon, reduction) in zip(group, errors):
@@ -177,11 +182,11 @@ def _same_shape_groups(targets: list[tuple[str, nn.Linear]]) -> list[list[tuple[
     return list(groups.values())
 
 
-def _layer(split: AdapterSplit, i: int, linear: nn.Linear, options: AdapterOptions) -> PiSSALinear:
-    """Layer ``i`` of a batched split. Dense slices are cloned so each layer owns its storage
-    (the batch is freed, and safetensors refuses tensors that share memory)."""
+def _layer(split: AdapterSplit, i: int, bias: torch.Tensor | None, options: AdapterOptions) -> PiSSALinear:
+    """Layer ``i`` of a batched split, with (a copy of) ``bias``. Dense slices are cloned so each
+    layer owns its storage (the batch is freed, and safetensors refuses tensors that share memory)."""
     residual = split.residual[i] if isinstance(split.residual, list) else split.residual[i].clone()
-    bias = None if linear.bias is None else linear.bias.detach().clone()
+    bias = None if bias is None else bias.detach().clone()
     return PiSSALinear(residual, split.A[i].clone(), split.B[i].clone(), bias, scale=options.scale, init=options.init)
 
 

@@ -1,5 +1,6 @@
-"""Multi-process model conversion: the target layers of one model are sharded across the ranks of
-a ``torch.distributed`` process group (gloo on CPU, nccl on GPU), each rank decomposes its share
+"""Multi-process conversion of a model in memory (the `convert` command streams from disk instead,
+`streaming.convert_files`, where each rank writes its own shards): the target layers of one
+model are sharded across the ranks of a ``torch.distributed`` process group (gloo on CPU, nccl on GPU), each rank decomposes its share
 with `convert_model` (same-shape layers of a shard as one batch), and rank 0 gathers the
 converted layers into its model.
 
@@ -29,15 +30,22 @@ def shard_layers(layers: Sequence[tuple[str, tuple[int, int]]], world_size: int)
     [out, in] shape) pairs in model order). Greedy longest-first by ``out · in`` (what the
     passes over W cost) to the least loaded rank, ties to the lower rank: same-shape layers are
     dealt round-robin, so every rank gets a same-shape batch of each shape."""
+    owner = balance([out_features * in_features for _, (out_features, in_features) in layers], world_size)
+    return [[name for (name, _), o in zip(layers, owner) if o == rank] for rank in range(world_size)]
+
+
+def balance(costs: Sequence[int], world_size: int) -> list[int]:
+    """The rank of each item of ``costs``: greedy, most costly first, to the least loaded rank,
+    ties to the lower rank (and, between equal costs, the earlier item first)."""
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
     load = [0] * world_size
-    owner: dict[str, int] = {}
-    for name, (out_features, in_features) in sorted(layers, key=lambda layer: -layer[1][0] * layer[1][1]):
+    owner = [0] * len(costs)
+    for i in sorted(range(len(costs)), key=lambda i: -costs[i]):
         rank = min(range(world_size), key=lambda r: load[r])
-        owner[name] = rank
-        load[rank] += out_features * in_features
-    return [[name for name, _ in layers if owner[name] == rank] for rank in range(world_size)]
+        owner[i] = rank
+        load[rank] += costs[i]
+    return owner
 
 
 def convert_model_distributed(model: nn.Module, *, target_modules: str | Sequence[str], group=None,
