@@ -23,13 +23,8 @@ from typing import Any
 import torch
 
 from lowrank_kernels import ops
+from lowrank_kernels._checks import FLOAT_DTYPES, describe
 from lowrank_kernels.nf4 import NF4Weight
-
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def _describe(t: torch.Tensor) -> str:
-    return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
 
 
 def fused_pissa_linear(x: torch.Tensor, w_res: NF4Weight | torch.Tensor, A: torch.Tensor, B: torch.Tensor,
@@ -88,26 +83,26 @@ def _check_args(x, w_res, A, B, bias, scale) -> tuple[int, int]:
     """Validates everything; returns (out_features, in_features)."""
     _check_tensor(x, "x")
     dense = isinstance(w_res, torch.Tensor)
-    if x.dtype not in _FLOAT_DTYPES and not (dense and x.dtype == torch.float64):
-        raise TypeError(f"x must be float32, float16 or bfloat16 (or float64 with a dense w_res), got {_describe(x)}")
+    if x.dtype not in FLOAT_DTYPES and not (dense and x.dtype == torch.float64):
+        raise TypeError(f"x must be float32, float16 or bfloat16 (or float64 with a dense w_res), got {describe(x)}")
     if x.dim() < 1:
-        raise ValueError(f"x must have shape [..., in_features], got {_describe(x)}")
+        raise ValueError(f"x must have shape [..., in_features], got {describe(x)}")
     out_features, in_features = _check_residual(w_res, x)
     if x.shape[-1] != in_features:
         raise ValueError(f"x has {x.shape[-1]} input features but w_res is [{out_features}, {in_features}]: "
-                         f"x {_describe(x)}")
+                         f"x {describe(x)}")
     for t, name, shape in ((A, "A", (out_features, None)), (B, "B", (None, in_features))):
         _check_tensor(t, name)
         if t.dim() != 2 or any(want is not None and got != want for got, want in zip(t.shape, shape)):
             want = ", ".join("r" if d is None else str(d) for d in shape)
-            raise ValueError(f"{name} must have shape [{want}] for w_res [{out_features}, {in_features}], got {_describe(t)}")
+            raise ValueError(f"{name} must have shape [{want}] for w_res [{out_features}, {in_features}], got {describe(t)}")
     if A.shape[1] != B.shape[0]:
-        raise ValueError(f"A [out, r] and B [r, in] disagree on r: A {_describe(A)}, B {_describe(B)}")
+        raise ValueError(f"A [out, r] and B [r, in] disagree on r: A {describe(A)}, B {describe(B)}")
     if bias is not None and (_check_tensor(bias, "bias").dim() != 1 or bias.shape[0] != out_features):
-        raise ValueError(f"bias must have shape [{out_features}], got {_describe(bias)}")
+        raise ValueError(f"bias must have shape [{out_features}], got {describe(bias)}")
     for t, name in ((A, "A"), (B, "B"), (bias, "bias")):
         if t is not None and t.dtype != x.dtype:
-            raise TypeError(f"{name} must have x's dtype {x.dtype}, got {_describe(t)}")
+            raise TypeError(f"{name} must have x's dtype {x.dtype}, got {describe(t)}")
         if t is not None and t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
     if isinstance(scale, torch.Tensor) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
@@ -125,11 +120,11 @@ def _check_residual(w_res, x) -> tuple[int, int]:
     _check_tensor(w_res, "w_res")
     if not w_res.is_floating_point():
         raise TypeError(f"w_res must be an NF4Weight (see quantize_nf4) or a float tensor; an integer tensor is "
-                        f"not NF4 storage: got {_describe(w_res)}")
+                        f"not NF4 storage: got {describe(w_res)}")
     if w_res.dim() != 2:
-        raise ValueError(f"w_res must be [out, in], got {_describe(w_res)}")
+        raise ValueError(f"w_res must be [out, in], got {describe(w_res)}")
     if w_res.dtype != x.dtype:
-        raise TypeError(f"a dense w_res must have x's dtype {x.dtype}, got {_describe(w_res)}")
+        raise TypeError(f"a dense w_res must have x's dtype {x.dtype}, got {describe(w_res)}")
     if w_res.device != x.device:
         raise ValueError(f"w_res is on {w_res.device} but x is on {x.device}")
     if w_res.requires_grad:

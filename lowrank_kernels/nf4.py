@@ -15,20 +15,16 @@ from typing import Any
 import torch
 
 from lowrank_kernels import ops
+from lowrank_kernels._checks import FLOAT_DTYPES, describe, is_int
 from lowrank_kernels.codebooks import DOUBLE_QUANT_BLOCKSIZE, dynamic_code, nf4_code
 
 FORMAT_VERSION = 1
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _DTYPE_IDS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _IDS_DTYPE = {v: k for k, v in _DTYPE_IDS.items()}
 
 
-def _describe(t: torch.Tensor) -> str:
-    return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
-
-
 def check_blocksize(blocksize: Any) -> int:
-    if isinstance(blocksize, bool) or not isinstance(blocksize, int):
+    if not is_int(blocksize):
         raise TypeError(f"blocksize must be an int, got {type(blocksize).__name__} {blocksize!r}")
     if not 32 <= blocksize <= 4096 or blocksize & (blocksize - 1):
         raise ValueError(f"blocksize must be a power of two in [32, 4096], got {blocksize}")
@@ -38,10 +34,10 @@ def check_blocksize(blocksize: Any) -> int:
 def _check_weight(w: Any) -> torch.Tensor:
     if not isinstance(w, torch.Tensor):
         raise TypeError(f"W must be a torch.Tensor, got {type(w).__name__}")
-    if w.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"W must be float32, float16 or bfloat16, got {_describe(w)}")
+    if w.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"W must be float32, float16 or bfloat16, got {describe(w)}")
     if w.dim() not in (1, 2):
-        raise ValueError(f"W must be 1-D or 2-D, got {_describe(w)}")
+        raise ValueError(f"W must be 1-D or 2-D, got {describe(w)}")
     return w
 
 
@@ -99,7 +95,7 @@ class NF4Weight:
         if out is None:
             return ops.op("dequantize_nf4")(*args).view(self.shape)
         if out.shape != self.shape or out.dtype != self.dtype or not out.is_contiguous():
-            raise ValueError(f"out must be a contiguous {self.dtype} tensor of shape {tuple(self.shape)}, got {_describe(out)}")
+            raise ValueError(f"out must be a contiguous {self.dtype} tensor of shape {tuple(self.shape)}, got {describe(out)}")
         ops.op("dequantize_nf4").out(*args, out=out.view(-1))
         return out
 
@@ -177,7 +173,7 @@ _TENSOR_FIELDS = ("packed", "absmax", "offset", "absmax2", "code2")
 
 def _validate(q: NF4Weight) -> None:
     check_blocksize(q.blocksize)
-    if q.dtype not in _FLOAT_DTYPES:
+    if q.dtype not in FLOAT_DTYPES:
         raise TypeError(f"NF4Weight.dtype must be float32, float16 or bfloat16, got {q.dtype}")
     if len(q.shape) not in (1, 2) or any(d < 0 for d in q.shape):
         raise ValueError(f"NF4Weight.shape must be 1-D or 2-D, got {tuple(q.shape)}")
@@ -200,7 +196,7 @@ def _expect(t: Any, name: str, dtype: torch.dtype, numel: int, device: torch.dev
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"NF4Weight.{name} must be a tensor, got {type(t).__name__}")
     if t.dtype != dtype or t.numel() != numel or t.device != device:
-        raise ValueError(f"NF4Weight.{name} must be {dtype} with {numel} elements on {device}, got {_describe(t)}")
+        raise ValueError(f"NF4Weight.{name} must be {dtype} with {numel} elements on {device}, got {describe(t)}")
 
 
 def quantize_nf4(W: torch.Tensor, blocksize: int = 64, double_quant: bool = False) -> NF4Weight:
@@ -214,14 +210,14 @@ def quantize_nf4(W: torch.Tensor, blocksize: int = 64, double_quant: bool = Fals
     packed, absmax = ops.op("quantize_nf4")(W, blocksize)
     bad = ~torch.isfinite(absmax)
     if bool(bad.any()):
-        raise ValueError(f"W contains NaN or Inf ({int(bad.sum())} of {absmax.numel()} blocks of {blocksize} affected); {_describe(W)}")
+        raise ValueError(f"W contains NaN or Inf ({int(bad.sum())} of {absmax.numel()} blocks of {blocksize} affected); {describe(W)}")
     if not double_quant:
         return NF4Weight(packed, absmax, W.shape, W.dtype, blocksize)
     offset = absmax.mean() if absmax.numel() else absmax.new_zeros(())
     if not bool(torch.isfinite(offset)):
         raise ValueError(
             f"double quant overflows: the fp32 mean of the block absmax is {float(offset)} "
-            f"(max |W| = {float(absmax.max()):.4g}); use double_quant=False for weights this large; {_describe(W)}")
+            f"(max |W| = {float(absmax.max()):.4g}); use double_quant=False for weights this large; {describe(W)}")
     code2 = dynamic_code(W.device)
     qabsmax, absmax2 = ops.op("quantize_blockwise8")(absmax - offset, code2, DOUBLE_QUANT_BLOCKSIZE)
     return NF4Weight(packed, qabsmax, W.shape, W.dtype, blocksize, offset=offset, absmax2=absmax2, code2=code2)

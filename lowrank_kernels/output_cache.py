@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from lowrank_kernels import ops
+from lowrank_kernels._checks import is_int
 
 
 class OutputCacheInfo(NamedTuple):
@@ -33,7 +34,7 @@ def output_cache_info() -> OutputCacheInfo:
 
 def set_output_cache_limit(max_bytes: int) -> None:
     """Keeps at most ``max_bytes`` of freed outputs for reuse (0: no cache); frees idle blocks over it."""
-    if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0:
+    if not is_int(max_bytes) or max_bytes < 0:
         raise ValueError(f"max_bytes must be a non-negative int, got {max_bytes!r}")
     ops.op("set_output_cache_limit")(max_bytes)
 

@@ -34,17 +34,9 @@ from typing import NamedTuple
 import torch
 
 from lowrank_kernels import ops
-from lowrank_kernels.decompose import (
-    Generators,
-    PiSSAFactors,
-    _check_matrix,
-    _check_rank,
-    _describe,
-    _draw_device,
-    _matrix_generators,
-    residual,
-    rsvd,
-)
+from lowrank_kernels._checks import check_matrix, check_rank, describe, is_int
+from lowrank_kernels._random import Generators, draw_device, matrix_generators
+from lowrank_kernels.decompose import PiSSAFactors, residual, rsvd
 
 _METHODS = ("irls", "adam")
 _INITS = ("svd", "random")
@@ -87,15 +79,15 @@ def huber_factorize(W: torch.Tensor, rank: int, *, delta: float | torch.Tensor |
     tol:     irls stops a matrix when a sweep lowers its loss by less than tol (relative).
     generator: one torch.Generator (shared by the batch, matrix after matrix) or one per matrix.
     """
-    W = _check_matrix(W)
-    rank = _check_rank(W, rank)
+    W = check_matrix(W)
+    rank = check_rank(W, rank)
     if method not in _METHODS:
         raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
     init = {"irls": "svd", "adam": "random"}[method] if init is None else init
     if init not in _INITS:
         raise ValueError(f"init must be one of {_INITS}, got {init!r}")
     n_iter = _DEFAULT_ITERS[method] if n_iter is None else n_iter
-    if isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 0:
+    if not is_int(n_iter) or n_iter < 0:
         raise ValueError(f"n_iter must be an int >= 0, got {n_iter!r}")
     if not (isinstance(tol, (int, float)) and 0 <= tol < 1):
         raise ValueError(f"tol must be a float in [0, 1), got {tol!r}")
@@ -129,7 +121,7 @@ def _check_delta(delta, W: torch.Tensor) -> torch.Tensor:
     if isinstance(delta, torch.Tensor):
         if delta.shape not in (torch.Size([]), batch) or not delta.is_floating_point():
             raise ValueError(f"delta must be a float or a float tensor of W's batch shape {tuple(batch)}, "
-                             f"got {_describe(delta)}")
+                             f"got {describe(delta)}")
         value = delta.to(device=W.device, dtype=torch.float32).expand(batch).contiguous()
     elif isinstance(delta, (int, float)) and not isinstance(delta, bool):
         value = torch.full(batch, float(delta), dtype=torch.float32, device=W.device)
@@ -155,7 +147,7 @@ def _initial_factors(W: torch.Tensor, rank: int, init: str, delta: torch.Tensor,
         clipped = torch.minimum(torch.maximum(W.float(), -limit), limit)
         # Both SVDs of a matrix sketch with the same test matrix, from a generator forked off the
         # matrix's own by one draw (matrix after matrix): a batch draws what a loop over it does.
-        generators = _matrix_generators(generator, tuple(batch))
+        generators = matrix_generators(generator, tuple(batch))
         seeds = [_fork_seed(g) for g in generators]
         splits = [_svd_split(X, rank, [_new_generator(g, seed) for g, seed in zip(generators, seeds)])
                   for X in (W, clipped)]
@@ -166,9 +158,9 @@ def _initial_factors(W: torch.Tensor, rank: int, init: str, delta: torch.Tensor,
     sigma = (rms.square() / rank).sqrt().sqrt()
     # Drawn matrix by matrix, A then B, each from its matrix's generator: a batch starts where a
     # loop over its matrices would.
-    draws = [(torch.randn(m, rank, generator=g, device=_draw_device(g)),
-              torch.randn(rank, n, generator=g, device=_draw_device(g)))
-             for g in _matrix_generators(generator, tuple(batch))]
+    draws = [(torch.randn(m, rank, generator=g, device=draw_device(g)),
+              torch.randn(rank, n, generator=g, device=draw_device(g)))
+             for g in matrix_generators(generator, tuple(batch))]
     A = torch.stack([a for a, _ in draws]).reshape(*batch, m, rank).to(W.device)
     B = torch.stack([b for _, b in draws]).reshape(*batch, rank, n).to(W.device)
     return A * sigma, B * sigma
@@ -176,12 +168,12 @@ def _initial_factors(W: torch.Tensor, rank: int, init: str, delta: torch.Tensor,
 
 def _fork_seed(generator: torch.Generator | None) -> int:
     """One 63-bit seed drawn from ``generator`` (torch's default generator for None)."""
-    return int(torch.randint(0, 2**63 - 1, (), generator=generator, device=_draw_device(generator)))
+    return int(torch.randint(0, 2**63 - 1, (), generator=generator, device=draw_device(generator)))
 
 
 def _new_generator(device_of: torch.Generator | None, seed: int) -> torch.Generator:
     """A new generator seeded with ``seed``, on the device ``device_of`` draws on."""
-    return torch.Generator(device=_draw_device(device_of)).manual_seed(seed)
+    return torch.Generator(device=draw_device(device_of)).manual_seed(seed)
 
 
 def _median_magnitude(W: torch.Tensor, samples: int = 1 << 14) -> torch.Tensor:

@@ -10,6 +10,8 @@ import torch
 from scipy import stats
 
 from lowrank_kernels import decompose as D
+from lowrank_kernels._random import uniforms
+from lowrank_kernels.decompose import _rsvd as randomized_svd
 
 METHODS = ["subspace", "krylov"]
 
@@ -83,8 +85,9 @@ def test_krylov_space_stops_at_the_short_side_with_a_narrower_last_block(monkeyp
     """5-column blocks, n_iter 3 on a 40x12 matrix: the space takes 5 + 5 + 2 columns, all of
     R^12, so the result is the exact truncated SVD."""
     widths = []
-    real_pass = D._pass
-    monkeypatch.setattr(D, "_pass", lambda A, X, transpose=False: widths.append(X.shape[-1]) or real_pass(A, X, transpose))
+    real_pass = randomized_svd._pass
+    monkeypatch.setattr(randomized_svd, "_pass",
+                        lambda A, X, transpose=False: widths.append(X.shape[-1]) or real_pass(A, X, transpose))
     W = decaying(40, 12)
     U, S, Vh, _ = D.rsvd(W, 10, block_size=5, n_iter=3, generator=gen())
     assert widths == [5, 5, 5, 5, 2, 2]  # sketch, then each block and its product with Aᵀ
@@ -342,7 +345,7 @@ def test_sampling_frequencies_match_the_norm_distribution(k):
     probabilities of successive weighted sampling (fixed seed; fails only with p < 1e-4)."""
     weights = torch.tensor([5.0, 1.0, 0.5, 3.0, 0.0, 2.0])
     trials = 40000
-    (uniform,) = D._uniforms((trials,), (6,), gen(11), "cpu")
+    (uniform,) = uniforms((trials,), (6,), gen(11), "cpu")
     samples = D.sample_proportional(weights.expand(trials, 6), k, uniform)
     counts = torch.zeros(6).index_add_(0, samples.reshape(-1), torch.ones(trials * k))
     assert counts[4] == 0  # a zero-norm row is never sampled while others remain

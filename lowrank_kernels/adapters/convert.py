@@ -17,7 +17,13 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from lowrank_kernels.adapters.pissa_linear import AdapterOptions, AdapterSplit, PiSSALinear, adapter_split
+from lowrank_kernels._checks import is_int
+from lowrank_kernels.adapters.pissa_linear import (
+    AdapterOptions,
+    AdapterSplit,
+    PiSSALinear,
+    adapter_split,
+)
 from lowrank_kernels.adapters.qpissa import error_metrics
 
 
@@ -142,7 +148,7 @@ def convert_model(model: nn.Module, *, target_modules: str | Sequence[str], rank
     """
     start = time.perf_counter()
     options = AdapterOptions(rank, init, scale, quantize, quant_iters, blocksize, double_quant)
-    if isinstance(seed, bool) or not isinstance(seed, int):
+    if not is_int(seed):
         raise TypeError(f"seed must be an int, got {seed!r}")
     targets = find_targets(model, target_modules)
     for name, linear in targets:

@@ -21,8 +21,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lowrank_kernels.adapters.convert import ConversionReport, convert_model, find_targets, freeze_all_but_adapters, \
-    replace_module
+from lowrank_kernels._checks import is_int
+from lowrank_kernels.adapters.convert import (
+    ConversionReport,
+    convert_model,
+    find_targets,
+    freeze_all_but_adapters,
+    replace_module,
+)
 
 
 def shard_layers(layers: Sequence[tuple[str, tuple[int, int]]], world_size: int) -> list[list[str]]:
@@ -37,7 +43,7 @@ def shard_layers(layers: Sequence[tuple[str, tuple[int, int]]], world_size: int)
 def balance(costs: Sequence[int], world_size: int) -> list[int]:
     """The rank of each item of ``costs``: greedy, most costly first, to the least loaded rank,
     ties to the lower rank (and, between equal costs, the earlier item first)."""
-    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+    if not is_int(world_size) or world_size < 1:
         raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
     load = [0] * world_size
     owner = [0] * len(costs)

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lowrank_kernels._checks import describe
 from lowrank_kernels.adapters.convert import layer_generator
 from lowrank_kernels.adapters.inits import check_init, init_factors
 from lowrank_kernels.fused_linear import fused_pissa_linear
@@ -40,10 +41,6 @@ def _peft():
         raise ImportError("the PEFT bridge needs the optional dependency peft: "
                           "pip install 'lowrank_kernels[peft]'") from error
     return peft
-
-
-def _describe(t: torch.Tensor) -> str:
-    return f"shape {tuple(t.shape)}, dtype {t.dtype}"
 
 
 def _check_peft_model(peft_model: Any) -> None:
@@ -153,7 +150,7 @@ def _check_init_layer(name: str, layer, adapter_name: str) -> None:
     if W.dtype not in _WEIGHT_DTYPES or tuple(W.shape) != (layer.out_features, layer.in_features):
         raise TypeError(f"{name}: the base weight must be a float32/bfloat16/float16 [out, in] = "
                         f"[{layer.out_features}, {layer.in_features}] matrix (initialise before quantizing), "
-                        f"got {_describe(W)}")
+                        f"got {describe(W)}")
     others = sorted(set(layer.r) - {adapter_name})
     if others:
         raise ValueError(f"{name}: also holds adapters {others}; their outputs would change with the base weight "
@@ -167,12 +164,12 @@ def _check_init_layer(name: str, layer, adapter_name: str) -> None:
     rank, scale = layer.r[adapter_name], layer.scaling[adapter_name]
     if rank > min(W.shape):
         raise ValueError(f"{name}: adapter rank r={rank} exceeds min(out, in) = {min(W.shape)} of its weight "
-                         f"{_describe(W)}")
+                         f"{describe(W)}")
     if not (math.isfinite(scale) and scale > 0):
         raise ValueError(f"{name}: PEFT scaling lora_alpha/r = {scale} must be positive and finite "
                          "(the adapter holds A/√s and B/√s)")
     if not torch.isfinite(W).all():
-        raise ValueError(f"{name}: the base weight {_describe(W)} holds NaN or Inf")
+        raise ValueError(f"{name}: the base weight {describe(W)} holds NaN or Inf")
 
 
 def _batches(layers: dict[str, Any], adapter_name: str) -> dict[tuple, list[str]]:
@@ -416,7 +413,7 @@ def _check_same_adapter(trained: Mapping, initial: Mapping) -> None:
                          f"{sorted(mine - theirs)[:3]}, only initial {sorted(theirs - mine)[:3]}")
     for key in filter(_is_factor, trained):  # in module order, so the first bad layer is named
         if trained[key].shape != initial[key].shape:
-            raise ValueError(f"{key}: trained {_describe(trained[key])} but initial {_describe(initial[key])}")
+            raise ValueError(f"{key}: trained {describe(trained[key])} but initial {describe(initial[key])}")
 
 
 def _converted(key: str, trained: torch.Tensor, initial: Mapping[str, torch.Tensor]) -> torch.Tensor:

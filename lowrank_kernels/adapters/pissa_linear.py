@@ -16,18 +16,14 @@ import torch
 from torch import nn
 
 from lowrank_kernels import decompose
+from lowrank_kernels._checks import FLOAT_DTYPES, describe, is_int
 from lowrank_kernels.adapters.inits import check_init, init_factors
 from lowrank_kernels.adapters.qpissa import _check_iters, dense_residual, qpissa_factors
 from lowrank_kernels.fused_linear import fused_pissa_linear
 from lowrank_kernels.nf4 import NF4Weight, check_blocksize
 
 QUANTIZE = (None, "nf4")
-_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _NF4_FIELDS = ("packed", "absmax", "offset", "absmax2", "code2")  # NF4Weight's tensors, buffers "residual_<field>"
-
-
-def _describe(t: torch.Tensor) -> str:
-    return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
 
 
 # ---- options ---------------------------------------------------------------------------------------
@@ -45,7 +41,7 @@ class AdapterOptions:
     double_quant: bool = False
 
     def __post_init__(self) -> None:
-        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+        if not is_int(self.rank) or self.rank < 1:
             raise ValueError(f"rank must be an int >= 1, got {self.rank!r}")
         check_init(self.init)
         if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)) or not math.isfinite(self.scale) \
@@ -60,8 +56,8 @@ class AdapterOptions:
 
     def check_weight(self, W: torch.Tensor, name: str = "linear") -> None:
         """Raises if ``W [out, in]`` cannot take this adapter (dtype, rank too large)."""
-        if W.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"{name}: weight must be float32, bfloat16 or float16, got {_describe(W)}")
+        if W.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name}: weight must be float32, bfloat16 or float16, got {describe(W)}")
         if self.rank > min(W.shape[-2:]):
             raise ValueError(f"{name}: rank {self.rank} exceeds min(out_features, in_features) = {min(W.shape[-2:])} "
                              f"of its weight [out, in] = {list(W.shape[-2:])}")
@@ -214,9 +210,9 @@ def _check_parts(residual: Any, A: Any, B: Any, bias: Any) -> None:
             raise ValueError(f"residual must be a 2-D [out, in] NF4 weight, got shape {tuple(residual.shape)}")
         device = residual.device
     elif isinstance(residual, torch.Tensor):
-        if residual.dim() != 2 or residual.dtype not in _FLOAT_DTYPES:
+        if residual.dim() != 2 or residual.dtype not in FLOAT_DTYPES:
             raise ValueError(f"residual must be a float32/bfloat16/float16 [out, in] tensor or an NF4Weight, "
-                             f"got {_describe(residual)}")
+                             f"got {describe(residual)}")
         device = residual.device
     else:
         raise TypeError(f"residual must be a torch.Tensor or an NF4Weight, got {type(residual).__name__}")
@@ -228,10 +224,10 @@ def _check_parts(residual: Any, A: Any, B: Any, bias: Any) -> None:
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dtype != residual.dtype or t.device != device:
             raise TypeError(f"{name} must have the residual's dtype {residual.dtype} and device {device}, "
-                            f"got {_describe(t)}")
+                            f"got {describe(t)}")
     if A.dim() != 2 or A.shape[0] != out_features or B.dim() != 2 or B.shape[1] != in_features \
             or A.shape[1] != B.shape[0] or A.shape[1] < 1:
         raise ValueError(f"A must be [out, r] = [{out_features}, r] and B [r, in] = [r, {in_features}] with one r >= 1, "
-                         f"got A {_describe(A)}, B {_describe(B)}")
+                         f"got A {describe(A)}, B {describe(B)}")
     if bias is not None and tuple(bias.shape) != (out_features,):
-        raise ValueError(f"bias must have shape [{out_features}], got {_describe(bias)}")
+        raise ValueError(f"bias must have shape [{out_features}], got {describe(bias)}")

@@ -14,6 +14,7 @@ from typing import NamedTuple
 import torch
 
 from lowrank_kernels import decompose
+from lowrank_kernels._checks import check_matrix, check_rank, is_int
 from lowrank_kernels.adapters.inits import check_init, init_factors
 from lowrank_kernels.nf4 import NF4Weight, check_blocksize, quantize_nf4
 
@@ -83,7 +84,7 @@ def loftq_factors(W: torch.Tensor, rank: int, *, iters: int = 1, blocksize: int 
     exact=True refits by the full SVD, otherwise by `rsvd` with ``rsvd_options``."""
     iters = _check_iters(iters)
     check_blocksize(blocksize)
-    rank = decompose._check_rank(decompose._check_matrix(W), rank)
+    rank = check_rank(check_matrix(W), rank)
     A = W.new_zeros((*W.shape[:-1], rank))
     B = W.new_zeros((*W.shape[:-2], rank, W.shape[-1]))
     return _alternate(W, A, B, iters, blocksize, double_quant, exact=exact, generator=generator, **rsvd_options)
@@ -104,7 +105,7 @@ def _alternate(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, iters: int, bl
 
 
 def _check_iters(iters: object) -> int:
-    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
+    if not is_int(iters) or iters < 1:
         raise ValueError(f"quant_iters must be an int >= 1, got {iters!r}")
     return iters
 

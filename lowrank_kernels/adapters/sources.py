@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+from lowrank_kernels._checks import FLOAT_DTYPES
 
 
 class SourceError(ValueError):
@@ -70,7 +70,7 @@ def linear_modules(tensors: Mapping[str, torch.Tensor]) -> nn.Module:
     root = nn.Module()
     for key, weight in tensors.items():
         name = key.removesuffix(".weight")
-        if name == key or not name or weight.dim() != 2 or weight.dtype not in _FLOAT_DTYPES or "embed" in name.lower():
+        if name == key or not name or weight.dim() != 2 or weight.dtype not in FLOAT_DTYPES or "embed" in name.lower():
             continue
         bias = tensors.get(f"{name}.bias")
         bias = bias if bias is not None and tuple(bias.shape) == (weight.shape[0],) and bias.dtype == weight.dtype else None
@@ -210,7 +210,7 @@ def open_source(path: str | os.PathLike) -> LazySource:
 
 def _is_linear_weight(key: str, shape: tuple[int, ...], dtype: torch.dtype) -> bool:
     name = key.removesuffix(".weight")
-    return name != key and bool(name) and len(shape) == 2 and dtype in _FLOAT_DTYPES and "embed" not in name.lower()
+    return name != key and bool(name) and len(shape) == 2 and dtype in FLOAT_DTYPES and "embed" not in name.lower()
 
 
 def _weight_files(path: str) -> list[str]:

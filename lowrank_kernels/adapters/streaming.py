@@ -44,12 +44,24 @@ from collections.abc import Sequence
 import torch
 from tqdm import tqdm
 
+from lowrank_kernels._checks import is_int
 from lowrank_kernels.adapters import checkpoint
-from lowrank_kernels.adapters.convert import ConversionReport, LayerReport, _layer, _metrics, layer_generator, \
-    select_targets
+from lowrank_kernels.adapters.convert import (
+    ConversionReport,
+    LayerReport,
+    _layer,
+    _metrics,
+    layer_generator,
+    select_targets,
+)
 from lowrank_kernels.adapters.pissa_linear import AdapterOptions, adapter_split
 from lowrank_kernels.adapters.shards import ShardWriter, file_sha256, write_json
-from lowrank_kernels.adapters.sources import INDEX_NAME, LazySource, SourceError, open_source
+from lowrank_kernels.adapters.sources import (
+    INDEX_NAME,
+    LazySource,
+    SourceError,
+    open_source,
+)
 
 FORMATS = ("lowrank", "peft")
 LOWRANK_INDEX = checkpoint.INDEX_NAME
@@ -182,10 +194,10 @@ def convert_files(source: str | os.PathLike, output: str | os.PathLike, *, rank:
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {list(FORMATS)}, got {fmt!r}")
     options = AdapterOptions(rank, init, scale, quantize, quant_iters, blocksize, double_quant)
-    if isinstance(seed, bool) or not isinstance(seed, int):
+    if not is_int(seed):
         raise TypeError(f"seed must be an int, got {seed!r}")
     for name, value in (("max_shard_size", max_shard_size), ("batch_elements", batch_elements)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if not is_int(value) or value < 1:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
     lazy = open_source(source)
     if fmt == "peft" and lazy.config_dir is None:
