@@ -13,8 +13,7 @@ Design
   One ``@triton.jit`` helper, :func:`_load_nf4_tile`, does this for both kernels; it takes
   broadcastable row / column offsets, so the forward reads the tile as ``W^T [BLOCK_K, BLOCK_N]``
   and the grad-input kernel as ``W [BLOCK_N, BLOCK_K]`` from the same storage (no transposed copy).
-* The decode is per element on the flat index (an int64 tile base plus int32 in-tile offsets:
-  N*K exceeds 2^31 on large models), so rows that start mid-byte (odd K) and quantization blocks
+* The decode is per element on the flat index (int64: N*K exceeds 2^31 on large models), so rows that start mid-byte (odd K) and quantization blocks
   that straddle rows (K % blocksize != 0) need no special case. Every index x stride product is
   int64 (strided inputs: a transposed x has stride M).
 * fp32 activations: the tile stays fp32 and tl.dot runs as 3xTF32
@@ -60,20 +59,20 @@ def _config(block_m: int, block_n: int, block_k: int, warps: int, stages: int, g
 # without spills and within shared memory on sm_80 and sm_90. Forward: output tile
 # BLOCK_M x BLOCK_N, reduction BLOCK_K. Grad-input: output tile BLOCK_M x BLOCK_K, reduction
 # BLOCK_N. BLOCK_M = 16 tiles serve decoding / short batches (bound by reading the packed
-# weight). Registers bound the tiles: each W element decoded in registers carries three 64-bit
-# gather addresses (packed byte, code, absmax), so a decode tile's reduction stays <= 64 in the
-# grad-input kernel (BLOCK_N = 128 spilled 0.5-0.8 KB); fp32 (3xTF32 dots: three MMAs and hi/lo
-# operand pairs) needs smaller tiles still (64 x 64 x 32 spilled in the forward at r = 128).
+# weight). Registers bound the tiles: each W element decoded in registers carries an int64 index
+# and three 64-bit gather addresses (packed byte, code, absmax), so a decode tile's reduction
+# stays <= 64 in the grad-input kernel (BLOCK_N = 128 spilled 0.5-0.8 KB); fp32 (3xTF32 dots:
+# three MMAs and hi/lo operand pairs) needs smaller tiles still (64 x 64 x 32 spilled 0.2 KB).
+# (Int32 in-tile offsets from an int64 tile base were tried: ptxas spilled more, not less.)
 if _INTERPRET:
     _HALF_FORWARD = _FP32_FORWARD = _HALF_GRAD_INPUT = _FP32_GRAD_INPUT = [_config(16, 32, 32, 4, 1, group_m=2)]
 else:
     _HALF_FORWARD = [_config(128, 128, 32, 8, 3), _config(64, 128, 32, 4, 3), _config(64, 64, 64, 4, 3),
                      _config(32, 64, 64, 4, 3), _config(16, 64, 128, 4, 3), _config(16, 32, 128, 4, 4)]
-    _FP32_FORWARD = [_config(32, 64, 32, 4, 3), _config(16, 64, 64, 4, 2), _config(16, 32, 64, 4, 3)]
+    _FP32_FORWARD = [_config(64, 32, 32, 4, 3), _config(16, 64, 64, 4, 2)]  # BLOCK_K = 64 spilled at M = 512
     _HALF_GRAD_INPUT = [_config(128, 32, 128, 8, 3), _config(64, 64, 64, 4, 3), _config(32, 64, 64, 4, 3),
-                        _config(16, 64, 64, 4, 4), _config(16, 32, 64, 4, 4)]
-    _FP32_GRAD_INPUT = [_config(64, 64, 32, 4, 3), _config(32, 64, 64, 4, 2), _config(16, 64, 64, 4, 2),
-                        _config(16, 32, 64, 4, 3)]
+                        _config(16, 64, 64, 4, 4)]
+    _FP32_GRAD_INPUT = [_config(32, 64, 64, 4, 2), _config(16, 64, 64, 4, 2)]
 
 # The autotuner's cache key: every argument that changes the compiled kernel or its best tile.
 # Triton adds the tensors' dtypes.
@@ -119,26 +118,17 @@ def _prune_grad_input(configs, named_args, smem_limit: int | None = None, **kwar
 
 
 @triton.jit
-def _load_nf4_tile(packed_ptr, absmax_ptr, code_ptr, row0, col0, rows, cols, mask, ROW_LEN,
-                   BLOCKSIZE: tl.constexpr):
-    """fp32 ``W[row0 + rows, col0 + cols]`` of the NF4 matrix with ``ROW_LEN`` columns; ``rows``
-    and ``cols`` are tile-relative offset vectors shaped to broadcast (``[R, 1]`` x ``[1, C]`` or
-    ``[1, C]`` x ``[R, 1]``), so the caller picks the tile orientation. Masked-off elements are 0.
-
-    The tile's first flat index is an int64 scalar; per element only the int32 offset from it
-    (< BLOCK x ROW_LEN < 2^31: the launchers check ROW_LEN) is formed, which halves the index
-    registers of a tile against int64 per element."""
-    base = row0.to(tl.int64) * ROW_LEN + col0
-    rel = rows * ROW_LEN + cols
-    # idx = base + rel: byte idx >> 1 = (base >> 1) + ((rel + (base & 1)) >> 1), nibble parity
-    # from rel + (base & 1); even elements sit in the high nibble, odd ones in the low nibble.
-    from_even = rel + (base & 1).to(tl.int32)
-    byte = tl.load((packed_ptr + (base >> 1)) + (from_even >> 1), mask=mask, other=0).to(tl.int32)
-    nibble = (byte >> (4 - (from_even & 1) * 4)) & 0xF
+def _load_nf4_tile(packed_ptr, absmax_ptr, code_ptr, rows, cols, mask, ROW_LEN, BLOCKSIZE: tl.constexpr):
+    """fp32 ``W[rows, cols]`` of the NF4 matrix with ``ROW_LEN`` columns; ``rows`` and ``cols`` are
+    offset vectors shaped to broadcast (``[R, 1]`` x ``[1, C]`` or ``[1, C]`` x ``[R, 1]``), so the
+    caller picks the tile orientation. Masked-off elements are 0."""
+    idx = rows.to(tl.int64) * ROW_LEN + cols  # flat element index, int64
+    byte = tl.load(packed_ptr + (idx >> 1), mask=mask, other=0).to(tl.int32)
+    # Even elements sit in the high nibble, odd ones in the low nibble.
+    shift = (4 - (idx & 1) * 4).to(tl.int32)
+    nibble = (byte >> shift) & 0xF
     value = tl.load(code_ptr + nibble)  # nibble is in [0, 16) even where masked
-    # Quantization block idx // BLOCKSIZE = base // BLOCKSIZE + (base % BLOCKSIZE + rel) // BLOCKSIZE.
-    in_block = rel + (base % BLOCKSIZE).to(tl.int32)
-    absmax = tl.load((absmax_ptr + base // BLOCKSIZE) + in_block // BLOCKSIZE, mask=mask, other=0.0)
+    absmax = tl.load(absmax_ptr + idx // BLOCKSIZE, mask=mask, other=0.0)
     return value * absmax
 
 
@@ -209,7 +199,6 @@ def _nf4_lowrank_linear_kernel(
     mask_n = offs_n < N
     rows_m = offs_m.to(tl.int64)  # index x stride in int64: either can be large
     rows_n = offs_n.to(tl.int64)
-    tile_n, tile_k = tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_K)  # offsets inside the W tile
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -218,7 +207,7 @@ def _nf4_lowrank_linear_kernel(
         x = tl.load(x_ptr + rows_m[:, None] * stride_xm + offs_k[None, :].to(tl.int64) * stride_xk,
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         # W^T tile [BLOCK_K, BLOCK_N]: rows of W along the tile's columns.
-        w = _load_nf4_tile(packed_ptr, absmax_ptr, code_ptr, pid_n * BLOCK_N, k0, tile_n[None, :], tile_k[:, None],
+        w = _load_nf4_tile(packed_ptr, absmax_ptr, code_ptr, offs_n[None, :], offs_k[:, None],
                            mask_k[:, None] & mask_n[None, :], K, BLOCKSIZE)
         acc = _dot(x, _weight_operand(w, W_TY, DOT_TY), acc, DOT_TY)
 
@@ -258,7 +247,6 @@ def _nf4_lowrank_linear_grad_input_kernel(
     mask_k = offs_k < K
     rows_m = offs_m.to(tl.int64)  # index x stride in int64: either can be large
     cols_k = offs_k.to(tl.int64)
-    tile_n, tile_k = tl.arange(0, BLOCK_N), tl.arange(0, BLOCK_K)  # offsets inside the W tile
 
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
@@ -267,7 +255,7 @@ def _nf4_lowrank_linear_grad_input_kernel(
         g = tl.load(grad_y_ptr + rows_m[:, None] * stride_gm + offs_n[None, :].to(tl.int64) * stride_gn,
                     mask=mask_m[:, None] & mask_n[None, :], other=0.0)
         # W tile [BLOCK_N, BLOCK_K], read in place from the row-major NF4 storage.
-        w = _load_nf4_tile(packed_ptr, absmax_ptr, code_ptr, n0, pid_k * BLOCK_K, tile_n[:, None], tile_k[None, :],
+        w = _load_nf4_tile(packed_ptr, absmax_ptr, code_ptr, offs_n[:, None], offs_k[None, :],
                            mask_n[:, None] & mask_k[None, :], K, BLOCKSIZE)
         acc = _dot(g, _weight_operand(w, W_TY, DOT_TY), acc, DOT_TY)
 
@@ -294,13 +282,7 @@ def _expect(t: torch.Tensor, name: str, shape: tuple[int, ...], dtype: torch.dty
         raise ValueError(f"{name} must have shape {shape} and dtype {dtype}, got {_describe(t)}")
 
 
-_MAX_IN_FEATURES = 2**31 // 256  # in-tile NF4 offsets are int32: a tile (<= 256 rows) x K < 2^31
-
-
-def _check_nf4(packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, numel: int, in_features: int) -> None:
-    if in_features >= _MAX_IN_FEATURES:
-        raise ValueError(f"in_features must be below {_MAX_IN_FEATURES} (int32 offsets inside a W tile), "
-                         f"got {in_features}")
+def _check_nf4(packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, numel: int) -> None:
     if blocksize <= 0:
         raise ValueError(f"blocksize must be positive, got {blocksize}")
     _expect(packed, "packed", ((numel + 1) // 2,), torch.uint8)
@@ -339,7 +321,7 @@ def nf4_lowrank_linear(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tens
     n = out_features
     if n < 0:
         raise ValueError(f"out_features must be >= 0, got {n}")
-    _check_nf4(packed, absmax, blocksize, n * k, k)
+    _check_nf4(packed, absmax, blocksize, n * k)
     _check_activation(lowrank_x, "lowrank_x")
     rank = lowrank_x.shape[1]
     _expect(lowrank_x, "lowrank_x", (m, rank), x.dtype)
@@ -377,7 +359,7 @@ def nf4_lowrank_linear_grad_input(grad_y: torch.Tensor, packed: torch.Tensor, ab
     k = in_features
     if k < 0:
         raise ValueError(f"in_features must be >= 0, got {k}")
-    _check_nf4(packed, absmax, blocksize, n * k, k)
+    _check_nf4(packed, absmax, blocksize, n * k)
     _check_activation(lowrank_grad, "lowrank_grad")
     rank = lowrank_grad.shape[1]
     _expect(lowrank_grad, "lowrank_grad", (m, rank), grad_y.dtype)
