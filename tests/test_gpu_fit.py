@@ -103,12 +103,6 @@ def _ttir(task: gpu_fit.TritonTask) -> str:
     return compiled.asm["ttir"]
 
 
-def _one_task(kernel_name: str, variant_prefix: str, launches=None) -> gpu_fit.TritonTask:
-    launches = launches if launches is not None else gpu_fit.triton_launches()
-    tasks = gpu_fit.triton_tasks([la for la in launches if la.name == kernel_name])
-    return next(t for t in tasks if t.variant.startswith(variant_prefix) and t.target == 80)
-
-
 def test_dequantize_addresses_are_64_bit_past_2_31_elements():
     """numel = 2^31 + 64 (the launch records a small problem, numel then set as a real launch
     would pass it, i64): every address the kernel forms is an i64 offset (i32 ones wrap and, with
@@ -123,22 +117,47 @@ def test_dequantize_addresses_are_64_bit_past_2_31_elements():
     task = gpu_fit.triton_tasks([launch])[0]
     assert task.signature["numel"] == "i64"
     ttir = _ttir(task)
-    offsets = re.findall(r"tt\.addptr %\S+, %\S+ : tensor<\d+x!tt\.ptr<\w+>>, tensor<\d+x(i\d+)>", ttir)
-    assert offsets and set(offsets) == {"i64"}, offsets
+    # pointer argument -> the offset types of the address tensors formed from it
+    # (TTIR names values after the kernel's arguments; a splat of a pointer argument is its address
+    # tensor, and the offsets added to it are the element offsets).
+    splats = dict(re.findall(r"(%\S+) = tt\.splat %(\w+) : !tt\.ptr", ttir))
+    by_name: dict[str, set[str]] = {}
+    for base, ty in re.findall(r"tt\.addptr (%\S+), %\S+ : tensor<\d+x!tt\.ptr<\w+>>, tensor<\d+x(i\d+)>", ttir):
+        if base in splats:
+            by_name.setdefault(splats[base], set()).add(ty)
+    # Element-indexed pointers are i64; the code table (a nibble < 16) may stay i32.
+    assert by_name["packed_ptr"] == by_name["absmax_ptr"] == by_name["out_ptr"] == {"i64"}, by_name
+    assert "code_ptr" in by_name
+
+
+def _transposed_launch(kernel: str) -> gpu_fit.Launch:
+    """A bf16 launch with every activation / factor transposed (no unit strides but the output's)."""
+    from lowrank_kernels.triton import fused_linear as fl
+
+    m, n, k, r = 64, 128, 256, 16
+    t = lambda *shape: torch.empty(shape[::-1], dtype=torch.bfloat16).T  # noqa: E731
+    packed, absmax = torch.empty(n * k // 2, dtype=torch.uint8), torch.empty(n * k // 64)
+    launches: list[gpu_fit.Launch] = []
+    with gpu_fit._recording(fl, kernel, "bf16 transposed", launches):
+        if kernel == "_nf4_lowrank_linear_kernel":
+            fl.nf4_lowrank_linear(t(m, k), packed, absmax, 64, n, t(m, r), t(n, r), 1.0, None)
+        else:
+            fl.nf4_lowrank_linear_grad_input(t(m, n), packed, absmax, 64, k, t(m, r), t(r, k), 1.0)
+    return launches[0]
 
 
 @pytest.mark.parametrize("kernel", ["_nf4_lowrank_linear_kernel", "_nf4_lowrank_linear_grad_input_kernel"])
 def test_fused_strides_multiply_in_64_bit(kernel):
-    """Every stride argument enters address arithmetic widened to i64 (a transposed x has
-    stride M, and index x stride exceeds 2^31 well before either does)."""
-    task = _one_task(kernel, "bf16 M=512 r=16")
+    """Every stride argument enters address arithmetic widened to i64: transposed inputs have
+    strides of M or K, and index x stride exceeds 2^31 well before either does."""
+    task = next(t for t in gpu_fit.triton_tasks([_transposed_launch(kernel)]) if t.target == 80)
     ttir = _ttir(task)
-    fn = gpu_fit._jit_function(task.module, task.name)
-    strides = [i for i, name in enumerate(fn.arg_names) if name.startswith("stride") and task.signature[name] == "i32"]
-    assert strides
-    for i in strides:
-        uses = re.findall(rf"= (\S+) %arg{i}\b[^\n]*", ttir)
-        assert uses and all(op == "arith.extsi" for op in uses), (fn.arg_names[i], uses)
+    strides = [name for name, ty in task.signature.items() if name.startswith("stride") and ty == "i32"]
+    assert len(strides) >= 4, strides
+    for name in strides:  # TTIR names arguments after the kernel's parameters
+        uses = [ln for ln in ttir.splitlines() if re.search(rf"%{name}\b", ln) and "tt.func" not in ln]
+        ops = [m.group(1) if (m := re.search(r"= (\S+)", ln)) else ln.strip() for ln in uses]
+        assert ops and set(ops) == {"arith.extsi"}, (name, ops)
 
 
 # --------------------------------------------------------------------------------------------
