@@ -51,6 +51,7 @@ TARGETS = tuple(SMEM_LIMIT)
 REGISTER_FILE = 64 * 1024  # 32-bit registers per SM, and so per block, on sm_80 and sm_90
 SPILL_TOLERANCE_BYTES = 0
 NVCC_FLAGS = ["-O3", "--fmad=false", "-lineinfo"]  # as setup.py builds the extension
+_ROW_FORMAT = 2  # part of every cache key: bump when the cached rows change meaning
 
 # Shapes of one LLM layer (LLaMA-7B class): 4096 x 4096 weight, quantization blocks of 64.
 HIDDEN = 4096
@@ -282,7 +283,7 @@ def triton_tasks(launches: Iterable[Launch]) -> list[TritonTask]:
                 task = TritonTask(launch.module, launch.name, variant, target, signature, constexprs, attrs, chosen)
                 task.key = _hash(fn.cache_key, sorted(signature.items()), sorted(constexprs.items(), key=str),
                                  sorted(attrs.items(), key=str), sorted(chosen.items()), target,
-                                 triton.__version__, "triton")
+                                 triton.__version__, "triton", _ROW_FORMAT)
                 tasks.setdefault(task.key, task)  # r=16 and r=17 etc. compile to the same kernel
     return list(tasks.values())
 
@@ -351,7 +352,7 @@ def cuda_tasks() -> list[CudaTask]:
     for source in sorted((ROOT / "csrc" / "cuda").glob("*.cu")):
         for target in TARGETS:
             task = CudaTask(str(source.relative_to(ROOT)), target)
-            task.key = _hash(source.read_bytes(), header_hash, version, NVCC_FLAGS, target, "cuda")
+            task.key = _hash(source.read_bytes(), header_hash, version, NVCC_FLAGS, target, "cuda", _ROW_FORMAT)
             tasks.append(task)
     return tasks
 
