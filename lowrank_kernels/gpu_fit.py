@@ -473,12 +473,21 @@ def summary_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def variant_table(rows: list[Row]) -> str:
+    """Every compiled variant: registers, spills, local memory, static + dynamic shared memory."""
+    head = f"{'kernel':<38} {'target':<6} {'regs':>4} {'spill B':>7} {'local B':>7} {'static B':>8} {'dynamic B':>9}  variant"
+    return "\n".join([head, "-" * len(head)] + [
+        f"{r.kernel:<38} sm_{r.target:<3} {r.registers:>4} {r.spill_bytes:>7} {r.local_bytes:>7} "
+        f"{r.static_smem:>8} {r.dynamic_smem:>9}  {r.variant}{'  FAIL' if r.failures else ''}" for r in rows])
+
+
 def failure_lines(rows: list[Row]) -> list[str]:
     return [f"FAIL {r.kernel} {r.variant} sm_{r.target}: {'; '.join(r.failures)}" for r in rows if r.failures]
 
 
 def write_report(rows: list[Row], counts: dict, seconds: float, out_dir: Path) -> str:
-    """JSON (every row) + text (summary and failures) under out_dir; returns the text."""
+    """JSON (every row) and text (summary, failures, every variant) under out_dir; returns the
+    summary and failures (what main prints)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     text = "\n".join([
         f"GPU-fit gate: {counts['compiles']} compiles ({counts['compiled_now']} now, {counts['cached']} cached) "
@@ -490,7 +499,8 @@ def write_report(rows: list[Row], counts: dict, seconds: float, out_dir: Path) -
     ])
     payload = {"seconds": seconds, **counts, "smem_limit": SMEM_LIMIT, "spill_tolerance": SPILL_TOLERANCE_BYTES,
                "rows": [dataclasses.asdict(r) | {"smem": r.smem} for r in rows]}
-    for name, content in (("gpu_fit.json", json.dumps(payload, indent=1)), ("gpu_fit.txt", text + "\n")):
+    full = f"{text}\n\n{variant_table(rows)}\n"
+    for name, content in (("gpu_fit.json", json.dumps(payload, indent=1)), ("gpu_fit.txt", full)):
         tmp = out_dir / f".{name}.tmp"
         tmp.write_text(content)
         tmp.replace(out_dir / name)
