@@ -324,7 +324,7 @@ def _ptxas_log(ptx: str, target: int) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "k.ptx"
         src.write_text(ptx)
-        out = subprocess.run([get_ptxas(arch).path, "-v", "--regAllocOptLevel=2", f"--gpu-name={arch}", str(src),
+        out = subprocess.run([get_ptxas(target).path, "-v", "--regAllocOptLevel=2", f"--gpu-name={arch}", str(src),
                               "-o", str(src.with_suffix(".cubin"))], capture_output=True, text=True, check=True)
     return out.stdout + out.stderr
 
@@ -436,18 +436,20 @@ def run(jobs: int) -> tuple[list[Row], dict]:
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("gpu_fit compiles for GPUs: unset TRITON_INTERPRET")
     tasks: list[Any] = triton_tasks(triton_launches()) + cuda_tasks()
-    cache = _load_cache()
+    cache = _load_cache()  # only results without errors are kept: a failed compile is retried
     todo = [t for t in tasks if t.key not in cache]
+    fresh: dict[str, list[dict]] = {}
     with ProcessPoolExecutor(max_workers=jobs, initializer=_worker_init) as pool:
         # CUDA translation units first: each is long, the Triton compiles fill in around them.
         todo.sort(key=lambda t: not isinstance(t, CudaTask))
         futures = {t.key: pool.submit(compile_cuda if isinstance(t, CudaTask) else compile_triton, t) for t in todo}
         for key, future in futures.items():
             result = future.result()
-            cache[key] = result if isinstance(result, list) else [result]
-            if not any(r["error"] for r in cache[key]):
+            fresh[key] = result if isinstance(result, list) else [result]
+            if not any(r["error"] for r in fresh[key]):
+                cache[key] = fresh[key]
                 _store_cache(cache)
-    rows = [check_row(Row(**r)) for t in tasks for r in cache[t.key]]
+    rows = [check_row(Row(**r)) for t in tasks for r in (cache.get(t.key) or fresh[t.key])]
     if not shutil.which("nvcc"):
         rows.append(check_row(Row("nvcc", "not found on PATH", TARGETS[0], 0, error="nvcc missing")))
     return rows, {"compiles": len(tasks), "compiled_now": len(todo), "cached": len(tasks) - len(todo)}
