@@ -51,7 +51,7 @@ TARGETS = tuple(SMEM_LIMIT)
 REGISTER_FILE = 64 * 1024  # 32-bit registers per SM, and so per block, on sm_80 and sm_90
 SPILL_TOLERANCE_BYTES = 0
 NVCC_FLAGS = ["-O3", "--fmad=false", "-lineinfo"]  # as setup.py builds the extension
-_ROW_FORMAT = 2  # part of every cache key: bump when the cached rows change meaning
+_ROW_FORMAT = 3  # part of every cache key: bump when the cached rows change meaning
 
 # Shapes of one LLM layer (LLaMA-7B class): 4096 x 4096 weight, quantization blocks of 64.
 HIDDEN = 4096
@@ -279,7 +279,8 @@ def triton_tasks(launches: Iterable[Launch]) -> list[TritonTask]:
                 options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
                 chosen = {f: getattr(options, f) for f in ("num_warps", "num_stages", "num_ctas", "maxnreg")}
                 meta = ", ".join(f"{k}={v}" for k, v in config.kwargs.items())
-                variant = f"{launch.variant} [{meta}{', ' if meta else ''}w{chosen['num_warps']} s{chosen['num_stages']}]"
+                launch_options = f"w{chosen['num_warps']} s{chosen['num_stages']}"
+                variant = f"{launch.variant} [{meta}{', ' if meta else ''}{launch_options}]"
                 task = TritonTask(launch.module, launch.name, variant, target, signature, constexprs, attrs, chosen)
                 task.key = _hash(fn.cache_key, sorted(signature.items()), sorted(constexprs.items(), key=str),
                                  sorted(attrs.items(), key=str), sorted(chosen.items()), target,
@@ -300,7 +301,7 @@ def compile_triton(task: TritonTask) -> dict:
     from triton.compiler import ASTSource
 
     threads = task.options["num_warps"] * 32
-    kernel = task.name.lstrip("_")
+    kernel = "triton:" + task.name.lstrip("_")
     try:
         fn = _jit_function(task.module, task.name)
         knobs.nvidia.dump_ptxas_log = True
@@ -357,10 +358,9 @@ def cuda_tasks() -> list[CudaTask]:
     return tasks
 
 
-def _cuda_threads(name: str) -> int:
-    """Threads per block of a CUDA kernel: every kernel in csrc/cuda launches kThreads = 128
-    (its __launch_bounds__); only used for the register-file check."""
-    return 128
+# Threads per block of the kernels of each csrc/cuda source (its kThreads), for the register-file
+# check; a source missing here is checked at CUDA's maximum block, 1024 threads.
+_CUDA_THREADS = {"nf4_cuda.cu": 256, "nf4_linear_cuda.cu": 128, "norms_cuda.cu": 256}
 
 
 def compile_cuda(task: CudaTask) -> list[dict]:
@@ -372,15 +372,16 @@ def compile_cuda(task: CudaTask) -> list[dict]:
                str(source), "-o", str(Path(tmp) / "k.o")]
         out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
-        return [dataclasses.asdict(Row(source.stem, "(translation unit)", task.target, 0,
+        return [dataclasses.asdict(Row(f"cuda:{source.name}", "(translation unit)", task.target, 0,
                                        error=(out.stderr or out.stdout)[-400:]))]
     usages = parse_ptxas_log(out.stderr + out.stdout)
     names = _demangle(list(usages))
     rows = []
     for mangled, usage in usages.items():
         kernel, variant = _split_template(names[mangled])
-        rows.append(dataclasses.asdict(
-            _row_from_usage(kernel, variant, task.target, _cuda_threads(kernel), usage, 0)))  # <<<.., 0, ..>>>
+        threads = _CUDA_THREADS.get(source.name, 1024)
+        # Every launch passes 0 bytes of dynamic shared memory (<<<grid, block, 0, stream>>>).
+        rows.append(dataclasses.asdict(_row_from_usage(f"cuda:{kernel}", variant, task.target, threads, usage, 0)))
     return rows
 
 
@@ -477,7 +478,8 @@ def summary_table(rows: list[Row]) -> str:
 
 def variant_table(rows: list[Row]) -> str:
     """Every compiled variant: registers, spills, local memory, static + dynamic shared memory."""
-    head = f"{'kernel':<38} {'target':<6} {'regs':>4} {'spill B':>7} {'local B':>7} {'static B':>8} {'dynamic B':>9}  variant"
+    head = (f"{'kernel':<38} {'target':<6} {'regs':>4} {'spill B':>7} {'local B':>7} {'static B':>8} "
+            f"{'dynamic B':>9}  variant")
     return "\n".join([head, "-" * len(head)] + [
         f"{r.kernel:<38} sm_{r.target:<3} {r.registers:>4} {r.spill_bytes:>7} {r.local_bytes:>7} "
         f"{r.static_smem:>8} {r.dynamic_smem:>9}  {r.variant}{'  FAIL' if r.failures else ''}" for r in rows])

@@ -13,9 +13,10 @@ Design
   One ``@triton.jit`` helper, :func:`_load_nf4_tile`, does this for both kernels; it takes
   broadcastable row / column offsets, so the forward reads the tile as ``W^T [BLOCK_K, BLOCK_N]``
   and the grad-input kernel as ``W [BLOCK_N, BLOCK_K]`` from the same storage (no transposed copy).
-* The decode is per element on the flat index (int64: N*K exceeds 2^31 on large models), so rows that start mid-byte (odd K) and quantization blocks
-  that straddle rows (K % blocksize != 0) need no special case. Every index x stride product is
-  int64 (strided inputs: a transposed x has stride M).
+* The decode is per element on the flat index (int64: N*K exceeds 2^31 on large models), so
+  rows that start mid-byte (odd K) and quantization blocks that straddle rows
+  (K % blocksize != 0) need no special case. Every index x stride product is int64 (strided
+  inputs: a transposed x has stride M).
 * fp32 activations: the tile stays fp32 and tl.dot runs as 3xTF32
   (:mod:`lowrank_kernels.triton.tiling`): within a few fp32 ulps per product like torch's fp32
   matmul (which does not use TF32 by default), on tensor cores; an "ieee" FMA dot spills.
@@ -101,7 +102,8 @@ def _prune(configs, named_args, activation: str, candidates: dict, reduction: st
     dtype = named_args[activation].dtype
     mine = candidates[dtype == torch.float32]
     m_bucket = named_args["M_BUCKET"]
-    by_m = [c for c in mine if (c.kwargs["BLOCK_M"] == 16) == (m_bucket <= 16) and c.kwargs["BLOCK_M"] <= max(16, m_bucket)]
+    by_m = [c for c in mine
+            if (c.kwargs["BLOCK_M"] == 16) == (m_bucket <= 16) and c.kwargs["BLOCK_M"] <= max(16, m_bucket)]
     by_m = by_m or [min(mine, key=lambda c: c.kwargs["BLOCK_M"])]
     act_bytes = dtype.itemsize
     return keep_fitting(by_m, lambda c: _smem_bytes(c, act_bytes, reduction, columns), smem_limit)

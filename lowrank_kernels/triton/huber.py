@@ -9,9 +9,9 @@ Design: one program per ``[BLOCK_M, BLOCK_N]`` tile of one matrix. It forms the 
 shared memory at any rank), as 3xTF32 (:mod:`lowrank_kernels.triton.tiling`; plain TF32 would
 put 1e-3 relative errors into residuals the solve depends on), subtracts the W tile, and writes
 ω and ψ; E never leaves registers. ``dw / max(|e|, dw)`` is a correctly rounded division
-(``tl.div_rn``), as on the CPU; Triton's ``/`` is approximate on GPUs. Each tile's two sums go to ``partial [batch, tiles, 2]``
-(fp32 over at most BLOCK_M·BLOCK_N elements) and are summed in fp64 by torch: no atomics, so
-the result is deterministic.
+(``tl.div_rn``), as on the CPU; Triton's ``/`` is approximate on GPUs. Each tile's two sums go
+to ``partial [batch, tiles, 2]`` (fp32 over at most BLOCK_M·BLOCK_N elements) and are summed in
+fp64 by torch: no atomics, so the result is deterministic.
 """
 from __future__ import annotations
 
