@@ -460,7 +460,7 @@ def summary_table(rows: list[Row]) -> str:
     """Per kernel and target: variants, worst registers, worst spill, worst local memory, worst
     shared memory (KB) against the limit, failures."""
     kernels = sorted({r.kernel for r in rows}, key=lambda k: [r.kernel for r in rows].index(k))
-    head = f"{'kernel':<40} {'target':<6} {'variants':>8} {'regs':>5} {'spill B':>8} {'local B':>8} " \
+    head = f"{'kernel':<44} {'target':<6} {'variants':>8} {'regs':>5} {'spill B':>8} {'local B':>8} " \
            f"{'smem KB':>8} {'limit KB':>8}  failing"
     lines = [head, "-" * len(head)]
     for kernel in kernels:
@@ -470,7 +470,7 @@ def summary_table(rows: list[Row]) -> str:
                 continue
             failing = sum(bool(r.failures) for r in mine)
             lines.append(
-                f"{kernel:<40} sm_{target:<3} {len(mine):>8} {max(r.registers for r in mine):>5} "
+                f"{kernel:<44} sm_{target:<3} {len(mine):>8} {max(r.registers for r in mine):>5} "
                 f"{max(r.spill_bytes for r in mine):>8} {max(r.local_bytes for r in mine):>8} "
                 f"{max(r.smem for r in mine) / 1024:>8.1f} {SMEM_LIMIT[target] / 1024:>8.0f}  {failing or '-'}")
     return "\n".join(lines)
@@ -478,10 +478,10 @@ def summary_table(rows: list[Row]) -> str:
 
 def variant_table(rows: list[Row]) -> str:
     """Every compiled variant: registers, spills, local memory, static + dynamic shared memory."""
-    head = (f"{'kernel':<38} {'target':<6} {'regs':>4} {'spill B':>7} {'local B':>7} {'static B':>8} "
+    head = (f"{'kernel':<44} {'target':<6} {'regs':>4} {'spill B':>7} {'local B':>7} {'static B':>8} "
             f"{'dynamic B':>9}  variant")
     return "\n".join([head, "-" * len(head)] + [
-        f"{r.kernel:<38} sm_{r.target:<3} {r.registers:>4} {r.spill_bytes:>7} {r.local_bytes:>7} "
+        f"{r.kernel:<44} sm_{r.target:<3} {r.registers:>4} {r.spill_bytes:>7} {r.local_bytes:>7} "
         f"{r.static_smem:>8} {r.dynamic_smem:>9}  {r.variant}{'  FAIL' if r.failures else ''}" for r in rows])
 
 
