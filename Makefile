@@ -13,7 +13,7 @@ SOURCES := $(shell find csrc lowrank_kernels -name '*.cpp' -o -name '*.cu' -o -n
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export MAX_JOBS ?= 2
 
-.PHONY: demo test test-rounding bench info build clean gpu-check
+.PHONY: demo test test-rounding bench info build clean gpu-check gpu-fit
 
 demo: $(BUILD_STAMP)
 	$(PY) -m lowrank_kernels demo
@@ -40,6 +40,11 @@ test-rounding: $(BUILD_STAMP)
 
 bench: $(BUILD_STAMP)
 	$(PY) -m lowrank_kernels bench
+
+# AOT-compiles every Triton and CUDA kernel for sm_80 / sm_90 (no GPU needed) and fails on
+# spills or shared memory over the limit; report in bench/results/gpu_fit.{txt,json}.
+gpu-fit: $(DEPS_STAMP)
+	$(PY) -m lowrank_kernels.gpu_fit
 
 info: $(BUILD_STAMP)
 	$(PY) -m lowrank_kernels info

@@ -168,8 +168,13 @@ __device__ __forceinline__ void accumulate_lowrank(const T* __restrict__ lowrank
 
 // grid (ceil(rows / kRowsPerBlock), min(groups, 65535)), block kThreads. blockIdx.y strides over
 // the `groups` groups of kTokens tokens; x, lowrank_x and y start at the first group's first token.
+// fp32 instances ask for 2 resident blocks per SM (<= 255 registers, the same cap as 1, but
+// another allocation heuristic): with only the block size, ptxas 13.0 gave <float, 4, true> 96
+// registers on sm_80 and spilled 8 B. bf16/fp16 pass 0, no minimum, as if omitted (<= 144
+// registers, 3 blocks per SM; an explicit 1 raised them to 182-191). make gpu-fit checks every
+// instance for spills.
 template <typename T, int kTokens, bool kVectorised>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, std::is_same_v<T, float> ? 2 : 0)
     nf4_lowrank_gemv_kernel(const T* __restrict__ x, const uint8_t* __restrict__ packed,
                             const float* __restrict__ absmax, int64_t blocksize, int block_shift, int64_t rows,
                             int64_t cols, const T* __restrict__ lowrank_x, const T* __restrict__ up, int64_t rank,

@@ -13,11 +13,13 @@ Design
   One ``@triton.jit`` helper, :func:`_load_nf4_tile`, does this for both kernels; it takes
   broadcastable row / column offsets, so the forward reads the tile as ``W^T [BLOCK_K, BLOCK_N]``
   and the grad-input kernel as ``W [BLOCK_N, BLOCK_K]`` from the same storage (no transposed copy).
-* The decode is per element on the flat index (int64: N*K exceeds 2^31 on large models), so rows
-  that start mid-byte (odd K) and quantization blocks that straddle rows (K % blocksize != 0) need
-  no special case.
-* fp32 activations: the tile stays fp32 and tl.dot runs with input_precision="ieee", because
-  torch's fp32 matmul (what callers compare against) does not use TF32 by default.
+* The decode is per element on the flat index (int64: N*K exceeds 2^31 on large models), so
+  rows that start mid-byte (odd K) and quantization blocks that straddle rows
+  (K % blocksize != 0) need no special case. Every index x stride product is int64 (strided
+  inputs: a transposed x has stride M).
+* fp32 activations: the tile stays fp32 and tl.dot runs as 3xTF32
+  (:mod:`lowrank_kernels.triton.tiling`): within a few fp32 ulps per product like torch's fp32
+  matmul (which does not use TF32 by default), on tensor cores; an "ieee" FMA dot spills.
   bf16/fp16 activations: the decoded tile is rounded to the activation dtype and tl.dot runs in
   that dtype (tensor cores) with an fp32 accumulator.
 * Epilogue: ``acc += scale * (lowrank @ factor)`` over the rank in BLOCK_R chunks (tl.dot needs
@@ -43,9 +45,10 @@ import triton.language as tl
 
 from lowrank_kernels.codebooks import nf4_code
 from lowrank_kernels.triton.nf4 import _TL_DTYPES, _check_device, _interpreted, _round_to
+from lowrank_kernels.triton.tiling import _dot, keep_fitting
 
 _INTERPRET = _interpreted()
-_MAX_BLOCK_R = 64  # rank chunk of the epilogue: bounds registers for large r
+_MAX_BLOCK_R = 32  # rank chunk of the epilogue: bounds registers for large r
 
 
 def _config(block_m: int, block_n: int, block_k: int, warps: int, stages: int, group_m: int = 8) -> triton.Config:
@@ -53,26 +56,67 @@ def _config(block_m: int, block_n: int, block_k: int, warps: int, stages: int, g
                          num_warps=warps, num_stages=stages)
 
 
-def _configs() -> list[triton.Config]:
-    """Candidate tiles. Forward: output tile BLOCK_M x BLOCK_N, reduction BLOCK_K. Grad-input:
-    output tile BLOCK_M x BLOCK_K, reduction BLOCK_N. The small-M configs serve decoding /
-    short batches, where the GEMM is bound by reading the packed weight."""
-    if _INTERPRET:
-        return [_config(16, 32, 32, 4, 1, group_m=2)]
-    return [
-        _config(128, 128, 64, 8, 3),
-        _config(128, 64, 64, 4, 4),
-        _config(64, 128, 64, 4, 4),
-        _config(64, 64, 64, 4, 4),
-        _config(32, 128, 64, 4, 4),
-        _config(32, 64, 128, 4, 3),
-        _config(16, 128, 128, 4, 3),
-        _config(16, 64, 128, 4, 4),
-    ]
+# Candidate tiles, checked by the GPU-fit gate (python -m lowrank_kernels.gpu_fit) to compile
+# without spills and within shared memory on sm_80 and sm_90. Forward: output tile
+# BLOCK_M x BLOCK_N, reduction BLOCK_K. Grad-input: output tile BLOCK_M x BLOCK_K, reduction
+# BLOCK_N. BLOCK_M = 16 tiles serve decoding / short batches (bound by reading the packed
+# weight). Registers bound the tiles: each W element decoded in registers carries an int64 index
+# and three 64-bit gather addresses (packed byte, code, absmax), so a decode tile's reduction
+# stays <= 64 in the grad-input kernel (BLOCK_N = 128 spilled 0.5-0.8 KB); fp32 (3xTF32 dots:
+# three MMAs and hi/lo operand pairs) needs smaller tiles still (64 x 64 x 32 spilled 0.2 KB).
+# (Int32 in-tile offsets from an int64 tile base were tried: ptxas spilled more, not less.)
+if _INTERPRET:
+    _HALF_FORWARD = _FP32_FORWARD = _HALF_GRAD_INPUT = _FP32_GRAD_INPUT = [_config(16, 32, 32, 4, 1, group_m=2)]
+else:
+    _HALF_FORWARD = [_config(128, 128, 32, 8, 3), _config(64, 128, 32, 4, 3), _config(64, 64, 64, 4, 3),
+                     _config(32, 64, 64, 4, 3), _config(16, 64, 128, 4, 3), _config(16, 32, 128, 4, 4)]
+    _FP32_FORWARD = [_config(64, 32, 32, 4, 3), _config(16, 64, 64, 4, 2)]  # BLOCK_K = 64 spilled at M = 512
+    _HALF_GRAD_INPUT = [_config(128, 32, 128, 8, 3), _config(64, 64, 64, 4, 3), _config(32, 64, 64, 4, 3),
+                        _config(16, 64, 64, 4, 4)]
+    _FP32_GRAD_INPUT = [_config(32, 64, 64, 4, 2), _config(16, 64, 64, 4, 2)]
+
+# The autotuner's cache key: every argument that changes the compiled kernel or its best tile.
+# Triton adds the tensors' dtypes.
+_SHARED_KEY = ["M_BUCKET", "N", "K", "BLOCK_R", "BLOCKSIZE"]
+_FORWARD_KEY = _SHARED_KEY + ["HAS_BIAS", "stride_xm", "stride_xk", "stride_lm", "stride_lr", "stride_un",
+                              "stride_ur", "stride_ym", "stride_yn"]
+_GRAD_INPUT_KEY = _SHARED_KEY + ["stride_gm", "stride_gn", "stride_lm", "stride_lr", "stride_dr", "stride_dk",
+                                 "stride_xm", "stride_xk"]
 
 
-_CONFIGS = _configs()
-_KEY = ["M_BUCKET", "N", "K"]
+def _smem_bytes(config: triton.Config, act_bytes: int, reduction: str, columns: str) -> int:
+    """Conservative shared memory of a tile config: per pipeline stage the activation tile and,
+    per W element, its gathered absmax (4 B) and packed byte (1 B); plus the decoded W operand
+    and the fp32 output tile passing through shared memory for layout conversions."""
+    kw = config.kwargs
+    w_tile = kw[reduction] * kw[columns]
+    stage = kw["BLOCK_M"] * kw[reduction] * act_bytes + 5 * w_tile
+    return config.num_stages * stage + w_tile * act_bytes + kw["BLOCK_M"] * kw[columns] * 4
+
+
+def _prune(configs, named_args, activation: str, candidates: dict, reduction: str, columns: str,
+           smem_limit: int | None) -> list[triton.Config]:
+    """Configs for this launch: those of the activation's dtype class, BLOCK_M = 16 tiles only
+    (and always) for M <= 16, taller tiles up to M, within the device's (or ``smem_limit``'s)
+    shared memory."""
+    dtype = named_args[activation].dtype
+    mine = candidates[dtype == torch.float32]
+    m_bucket = named_args["M_BUCKET"]
+    by_m = [c for c in mine
+            if (c.kwargs["BLOCK_M"] == 16) == (m_bucket <= 16) and c.kwargs["BLOCK_M"] <= max(16, m_bucket)]
+    by_m = by_m or [min(mine, key=lambda c: c.kwargs["BLOCK_M"])]
+    act_bytes = dtype.itemsize
+    return keep_fitting(by_m, lambda c: _smem_bytes(c, act_bytes, reduction, columns), smem_limit)
+
+
+def _prune_forward(configs, named_args, smem_limit: int | None = None, **kwargs) -> list[triton.Config]:
+    return _prune(configs, named_args, "x_ptr", {False: _HALF_FORWARD, True: _FP32_FORWARD}, "BLOCK_K", "BLOCK_N",
+                  smem_limit)
+
+
+def _prune_grad_input(configs, named_args, smem_limit: int | None = None, **kwargs) -> list[triton.Config]:
+    return _prune(configs, named_args, "grad_y_ptr", {False: _HALF_GRAD_INPUT, True: _FP32_GRAD_INPUT},
+                  "BLOCK_N", "BLOCK_K", smem_limit)
 
 
 @triton.jit
@@ -88,15 +132,6 @@ def _load_nf4_tile(packed_ptr, absmax_ptr, code_ptr, rows, cols, mask, ROW_LEN, 
     value = tl.load(code_ptr + nibble)  # nibble is in [0, 16) even where masked
     absmax = tl.load(absmax_ptr + idx // BLOCKSIZE, mask=mask, other=0.0)
     return value * absmax
-
-
-@triton.jit
-def _dot(a, b, acc, DOT_TY: tl.constexpr):
-    """acc + a @ b with operands in DOT_TY; fp32 runs as true fp32 ("ieee"), not TF32."""
-    if DOT_TY == tl.float32:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    else:
-        return tl.dot(a.to(DOT_TY), b.to(DOT_TY), acc)
 
 
 @triton.jit
@@ -134,7 +169,7 @@ def _lowrank_term(left_ptr, right_ptr, rows_m, mask_m, cols, mask_c, R,
     for r0 in range(0, R, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)
         mask_r = offs_r < R
-        left = tl.load(left_ptr + rows_m[:, None] * stride_lm + offs_r[None, :] * stride_lr,
+        left = tl.load(left_ptr + rows_m[:, None] * stride_lm + offs_r[None, :].to(tl.int64) * stride_lr,
                        mask=mask_m[:, None] & mask_r[None, :], other=0.0)
         right = tl.load(right_ptr + offs_r[:, None].to(tl.int64) * stride_rr + cols[None, :].to(tl.int64) * stride_rc,
                         mask=mask_r[:, None] & mask_c[None, :], other=0.0)
@@ -142,7 +177,8 @@ def _lowrank_term(left_ptr, right_ptr, rows_m, mask_m, cols, mask_c, R,
     return low
 
 
-@triton.autotune(configs=_CONFIGS, key=_KEY)
+@triton.autotune(configs=_HALF_FORWARD if _INTERPRET else _HALF_FORWARD + _FP32_FORWARD, key=_FORWARD_KEY,
+                 prune_configs_by={"early_config_prune": _prune_forward})
 @triton.jit
 def _nf4_lowrank_linear_kernel(
     # pointers
@@ -163,14 +199,14 @@ def _nf4_lowrank_linear_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    rows_m = offs_m.to(tl.int64)  # M * stride can exceed 2^31
+    rows_m = offs_m.to(tl.int64)  # index x stride in int64: either can be large
     rows_n = offs_n.to(tl.int64)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
-        x = tl.load(x_ptr + rows_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+        x = tl.load(x_ptr + rows_m[:, None] * stride_xm + offs_k[None, :].to(tl.int64) * stride_xk,
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         # W^T tile [BLOCK_K, BLOCK_N]: rows of W along the tile's columns.
         w = _load_nf4_tile(packed_ptr, absmax_ptr, code_ptr, offs_n[None, :], offs_k[:, None],
@@ -185,11 +221,12 @@ def _nf4_lowrank_linear_kernel(
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
 
     y = _round_to(acc.to(tl.float32), OUT_TY)
-    tl.store(y_ptr + rows_m[:, None] * stride_ym + offs_n[None, :] * stride_yn, y,
+    tl.store(y_ptr + rows_m[:, None] * stride_ym + rows_n[None, :] * stride_yn, y,
              mask=mask_m[:, None] & mask_n[None, :])
 
 
-@triton.autotune(configs=_CONFIGS, key=_KEY)
+@triton.autotune(configs=_HALF_GRAD_INPUT if _INTERPRET else _HALF_GRAD_INPUT + _FP32_GRAD_INPUT, key=_GRAD_INPUT_KEY,
+                 prune_configs_by={"early_config_prune": _prune_grad_input})
 @triton.jit
 def _nf4_lowrank_linear_grad_input_kernel(
     # pointers
@@ -210,25 +247,26 @@ def _nf4_lowrank_linear_grad_input_kernel(
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     mask_m = offs_m < M
     mask_k = offs_k < K
-    rows_m = offs_m.to(tl.int64)
+    rows_m = offs_m.to(tl.int64)  # index x stride in int64: either can be large
+    cols_k = offs_k.to(tl.int64)
 
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
-        g = tl.load(grad_y_ptr + rows_m[:, None] * stride_gm + offs_n[None, :] * stride_gn,
+        g = tl.load(grad_y_ptr + rows_m[:, None] * stride_gm + offs_n[None, :].to(tl.int64) * stride_gn,
                     mask=mask_m[:, None] & mask_n[None, :], other=0.0)
         # W tile [BLOCK_N, BLOCK_K], read in place from the row-major NF4 storage.
         w = _load_nf4_tile(packed_ptr, absmax_ptr, code_ptr, offs_n[:, None], offs_k[None, :],
                            mask_n[:, None] & mask_k[None, :], K, BLOCKSIZE)
         acc = _dot(g, _weight_operand(w, W_TY, DOT_TY), acc, DOT_TY)
 
-    acc += scale * _lowrank_term(lowrank_ptr, down_ptr, rows_m, mask_m, offs_k, mask_k, R,
+    acc += scale * _lowrank_term(lowrank_ptr, down_ptr, rows_m, mask_m, cols_k, mask_k, R,
                                  stride_lm, stride_lr, stride_dr, stride_dk,
                                  BLOCK_M, BLOCK_K, BLOCK_R, DOT_TY)
 
     dx = _round_to(acc.to(tl.float32), OUT_TY)
-    tl.store(dx_ptr + rows_m[:, None] * stride_xm + offs_k[None, :] * stride_xk, dx,
+    tl.store(dx_ptr + rows_m[:, None] * stride_xm + cols_k[None, :] * stride_xk, dx,
              mask=mask_m[:, None] & mask_k[None, :])
 
 

@@ -16,11 +16,12 @@ Design
   chunk) stays well below that of reading y, and small-batch problems still get
   ``_TARGET_CHUNK_PROGRAMS`` chunks in flight to fill a GPU. The chunking depends on the shape
   only, not on the autotuned tile, so the scratch buffer is allocated before the launch.
-* fp32 inputs: ``tl.dot`` with ``input_precision="ieee"`` (torch's fp32 matmul, what callers
-  compare against, is not TF32 by default). bf16/fp16: ``tl.dot`` in the input dtype (tensor
+* fp32 inputs: ``tl.dot`` as 3xTF32 (:mod:`lowrank_kernels.triton.tiling`: tensor cores,
+  within a few fp32 ulps per product; "ieee" FMAs spill). bf16/fp16: ``tl.dot`` in the input dtype (tensor
   cores; the products are exact in fp32) with an fp32 accumulator.
-* Autotuning is keyed on (bucketed chunk rows, k); no device is queried at import. Under
-  TRITON_INTERPRET=1 a single small config is used.
+* Autotuning is keyed on (bucketed chunk rows, k, strides); configs are pruned to the device's
+  shared memory at the first launch (no device is queried at import). Under TRITON_INTERPRET=1
+  a single small config is used.
 
 Interpreter notes (TRITON_INTERPRET=1, CPU tensors): its ``tl.dot`` multiplies bf16 operands as
 their raw uint16 bit patterns, so under the interpreter bf16 tiles are widened (exactly) to fp32
@@ -34,6 +35,7 @@ import triton
 import triton.language as tl
 
 from lowrank_kernels.triton.nf4 import _TL_DTYPES, _check_device, _interpreted
+from lowrank_kernels.triton.tiling import _dot, keep_fitting
 
 _INTERPRET = _interpreted()
 _MIN_CHUNK_ROWS = 512  # rows per chunk at least (module constant: tests lower it)
@@ -60,16 +62,33 @@ def _configs() -> list[triton.Config]:
     ]
 
 
-@triton.jit
-def _dot(a, b, acc, DOT_TY: tl.constexpr):
-    """acc + a @ b with operands in DOT_TY; fp32 runs as true fp32 ("ieee"), not TF32."""
-    if DOT_TY == tl.float32:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    else:
-        return tl.dot(a.to(DOT_TY), b.to(DOT_TY), acc)
+_CONFIGS = _configs()
+# fp32 (3xTF32: hi/lo pairs of both operand tiles in registers): the 4-warp 128 x 32 and 64 x 64
+# tiles spilled 0.3-0.6 KB in the GPU-fit gate; the 8-warp 128 x 64 and 64 x 128 ones did not.
+_FP32_SPILLS = [] if _INTERPRET else [c for c in _CONFIGS if c.num_warps == 4 and
+                                      c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_K"] >= 4096]
 
 
-@triton.autotune(configs=_configs(), key=["M_BUCKET", "K"])
+def _smem_bytes(config: triton.Config, itemsize: int) -> int:
+    """Conservative shared memory of a config: per pipeline stage the two y tiles, plus the
+    fp32 output tile passing through shared memory for a layout conversion."""
+    rows, cols = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_K"]
+    return config.num_stages * 2 * rows * cols * itemsize + cols * cols * 4
+
+
+def _prune(configs, named_args, smem_limit: int | None = None, **kwargs) -> list[triton.Config]:
+    """The configs whose output tile is not wider than k needs, within the device's (or
+    ``smem_limit``'s) shared memory; fp32 without the configs in _FP32_SPILLS."""
+    itemsize = named_args["y_ptr"].dtype.itemsize
+    width = max(16, triton.next_power_of_2(named_args["K"]))
+    narrow = [c for c in configs if c.kwargs["BLOCK_K"] <= width] or configs
+    if itemsize == 4:
+        narrow = [c for c in narrow if c not in _FP32_SPILLS] or narrow
+    return keep_fitting(narrow, lambda c: _smem_bytes(c, itemsize), smem_limit)
+
+
+@triton.autotune(configs=_CONFIGS, key=["M_BUCKET", "K", "stride_yb", "stride_ym", "stride_yk"],
+                 prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _gram_kernel(
     # pointers
@@ -96,6 +115,8 @@ def _gram_kernel(
 
     offs_i = ti * BLOCK_K + tl.arange(0, BLOCK_K)
     offs_j = tj * BLOCK_K + tl.arange(0, BLOCK_K)
+    cols_i = offs_i.to(tl.int64)  # index x stride in int64 (a transposed y has a large stride_yk)
+    cols_j = offs_j.to(tl.int64)
     mask_i = offs_i < K
     mask_j = offs_j < K
     row_begin = chunk * CHUNK_ROWS
@@ -108,9 +129,9 @@ def _gram_kernel(
         mask_r = rows < row_end
         rows64 = rows.to(tl.int64)  # M * stride can exceed 2^31
         # yᵀ tile [BLOCK_K, BLOCK_M] and y tile [BLOCK_M, BLOCK_K], read in place.
-        a = tl.load(base + rows64[None, :] * stride_ym + offs_i[:, None] * stride_yk,
+        a = tl.load(base + rows64[None, :] * stride_ym + cols_i[:, None] * stride_yk,
                     mask=mask_i[:, None] & mask_r[None, :], other=0.0)
-        bt = tl.load(base + rows64[:, None] * stride_ym + offs_j[None, :] * stride_yk,
+        bt = tl.load(base + rows64[:, None] * stride_ym + cols_j[None, :] * stride_yk,
                      mask=mask_r[:, None] & mask_j[None, :], other=0.0)
         acc = _dot(a, bt, acc, DOT_TY)
 

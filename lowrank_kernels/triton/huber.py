@@ -5,11 +5,13 @@ math: csrc/include/lowrank_kernels/huber_math.h): for E = A B − W, fp32 ω(E) 
 ``[..., m, n]`` at each matrix's weight δ, and fp64 ``[Σ ρ(E) at its loss δ, Σ |E|] [..., 2]``.
 
 Design: one program per ``[BLOCK_M, BLOCK_N]`` tile of one matrix. It forms the tile of A B with
-``tl.dot`` over the (zero-padded, ≥ 16) rank in fp32 (``input_precision="ieee"``: TF32 would
+``tl.dot`` over the rank in ``BLOCK_R`` chunks (zero-padded to ≥ 16; chunks bound registers and
+shared memory at any rank), as 3xTF32 (:mod:`lowrank_kernels.triton.tiling`; plain TF32 would
 put 1e-3 relative errors into residuals the solve depends on), subtracts the W tile, and writes
-ω and ψ; E never leaves registers. Each tile's two sums go to ``partial [batch, tiles, 2]``
-(fp32 over at most BLOCK_M·BLOCK_N elements) and are summed in fp64 by torch: no atomics, so
-the result is deterministic.
+ω and ψ; E never leaves registers. ``dw / max(|e|, dw)`` is a correctly rounded division
+(``tl.div_rn``), as on the CPU; Triton's ``/`` is approximate on GPUs. Each tile's two sums go
+to ``partial [batch, tiles, 2]`` (fp32 over at most BLOCK_M·BLOCK_N elements) and are summed in
+fp64 by torch: no atomics, so the result is deterministic.
 """
 from __future__ import annotations
 
@@ -18,8 +20,10 @@ import triton
 import triton.language as tl
 
 from lowrank_kernels.triton.nf4 import _TL_DTYPES, _check_device, _interpreted
+from lowrank_kernels.triton.tiling import _dot
 
-_BLOCK_M, _BLOCK_N, _NUM_WARPS = (16, 32, 1) if _interpreted() else (64, 128, 4)
+_BLOCK_M, _BLOCK_N, _NUM_WARPS = (16, 32, 1) if _interpreted() else (64, 64, 4)
+_MAX_BLOCK_R = 32  # rank chunk: the GPU-fit gate checks 64 x 64 x 32 fits without spills
 
 
 @triton.jit
@@ -38,18 +42,24 @@ def _huber_weights_kernel(
     tile = pid % tiles
     rows = tile // COL_BLOCKS * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tile % COL_BLOCKS * BLOCK_N + tl.arange(0, BLOCK_N)
-    ks = tl.arange(0, BLOCK_R)
-    mask_m, mask_n, mask_k = rows < M, cols < N, ks < R
-    a = tl.load(a_ptr + mat * M * R + rows[:, None] * R + ks[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-    b = tl.load(b_ptr + mat * R * N + ks[:, None] * N + cols[None, :], mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+    mask_m, mask_n = rows < M, cols < N
+    ab = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, R, BLOCK_R):
+        ks = k0 + tl.arange(0, BLOCK_R)
+        mask_k = ks < R
+        a = tl.load(a_ptr + mat * M * R + rows[:, None] * R + ks[None, :], mask=mask_m[:, None] & mask_k[None, :],
+                    other=0.0)
+        b = tl.load(b_ptr + mat * R * N + ks[:, None] * N + cols[None, :], mask=mask_k[:, None] & mask_n[None, :],
+                    other=0.0)
+        ab = _dot(a, b, ab, tl.float32)
     mask = mask_m[:, None] & mask_n[None, :]
     offsets = mat * M * N + rows[:, None] * N + cols[None, :]
     w = tl.load(w_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    e = tl.dot(a, b, input_precision="ieee") - w
+    e = ab - w
     magnitude = tl.abs(e)
     dw = tl.load(weight_delta_ptr + mat)
     dl = tl.load(loss_delta_ptr + mat)
-    tl.store(omega_ptr + offsets, dw / tl.maximum(magnitude, dw), mask=mask)
+    tl.store(omega_ptr + offsets, tl.div_rn(tl.zeros_like(magnitude) + dw, tl.maximum(magnitude, dw)), mask=mask)
     tl.store(psi_ptr + offsets, tl.minimum(tl.maximum(e, -dw), dw), mask=mask)
     loss = tl.where(magnitude <= dl, 0.5 * e * e, dl * (magnitude - 0.5 * dl))
     tl.store(partial_ptr + pid * 2, tl.sum(tl.sum(tl.where(mask, loss, 0.0), axis=1), axis=0))
@@ -87,6 +97,7 @@ def huber_weights(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, weight_delt
         w.contiguous(), a.contiguous(), b.contiguous(), weight_delta.contiguous(), loss_delta.contiguous(),
         omega, psi, partial,
         m, n, r, row_blocks, col_blocks,
-        BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N, BLOCK_R=max(16, triton.next_power_of_2(r)), num_warps=_NUM_WARPS,
+        BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N, BLOCK_R=min(max(16, triton.next_power_of_2(r)), _MAX_BLOCK_R),
+        num_warps=_NUM_WARPS,
     )
     return omega, psi, partial.double().sum(1).reshape(*batch, 2)

@@ -21,11 +21,15 @@ _MIN_ABSMAX = 1e-38
 @triton.jit
 def _round_to(v, OUT_TY: tl.constexpr):
     """fp32 -> OUT_TY rounding to nearest even. bf16 is rounded on the bit pattern (as GPUs do):
-    the interpreter's own cast truncates, and results must match the C++/CUDA kernels."""
+    the interpreter's own cast truncates, and results must match the C++/CUDA kernels. A NaN
+    keeps its sign and top payload bits and gets the quiet bit: rounding its pattern would carry
+    into the sign (0x7FFFFFFF, the NaN of GPU arithmetic, would become 0x8000 = -0.0)."""
     if OUT_TY == tl.bfloat16:
         bits = v.to(tl.uint32, bitcast=True)
-        bits = bits + 0x7FFF + ((bits >> 16) & 1)
-        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        quiet_nan = (bits >> 16) | 0x40
+        is_nan = (bits & 0x7FFFFFFF) > 0x7F800000
+        return tl.where(is_nan, quiet_nan, rounded).to(tl.uint16).to(tl.bfloat16, bitcast=True)
     else:
         return v.to(OUT_TY)
 
@@ -39,7 +43,8 @@ def _dequantize_nf4_kernel(
     # meta-parameters
     BLOCKSIZE: tl.constexpr, BYTES: tl.constexpr, OUT_TY: tl.constexpr,
 ):
-    byte = tl.program_id(0) * BYTES + tl.arange(0, BYTES)
+    # int64: element indices reach 2^31 on large weights (and byte indices 2^31 at 2^32).
+    byte = tl.program_id(0).to(tl.int64) * BYTES + tl.arange(0, BYTES)
     first = byte * 2  # element index of the high nibble; 2 divides BLOCKSIZE
     in_range = first < numel
     packed = tl.load(packed_ptr + byte, mask=in_range, other=0).to(tl.int32)

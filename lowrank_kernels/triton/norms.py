@@ -10,6 +10,10 @@ tile's row sums to ``row_partial [batch, col_blocks, m]`` and its column sums to
 torch.sum: no atomics, so the result is deterministic. The partials add
 ``m·n·(1/BLOCK_M + 1/BLOCK_N)`` fp32 values of traffic, a few percent of reading W; a grid of
 small tiles keeps every SM busy even for a single matrix.
+
+On GPUs Triton enables fp fusion, so ptxas contracts ``x * x`` into the sums' adds (FMA: one
+rounding per step instead of two). The sums' order differs from the CPU kernels' anyway, so
+results agree to a tolerance (fp32 summation bound), not bit for bit.
 """
 from __future__ import annotations
 

@@ -19,6 +19,13 @@ def test_triton_matches_reference(case, dtype, triton_device):
     assert_matches_reference(triton_huber.huber_weights(*inputs), *inputs)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_triton_rank_spans_several_chunks(dtype, triton_device):
+    """r = 70: three BLOCK_R = 32 chunks of the rank loop, the last one masked."""
+    inputs = make_inputs((), 37, 45, 70, dtype, device=triton_device)
+    assert_matches_reference(triton_huber.huber_weights(*inputs), *inputs)
+
+
 def test_triton_batch_elements_are_independent(triton_device):
     W, A, B, wd, ld = make_inputs((3,), 40, 70, 5, torch.float32, device=triton_device)
     batched = triton_huber.huber_weights(W, A, B, wd, ld)

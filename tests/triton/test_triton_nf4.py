@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from lowrank_kernels.reference import nf4 as ref
 from lowrank_kernels.triton import nf4 as triton_nf4
@@ -49,3 +51,37 @@ def test_triton_launcher_rejects_cpu_tensors_without_interpreter(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match="must be a CUDA tensor"):
         triton_nf4.quantize_nf4(torch.randn(64), 64)
+
+
+@triton.jit
+def _round_bits_kernel(bits_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    bits = tl.load(bits_ptr + offs, mask=offs < n, other=0)
+    rounded = triton_nf4._round_to(bits.to(tl.float32, bitcast=True), tl.bfloat16)
+    tl.store(out_ptr + offs, rounded.to(tl.int16, bitcast=True), mask=offs < n)
+
+
+# fp32 bit patterns -> the bf16 pattern round-to-nearest-even must give. NaNs from GPU arithmetic
+# (0x7FFFFFFF), negative quiet NaNs (0xFFC00000) and signalling NaNs stay NaN (quiet, same sign).
+ROUNDING = [
+    (0x7FFFFFFF, 0x7FFF), (0xFFC00000, 0xFFC0), (0x7FC00000, 0x7FC0), (0x7F800001, 0x7FC0),
+    (0xFFFFFFFF, 0xFFFF), (0x7F800000, 0x7F80), (0xFF800000, 0xFF80),  # NaNs, then +-inf
+    (0x7F7FFFFF, 0x7F80),  # max float rounds up to inf
+    (0x3F808000, 0x3F80), (0x3F818000, 0x3F82), (0x3F808001, 0x3F81),  # ties to even, above a tie
+    (0x80000000, 0x8000), (0x00000001, 0x0000),  # -0, the smallest subnormal
+]
+
+
+def test_round_to_bf16_keeps_nan_bit_patterns(triton_device):
+    bits = torch.tensor([b for b, _ in ROUNDING], dtype=torch.int64).to(torch.int32)  # wraps to int32 bits
+    out = torch.empty(len(ROUNDING), dtype=torch.int16)
+    bits, out = bits.to(triton_device), out.to(triton_device)
+    _round_bits_kernel[(1,)](bits, out, len(ROUNDING), BLOCK=16)
+    got = [v & 0xFFFF for v in out.cpu().tolist()]
+    assert [hex(v) for v in got] == [hex(e) for _, e in ROUNDING]
+    # The same values through torch's own rounding (c10): NaN stays NaN, the rest bit-equal.
+    as_float = bits.cpu().view(torch.float32).bfloat16()
+    mine = out.cpu().view(torch.bfloat16)
+    assert torch.equal(mine.isnan(), as_float.isnan())
+    finite = ~as_float.isnan()
+    assert torch.equal(mine[finite].view(torch.int16), as_float[finite].view(torch.int16))
