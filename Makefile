@@ -18,10 +18,10 @@ export MAX_JOBS ?= 2
 demo: $(BUILD_STAMP)
 	$(PY) -m lowrank_kernels demo
 
+# One pytest run: tests/triton runs inside it in a process of its own under TRITON_INTERPRET=1
+# (tests/test_triton_interpreted.py), so plain `pytest` from the root runs the same tests.
 test: $(BUILD_STAMP)
-	$(PY) -m pytest tests --ignore=tests/triton -q -p no:cacheprovider
-	@echo "== Triton kernels under TRITON_INTERPRET=1 (own process: read at decoration time) =="
-	TRITON_INTERPRET=1 $(PY) -m pytest tests/triton -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider
 
 # The numerical modules again under other BLAS / ATen code paths (CI runs this after `test`): a
 # test that holds only for one machine's rounding fails here on any machine. MKL_CBWR=COMPATIBLE

@@ -8,6 +8,7 @@ approximate division in Triton kernels) live beside the test that uses them, via
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +21,21 @@ settings.register_profile("gpu-check", deadline=None, max_examples=15, derandomi
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "lowrank"))
 
 NO_GPU = "no CUDA GPU on this machine"
+TRITON_TESTS = Path(__file__).parent / "triton"
+
+
+def triton_runs_in_this_process() -> bool:
+    """tests/triton runs on a GPU, or on CPU tensors under TRITON_INTERPRET=1, which Triton reads
+    when a kernel is decorated: it must be set before this process imported Triton."""
+    return os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()
+
+
+def pytest_ignore_collect(collection_path: Path, config) -> bool | None:
+    """Elsewhere tests/test_triton_interpreted.py runs tests/triton in a process of its own, so
+    that plain `pytest` runs every test."""
+    if collection_path == TRITON_TESTS and not triton_runs_in_this_process():
+        return True
+    return None
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_GPU))]
 FLOAT_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
