@@ -13,7 +13,7 @@ SOURCES := $(shell find csrc lowrank_kernels -name '*.cpp' -o -name '*.cu' -o -n
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export MAX_JOBS ?= 2
 
-.PHONY: demo test bench info build clean
+.PHONY: demo test test-isa bench info build clean
 
 demo: $(BUILD_STAMP)
 	$(PY) -m lowrank_kernels demo
@@ -22,6 +22,16 @@ test: $(BUILD_STAMP)
 	$(PY) -m pytest tests --ignore=tests/triton -q -p no:cacheprovider
 	@echo "== Triton kernels under TRITON_INTERPRET=1 (own process: read at decoration time) =="
 	TRITON_INTERPRET=1 $(PY) -m pytest tests/triton -q -p no:cacheprovider
+
+# The C++ kernel modules again under every lower CPU ISA this CPU runs (LOWRANK_KERNELS_ISA;
+# on an AVX-512 CPU: avx2 and scalar), against the same references as `make test`.
+ISA_TEST_MODULES := tests/test_nf4_kernels.py tests/test_fused_linear_kernels.py tests/test_gram_kernels.py \
+	tests/test_skinny_kernels.py tests/test_norms_kernels.py tests/test_huber_kernels.py
+test-isa: $(BUILD_STAMP)
+	@for isa in $$($(PY) -c "import lowrank_kernels as lk; print(*reversed(lk.build_info()['cpu_isas_supported'][:-1]))"); do \
+		echo "== C++ kernel tests with LOWRANK_KERNELS_ISA=$$isa =="; \
+		LOWRANK_KERNELS_ISA=$$isa $(PY) -m pytest $(ISA_TEST_MODULES) -q -p no:cacheprovider || exit 1; \
+	done
 
 bench: $(BUILD_STAMP)
 	$(PY) -m lowrank_kernels bench

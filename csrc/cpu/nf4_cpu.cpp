@@ -11,8 +11,9 @@
 
 #include "lowrank_kernels/checks.h"
 #include "lowrank_kernels/nf4_math.h"
-#include "nf4_simd.h"
 #include "output_cache.h"
+#include "nf4_simd.h"
+#include "isa.h"  // last: the per-ISA target starts here
 
 namespace lowrank_kernels {
 namespace {
@@ -227,14 +228,14 @@ at::Tensor dequantize_blockwise8_cpu(const at::Tensor& q, const at::Tensor& absm
   return out;
 }
 
-}  // namespace
-
-TORCH_LIBRARY_IMPL(lowrank_kernels, CPU, m) {
+LK_CPU_KERNELS(m) {
   m.impl("quantize_nf4", &quantize_nf4_cpu);
   m.impl("dequantize_nf4", &dequantize_nf4_cpu);
   m.impl("dequantize_nf4.out", &dequantize_nf4_out_cpu);
   m.impl("quantize_blockwise8", &quantize_blockwise8_cpu);
   m.impl("dequantize_blockwise8", &dequantize_blockwise8_cpu);
 }
+
+}  // namespace
 
 }  // namespace lowrank_kernels

@@ -21,6 +21,7 @@
 #include "lowrank_kernels/checks.h"
 #include "lowrank_kernels/nf4_linear_math.h"
 #include "nf4_simd.h"
+#include "isa.h"  // last: the per-ISA target starts here
 
 namespace lowrank_kernels {
 namespace {
@@ -362,12 +363,12 @@ at::Tensor nf4_lowrank_linear_grad_input_cpu(const at::Tensor& grad_y, const at:
   return dx.to(grad_y.scalar_type());
 }
 
-}  // namespace
-
-TORCH_LIBRARY_IMPL(lowrank_kernels, CPU, m) {
+LK_CPU_KERNELS(m) {
   m.impl("nf4_lowrank_linear", &nf4_lowrank_linear_cpu);
   m.impl("nf4_lowrank_gemv", &nf4_lowrank_gemv_cpu);
   m.impl("nf4_lowrank_linear_grad_input", &nf4_lowrank_linear_grad_input_cpu);
 }
+
+}  // namespace
 
 }  // namespace lowrank_kernels
