@@ -13,7 +13,7 @@ SOURCES := $(shell find csrc lowrank_kernels -name '*.cpp' -o -name '*.cu' -o -n
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export MAX_JOBS ?= 2
 
-.PHONY: demo test test-rounding bench info build clean gpu-check gpu-fit
+.PHONY: demo test test-rounding test-isa bench info build clean gpu-check gpu-fit
 
 demo: $(BUILD_STAMP)
 	$(PY) -m lowrank_kernels demo
@@ -36,6 +36,18 @@ test-rounding: $(BUILD_STAMP)
 	@set -e; for variant in $(ROUNDING_VARIANTS); do \
 		echo "== numerical tests under $$variant =="; \
 		env $$variant $(PY) -m pytest $(NUMERICAL_TESTS) -q -p no:cacheprovider; \
+	done
+
+# The C++ kernel modules again under every lower CPU ISA this CPU runs (LOWRANK_KERNELS_ISA;
+# on an AVX-512 CPU: avx2 and scalar), against the same references as `make test`. The fused
+# forward runs its with-bias cases only (the same kernel paths as without, plus the bias).
+ISA_TEST_MODULES := tests/test_nf4_kernels.py tests/test_fused_linear_kernels.py tests/test_gram_kernels.py \
+	tests/test_skinny_kernels.py tests/test_norms_kernels.py tests/test_huber_kernels.py \
+	-k "not (test_forward_matches_reference and nobias)"
+test-isa: $(BUILD_STAMP)
+	@for isa in $$($(PY) -c "import lowrank_kernels as lk; print(*reversed(lk.build_info()['cpu_isas_supported'][:-1]))"); do \
+		echo "== C++ kernel tests with LOWRANK_KERNELS_ISA=$$isa =="; \
+		LOWRANK_KERNELS_ISA=$$isa $(PY) -m pytest $(ISA_TEST_MODULES) -q -p no:cacheprovider || exit 1; \
 	done
 
 bench: $(BUILD_STAMP)

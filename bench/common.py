@@ -24,7 +24,16 @@ def machine_description() -> str:
     simd = torch.backends.cpu.get_cpu_capability()
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
     return (f"{model}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, "
-            f"ATen CPU capability {simd}, GPU {gpu}; torch {torch.__version__}")
+            f"ATen CPU capability {simd}, lowrank_kernels CPU ISA {lowrank_kernels_isa()}, GPU {gpu}; "
+            f"torch {torch.__version__}")
+
+
+def lowrank_kernels_isa() -> str:
+    """The instruction set of the lowrank_kernels CPU kernels that run in this process."""
+    from lowrank_kernels import build_info
+
+    info = build_info()
+    return info["cpu_simd"] if info["extension_loaded"] else f"none ({info['load_error']})"
 
 
 def time_call(fn: Callable[[], object], repeat: int = 10, warmup: int = 2) -> float:

@@ -1,11 +1,12 @@
 // Op schemas of the torch.ops.lowrank_kernels namespace (defined once here; CPU kernels in
 // cpu/, CUDA kernels in cuda/, fake kernels and Triton registrations in the Python package),
-// plus build_info() describing what this binary was compiled with.
+// plus build_info() describing what this binary was compiled with and which CPU ISA it runs.
 #include <Python.h>
 #include <torch/library.h>
 
 #include <string>
 
+#include "cpu/isa_dispatch.h"
 #include "cpu/output_cache.h"
 #include "lowrank_kernels/nf4_linear_math.h"
 #include "lowrank_kernels_build_config.h"
@@ -13,7 +14,13 @@
 extern "C" {
 // A Python module `lowrank_kernels._C` with no methods: importing it loads the shared library,
 // whose static initialisers register the ops (pytorch/extension-cpp pattern, no pybind11).
+// A LOWRANK_KERNELS_ISA this CPU cannot run registered no CPU kernels: the import fails with why.
 PyObject* PyInit__C(void) {
+  const std::string& isa_error = lowrank_kernels::cpu::isa_error();
+  if (!isa_error.empty()) {
+    PyErr_SetString(PyExc_RuntimeError, isa_error.c_str());
+    return nullptr;
+  }
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
   return PyModule_Create(&module_def);
 }
@@ -23,11 +30,9 @@ namespace lowrank_kernels {
 
 std::string build_info() {
   std::string info = "{\"cpu_kernels\": true";
-#ifdef __AVX2__
-  info += ", \"cpu_simd\": \"avx2\"";
-#else
-  info += ", \"cpu_simd\": \"scalar\"";
-#endif
+  // The ISA whose kernels serve the CPU ops (isa_dispatch.cpp), and every one this CPU could run.
+  info += std::string(", \"cpu_simd\": \"") + cpu::isa_name(cpu::active_isa()) + "\"";
+  info += ", \"cpu_isas_supported\": \"" + cpu::supported_isas() + "\"";
 #ifdef LOWRANK_KERNELS_WITH_CUDA
   info += ", \"cuda_kernels\": true, \"cuda_archs\": \"" LOWRANK_KERNELS_CUDA_ARCHS "\"";
 #else

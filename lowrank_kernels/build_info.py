@@ -16,8 +16,12 @@ def _triton_version() -> str | None:
 
 
 def build_info() -> dict:
-    """{"extension_loaded", "load_error", "cpu_kernels", "cpu_simd", "cuda_kernels", "cuda_archs",
-    "triton", "torch", "torch_cuda", "backends": {op: {"cpu": ..., "cuda": ...}}}."""
+    """{"extension_loaded", "load_error", "cpu_kernels", "cpu_simd", "cpu_isas_supported",
+    "cuda_kernels", "cuda_archs", "triton", "torch", "torch_cuda", "backends": {op: {"cpu": ..., "cuda": ...}}}.
+
+    cpu_simd is the instruction set of the CPU kernels that run ("scalar", "avx2" or "avx512";
+    chosen at load time, LOWRANK_KERNELS_ISA forces a lower one); cpu_isas_supported lists every
+    one this CPU can run."""
     config = _extension.compiled_config()
     archs = config.get("cuda_archs", "")
     return {
@@ -25,6 +29,7 @@ def build_info() -> dict:
         "load_error": _extension.load_error(),
         "cpu_kernels": bool(config.get("cpu_kernels", False)),
         "cpu_simd": config.get("cpu_simd"),
+        "cpu_isas_supported": [isa for isa in config.get("cpu_isas_supported", "").split(",") if isa],
         "cuda_kernels": bool(config.get("cuda_kernels", False)),
         "cuda_archs": [a for a in archs.replace(",", ";").split(";") if a],
         "triton": _triton_version(),
@@ -40,7 +45,8 @@ def format_build_info(info: dict | None = None) -> str:
     lines = [
         f"torch {info['torch']} (CUDA {info['torch_cuda'] or 'none'}), triton {info['triton'] or 'not installed'}",
         f"extension loaded: {info['extension_loaded']}" + (f" ({info['load_error']})" if info["load_error"] else ""),
-        f"CPU kernels: {info['cpu_kernels']} (SIMD: {info['cpu_simd']})",
+        f"CPU kernels: {info['cpu_kernels']} (ISA: {info['cpu_simd']} of {', '.join(info['cpu_isas_supported']) or '-'};"
+        " LOWRANK_KERNELS_ISA forces one)",
         f"CUDA kernels: {info['cuda_kernels']} (archs: {', '.join(info['cuda_archs']) or '-'})",
         "",
     ]

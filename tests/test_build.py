@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import os
+import platform
 import shutil
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import lowrank_kernels as lk
@@ -82,3 +84,81 @@ def test_cli_info_runs():
     result = subprocess.run([sys.executable, "-m", "lowrank_kernels", "info"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "quantize_nf4" in result.stdout and "nf4_lowrank_linear" in result.stdout
+
+
+# --- Run-time ISA choice of the CPU kernels (csrc/cpu/isa_dispatch.cpp) ---------------------
+
+# What each ISA of the kernels needs, as Linux's /proc/cpuinfo names the CPU flags.
+ISA_CPU_FLAGS = {
+    "avx2": {"avx2", "fma", "f16c", "bmi2"},
+    "avx512": {"avx2", "fma", "f16c", "bmi2", "avx512f", "avx512bw", "avx512vl", "avx512dq"},
+}
+
+
+def cpuinfo_flags() -> set[str]:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def expected_isas() -> list[str]:
+    """The ISAs this CPU can run by /proc/cpuinfo (an oracle independent of the C++ cpuid probe)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return ["scalar"]
+    flags = cpuinfo_flags()
+    return ["scalar"] + [isa for isa, needs in ISA_CPU_FLAGS.items() if needs <= flags]
+
+
+def run_with_isa(isa: str, code: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "LOWRANK_KERNELS_ISA": isa}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180, env=env)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/cpuinfo"), reason="needs Linux's /proc/cpuinfo as the oracle")
+def test_default_isa_is_the_best_this_cpu_runs():
+    if os.environ.get("LOWRANK_KERNELS_ISA"):
+        pytest.skip("LOWRANK_KERNELS_ISA forces an ISA in this process")
+    info = lk.build_info()
+    assert info["cpu_isas_supported"] == expected_isas()
+    assert info["cpu_simd"] == expected_isas()[-1]
+
+
+FORCED_ISA_CHECK = (
+    "import torch, lowrank_kernels as lk\n"
+    "from lowrank_kernels.reference.nf4 import dequantize_nf4_ref, quantize_nf4_ref\n"
+    "info = lk.build_info()\n"
+    "print(info['cpu_simd'], info['backends']['quantize_nf4']['cpu'])\n"
+    "w = torch.randn(8, 256, generator=torch.Generator().manual_seed(0))\n"
+    "packed, absmax = torch.ops.lowrank_kernels.quantize_nf4(w, 64)\n"
+    "ref_packed, ref_absmax = quantize_nf4_ref(w, 64)\n"
+    "assert torch.equal(packed, ref_packed) and torch.equal(absmax, ref_absmax), 'quantize differs from the reference'\n"
+    "out = torch.ops.lowrank_kernels.dequantize_nf4(packed, absmax, 64, w.numel(), torch.float32)\n"
+    "assert torch.equal(out, dequantize_nf4_ref(packed, absmax, 64, w.numel(), torch.float32)), 'dequantize differs'\n"
+)
+
+
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512"])
+def test_forced_isa_is_the_one_that_runs(isa):
+    """LOWRANK_KERNELS_ISA=<isa> loads that ISA's kernels (reported by build_info and the backend
+    table) and they compute the reference's values; an ISA this CPU lacks is refused."""
+    result = run_with_isa(isa, FORCED_ISA_CHECK)
+    if isa not in expected_isas():
+        assert result.returncode != 0
+        assert "UnsupportedIsaError" in result.stderr and f"LOWRANK_KERNELS_ISA={isa}" in result.stderr
+        assert "cannot run" in result.stderr
+        return
+    assert result.returncode == 0, result.stderr
+    reported, backend = result.stdout.split()[0], result.stdout.split(None, 1)[1]
+    assert reported == isa
+    assert (isa.upper() if isa != "scalar" else "scalar") in backend
+
+
+def test_unknown_isa_gives_clear_error():
+    result = run_with_isa("avx1024", "import torch, lowrank_kernels as lk\nlk.quantize_nf4(torch.randn(4, 64))\n")
+    assert result.returncode != 0
+    assert "UnsupportedIsaError" in result.stderr
+    assert "LOWRANK_KERNELS_ISA must be scalar, avx2 or avx512" in result.stderr and "'avx1024'" in result.stderr

@@ -107,6 +107,21 @@ def test_dequantize_out_variant_writes_in_place(dtype):
     assert torch.equal(out, lk.dequantize_nf4(q))
 
 
+@pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "misaligned"])
+def test_large_dequantize_matches_reference(offset):
+    """fp32 outputs of >= 8 MiB take the streaming-store path where the output is 64-byte aligned
+    (AVX-512 kernels), else the cached path; both give code * absmax, with a partial last block."""
+    numel = (8 << 20) // 4 + 96  # 8 MiB of fp32 and a tail that is not a whole block of 64
+    w = torch.randn(numel, generator=torch.Generator().manual_seed(3))
+    packed, absmax = ops.op("quantize_nf4")(w, 64)
+    expected = ref.dequantize_nf4_ref(packed, absmax, 64, numel, torch.float32)
+    storage = torch.full((numel + offset,), float("nan"))
+    out = storage[offset:]
+    ops.op("dequantize_nf4").out(packed, absmax, 64, numel, torch.float32, out=out)
+    assert torch.equal(out, expected)
+    assert torch.equal(ops.op("dequantize_nf4")(packed, absmax, 64, numel, torch.float32), expected)
+
+
 def test_empty_weight_round_trips():
     q = lk.quantize_nf4(torch.empty(0, 16), blocksize=64)
     assert q.packed.numel() == 0 and q.absmax.numel() == 0

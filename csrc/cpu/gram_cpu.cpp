@@ -21,6 +21,7 @@
 
 #include "lowrank_kernels/checks.h"
 #include "nf4_simd.h"
+#include "isa.h"  // last: the per-ISA target starts here
 
 namespace lowrank_kernels {
 namespace {
@@ -318,8 +319,8 @@ at::Tensor gram_cpu(const at::Tensor& y) {
   return out;
 }
 
-}  // namespace
+LK_CPU_KERNELS(m) { m.impl("gram", &gram_cpu); }
 
-TORCH_LIBRARY_IMPL(lowrank_kernels, CPU, m) { m.impl("gram", &gram_cpu); }
+}  // namespace
 
 }  // namespace lowrank_kernels

@@ -20,6 +20,7 @@
 
 #include "lowrank_kernels/checks.h"
 #include "huber_simd.h"
+#include "isa.h"  // last: the per-ISA target starts here
 
 namespace lowrank_kernels {
 namespace {
@@ -156,8 +157,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> huber_weights_cpu(const at::Tenso
   return {omega, psi, stats};
 }
 
-}  // namespace
+LK_CPU_KERNELS(m) { m.impl("huber_weights", &huber_weights_cpu); }
 
-TORCH_LIBRARY_IMPL(lowrank_kernels, CPU, m) { m.impl("huber_weights", &huber_weights_cpu); }
+}  // namespace
 
 }  // namespace lowrank_kernels

@@ -33,6 +33,7 @@
 
 #include "lowrank_kernels/checks.h"
 #include "huber_simd.h"
+#include "isa.h"  // last: the per-ISA target starts here
 
 namespace lowrank_kernels {
 namespace {
@@ -288,11 +289,11 @@ at::Tensor huber_loss_cpu(const at::Tensor& w, const at::Tensor& a, const at::Te
   return std::get<2>(huber_pass<false>(w, a, b, loss_delta, loss_delta));
 }
 
-}  // namespace
-
-TORCH_LIBRARY_IMPL(lowrank_kernels, CPU, m) {
+LK_CPU_KERNELS(m) {
   m.impl("huber_normal_equations", &huber_normal_equations_cpu);
   m.impl("huber_loss", &huber_loss_cpu);
 }
+
+}  // namespace
 
 }  // namespace lowrank_kernels

@@ -7,6 +7,7 @@
 
 namespace lowrank_kernels {
 namespace cpu {
+inline namespace LK_CPU_ISA_NAME {
 
 // δ of the IRLS weights ω, ψ and δ of the reported loss (they differ during δ continuation).
 struct HuberDeltas {
@@ -37,5 +38,6 @@ struct HuberLanes {
 };
 #endif
 
+}  // namespace LK_CPU_ISA_NAME
 }  // namespace cpu
 }  // namespace lowrank_kernels

@@ -8,11 +8,13 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "lowrank_kernels/checks.h"
 #include "lowrank_kernels/nf4_math.h"
-#include "nf4_simd.h"
 #include "output_cache.h"
+#include "nf4_simd.h"
+#include "isa.h"  // last: the per-ISA target starts here
 
 namespace lowrank_kernels {
 namespace {
@@ -131,15 +133,57 @@ void quantize_nf4_kernel(const T* x, int64_t numel, int64_t blocksize, uint8_t* 
 // ---------------------------------------------------------------------------------------------
 // Dequantize.
 
+// Outputs at least this large bypass the cache (stream_block): they exceed it anyway.
+constexpr int64_t kStreamMinBytes = int64_t{8} << 20;
+
+#ifdef LK_HAVE_AVX2
+// Whole fp32 blocks with non-temporal stores (dst 64-byte aligned): a large dequantize is bound
+// by memory bandwidth, and streaming stores skip the read-for-ownership of every output line
+// (about a third of the traffic). The caller's thread fences before the results are shared.
+void stream_block(const uint8_t* packed, int64_t first, int64_t count, float absmax, float* dst) {
+#ifdef LK_HAVE_AVX512
+  const cpu::NF4Table16 table;
+  const __m512 scale = _mm512_set1_ps(absmax);
+  for (int64_t i = 0; i < count; i += 16) _mm512_stream_ps(dst + i, cpu::decode16(packed + (first + i) / 2, table, scale));
+#else
+  const cpu::NF4Table table;
+  const __m256 scale = _mm256_set1_ps(absmax);
+  for (int64_t i = 0; i < count; i += 8) _mm256_stream_ps(dst + i, cpu::decode8(packed + (first + i) / 2, table, scale));
+#endif
+}
+#endif
+
+template <typename T>
+bool use_streaming_stores(const T* out, int64_t numel) {
+#ifdef LK_HAVE_AVX2
+  return std::is_same_v<T, float> && numel * int64_t{sizeof(T)} >= kStreamMinBytes &&
+         reinterpret_cast<uintptr_t>(out) % 64 == 0;
+#else
+  return false;
+#endif
+}
+
 template <typename T>
 void dequantize_nf4_kernel(const uint8_t* packed, const float* absmax, int64_t numel,
                            int64_t blocksize, T* out) {
   const int64_t blocks = (numel + blocksize - 1) / blocksize;
+  const bool stream = use_streaming_stores(out, numel);
   at::parallel_for(0, blocks, grain_blocks(blocksize), [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
-      const int64_t first = b * blocksize;
-      cpu::decode_run(packed, first, std::min(blocksize, numel - first), absmax[b], out + first);
+      const int64_t first = b * blocksize, count = std::min(blocksize, numel - first);
+#ifdef LK_HAVE_AVX2
+      if constexpr (std::is_same_v<T, float>) {
+        if (stream && count == blocksize) {
+          stream_block(packed, first, count, absmax[b], out + first);
+          continue;
+        }
+      }
+#endif
+      cpu::decode_run(packed, first, count, absmax[b], out + first);
     }
+#ifdef LK_HAVE_AVX2
+    if (stream) _mm_sfence();  // this thread's streaming stores are visible before the join
+#endif
   });
 }
 
@@ -227,14 +271,14 @@ at::Tensor dequantize_blockwise8_cpu(const at::Tensor& q, const at::Tensor& absm
   return out;
 }
 
-}  // namespace
-
-TORCH_LIBRARY_IMPL(lowrank_kernels, CPU, m) {
+LK_CPU_KERNELS(m) {
   m.impl("quantize_nf4", &quantize_nf4_cpu);
   m.impl("dequantize_nf4", &dequantize_nf4_cpu);
   m.impl("dequantize_nf4.out", &dequantize_nf4_out_cpu);
   m.impl("quantize_blockwise8", &quantize_blockwise8_cpu);
   m.impl("dequantize_blockwise8", &dequantize_blockwise8_cpu);
 }
+
+}  // namespace
 
 }  // namespace lowrank_kernels

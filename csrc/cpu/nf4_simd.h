@@ -1,7 +1,7 @@
 // CPU building blocks shared by the NF4 kernels (nf4_cpu.cpp) and the fused linear kernels
 // (nf4_linear_cpu.cpp): dtype dispatch, element conversion, and NF4 decoding of runs of
-// elements that lie in one quantization block (AVX2 where the build targets it, else scalar,
-// both on the element math of nf4_math.h).
+// elements that lie in one quantization block (AVX2 in the avx2 and avx512 builds of the kernels,
+// else scalar, both on the element math of nf4_math.h). Compiled once per ISA (isa.h).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -10,15 +10,12 @@
 #include <cstdint>
 #include <cstring>
 
-#if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-#define LK_HAVE_AVX2 1
-#endif
-
 #include "lowrank_kernels/nf4_math.h"
+#include "isa.h"  // last: the per-ISA target starts here
 
 namespace lowrank_kernels {
 namespace cpu {
+inline namespace LK_CPU_ISA_NAME {  // each ISA's copy of these inline helpers has its own symbols
 
 // Calls f(T{}) with T the C++ type of a float32/float16/bfloat16 dtype.
 template <typename F>
@@ -37,7 +34,7 @@ template <typename T> inline float to_float(T v) { return static_cast<float>(v);
 template <typename T> inline T from_float(float v) { return static_cast<T>(v); }
 
 #ifdef LK_HAVE_AVX2
-// 8 16-bit floats (raw bits) widened exactly to fp32 (the build targets AVX2 with F16C).
+// 8 16-bit floats (raw bits) widened exactly to fp32 (F16C).
 inline __m256 widen8(__m128i bits, c10::Half) { return _mm256_cvtph_ps(bits); }
 inline __m256 widen8(__m128i bits, c10::BFloat16) {
   // A bf16 is the high half of the fp32 with the same value: widen the bits and shift them up.
@@ -82,11 +79,14 @@ inline void store8(c10::BFloat16* out, __m256 v) {
 }
 
 // The 16 NF4 codes as two 8-lane halves, for decode8's table lookup.
+// (A user-written constructor: GCC compiles an implicit one without the ISA target of isa.h.)
 struct NF4Table {
-  __m256 lo = _mm256_setr_ps(nf4_code(0), nf4_code(1), nf4_code(2), nf4_code(3), nf4_code(4),
-                             nf4_code(5), nf4_code(6), nf4_code(7));
-  __m256 hi = _mm256_setr_ps(nf4_code(8), nf4_code(9), nf4_code(10), nf4_code(11), nf4_code(12),
-                             nf4_code(13), nf4_code(14), nf4_code(15));
+  __m256 lo, hi;
+  NF4Table()
+      : lo(_mm256_setr_ps(nf4_code(0), nf4_code(1), nf4_code(2), nf4_code(3), nf4_code(4), nf4_code(5),
+                          nf4_code(6), nf4_code(7))),
+        hi(_mm256_setr_ps(nf4_code(8), nf4_code(9), nf4_code(10), nf4_code(11), nf4_code(12), nf4_code(13),
+                          nf4_code(14), nf4_code(15))) {}
 };
 
 // Table lookup of 8 nibbles, one per 32-bit lane, in a (scaled) 16-entry code table held as two
@@ -143,6 +143,37 @@ inline void decode32_split(const uint8_t* bytes, const NF4BytePlanes& codes, __m
 }
 #endif
 
+#ifdef LK_HAVE_AVX512
+// 16 consecutive fp32 values stored as T (the same roundings as store8).
+inline void store16(float* out, __m512 v) { _mm512_storeu_ps(out, v); }
+inline void store16(c10::Half* out, __m512 v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+inline void store16(c10::BFloat16* out, __m512 v) {
+  __m512i bits = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  bits = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm512_cvtepi32_epi16(bits));
+}
+
+// The 16 NF4 codes in one register: vpermps on 16 lanes is the whole table lookup.
+struct NF4Table16 {
+  __m512 codes;
+  NF4Table16()
+      : codes(_mm512_setr_ps(nf4_code(0), nf4_code(1), nf4_code(2), nf4_code(3), nf4_code(4), nf4_code(5),
+                             nf4_code(6), nf4_code(7), nf4_code(8), nf4_code(9), nf4_code(10), nf4_code(11),
+                             nf4_code(12), nf4_code(13), nf4_code(14), nf4_code(15))) {}
+};
+
+// 16 elements (times `scale`) from 8 packed bytes, in natural order (high nibble first).
+inline __m512 decode16(const uint8_t* bytes, const NF4Table16& table, __m512 scale) {
+  const __m128i packed = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes));
+  const __m128i low4 = _mm_set1_epi8(0x0F);
+  const __m128i nibbles = _mm_unpacklo_epi8(_mm_and_si128(_mm_srli_epi16(packed, 4), low4), _mm_and_si128(packed, low4));
+  return _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_cvtepu8_epi32(nibbles), table.codes), scale);
+}
+#endif
+
 // Decodes the `count` elements starting at flat index `first`, all in one quantization block
 // with the given absmax, into dst[0 .. count). `first` may be odd (a run starting mid-byte).
 template <typename T>
@@ -152,6 +183,11 @@ void decode_run(const uint8_t* packed, int64_t first, int64_t count, float absma
     dst[0] = from_float<T>(nf4_decode(nf4_nibble(packed, first), absmax));
     i = 1;
   }
+#ifdef LK_HAVE_AVX512
+  const NF4Table16 table16;
+  const __m512 scale16 = _mm512_set1_ps(absmax);
+  for (; i + 16 <= count; i += 16) store16(dst + i, decode16(packed + (first + i) / 2, table16, scale16));
+#endif
 #ifdef LK_HAVE_AVX2
   const NF4Table table;
   const __m256 scale = _mm256_set1_ps(absmax);
@@ -199,5 +235,6 @@ inline void merge_columns(const float* src, int64_t cols, float* dst) {
     }
 }
 
+}  // namespace LK_CPU_ISA_NAME
 }  // namespace cpu
 }  // namespace lowrank_kernels

@@ -24,6 +24,7 @@
 
 #include "lowrank_kernels/checks.h"
 #include "nf4_simd.h"
+#include "isa.h"  // last: the per-ISA target starts here
 
 namespace lowrank_kernels {
 namespace {
@@ -150,8 +151,8 @@ std::tuple<at::Tensor, at::Tensor> row_col_sq_norms_cpu(const at::Tensor& w) {
   return {rows, cols};
 }
 
-}  // namespace
+LK_CPU_KERNELS(m) { m.impl("row_col_sq_norms", &row_col_sq_norms_cpu); }
 
-TORCH_LIBRARY_IMPL(lowrank_kernels, CPU, m) { m.impl("row_col_sq_norms", &row_col_sq_norms_cpu); }
+}  // namespace
 
 }  // namespace lowrank_kernels

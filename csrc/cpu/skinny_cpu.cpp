@@ -26,6 +26,7 @@
 
 #include "lowrank_kernels/checks.h"
 #include "nf4_simd.h"
+#include "isa.h"  // last: the per-ISA target starts here
 
 namespace lowrank_kernels {
 namespace {
@@ -343,8 +344,8 @@ at::Tensor skinny_matmul_cpu(const at::Tensor& w, const at::Tensor& x, bool tran
   return out;
 }
 
-}  // namespace
+LK_CPU_KERNELS(m) { m.impl("skinny_matmul", &skinny_matmul_cpu); }
 
-TORCH_LIBRARY_IMPL(lowrank_kernels, CPU, m) { m.impl("skinny_matmul", &skinny_matmul_cpu); }
+}  // namespace
 
 }  // namespace lowrank_kernels

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "lowrank_kernels/checks.h"
+#include "isa.h"  // last: the per-ISA target starts here
 
 namespace lowrank_kernels {
 namespace {
@@ -132,8 +133,8 @@ at::Tensor spd_solve_cpu(const at::Tensor& gram, const at::Tensor& rhs) {
   return x;
 }
 
-}  // namespace
+LK_CPU_KERNELS(m) { m.impl("spd_solve", &spd_solve_cpu); }
 
-TORCH_LIBRARY_IMPL(lowrank_kernels, CPU, m) { m.impl("spd_solve", &spd_solve_cpu); }
+}  // namespace
 
 }  // namespace lowrank_kernels

@@ -1,0 +1,27 @@
+// Run-time choice of the CPU kernels' instruction set (see isa.h): the best one this CPU has,
+// or the one LOWRANK_KERNELS_ISA=scalar|avx2|avx512 forces (refused when the CPU lacks it).
+#pragma once
+
+#include <torch/library.h>
+
+#include <cstdint>
+#include <string>
+
+namespace lowrank_kernels::cpu {
+
+enum class CpuIsa : int { scalar = 0, avx2 = 1, avx512 = 2 };
+
+const char* isa_name(CpuIsa isa);
+
+// The ISA whose kernels are registered (meaningful when isa_error() is empty).
+CpuIsa active_isa();
+// Why no CPU kernels were registered (a bad LOWRANK_KERNELS_ISA), else "".
+const std::string& isa_error();
+// The ISAs compiled into this binary that this CPU can run, best last, e.g. "scalar,avx2,avx512".
+std::string supported_isas();
+
+// Called by every per-ISA kernel file at load time (LK_CPU_KERNELS): runs `init` on a CPU
+// implementation library when `isa` is the active ISA. Returns whether it did.
+bool register_cpu_kernels(CpuIsa isa, void (*init)(torch::Library&), const char* file, uint32_t line);
+
+}  // namespace lowrank_kernels::cpu
