@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -46,6 +47,22 @@ def _publish(fd: int, temp_path: str | None, path: str) -> None:
     staging = f"{path}.link-{os.getpid()}"  # link() cannot replace; rename() can, atomically
     _link_fd(fd, staging)
     os.replace(staging, path)
+
+
+@contextmanager
+def _atomic_file(path: str) -> Iterator[int]:
+    """A file descriptor whose file appears at ``path``, synced and whole, when the block ends;
+    if the block raises, nothing appears and no temporary file is left."""
+    fd, temp = _tmpfile(os.path.dirname(path) or ".", os.path.basename(path))
+    try:
+        yield fd
+        _publish(fd, temp, path)
+    except BaseException:
+        if temp is not None and os.path.exists(temp):
+            os.unlink(temp)
+        raise
+    finally:
+        os.close(fd)
 
 
 def _link_fd(fd: int, path: str) -> None:
@@ -137,38 +154,20 @@ class ShardWriter:
             offset += end - start
         text = json.dumps(header, ensure_ascii=False, separators=(",", ":")).encode()
         text += b" " * (-len(text) % 8)
-        fd, temp = _tmpfile(os.path.dirname(self.path) or ".", os.path.basename(self.path))
         h = hashlib.sha256()
-        try:
-            with os.fdopen(os.dup(fd), "wb", buffering=_CHUNK) as out:
-                for piece in (len(text).to_bytes(8, "little"), text):
-                    out.write(piece)
-                    h.update(piece)
-                for key in order:
-                    for chunk in self._read(*self._entries[key][2:]):
-                        out.write(chunk)
-                        h.update(chunk)
-            _publish(fd, temp, self.path)
-        except BaseException:
-            if temp is not None and os.path.exists(temp):
-                os.unlink(temp)
-            raise
-        finally:
-            os.close(fd)
+        with _atomic_file(self.path) as fd, os.fdopen(os.dup(fd), "wb", buffering=_CHUNK) as out:
+            for piece in (len(text).to_bytes(8, "little"), text):
+                out.write(piece)
+                h.update(piece)
+            for key in order:
+                for chunk in self._read(*self._entries[key][2:]):
+                    out.write(chunk)
+                    h.update(chunk)
         self.close()
         return h.hexdigest()
 
 
 def write_json(path: str, content: object) -> None:
     """``content`` as indented JSON at ``path``, atomically (temporary file, sync, rename)."""
-    directory = os.path.dirname(path) or "."
-    fd, temp = _tmpfile(directory, os.path.basename(path))
-    try:
+    with _atomic_file(path) as fd:
         os.write(fd, (json.dumps(content, indent=2, sort_keys=True) + "\n").encode())
-        _publish(fd, temp, path)
-    except BaseException:
-        if temp is not None and os.path.exists(temp):
-            os.unlink(temp)
-        raise
-    finally:
-        os.close(fd)
