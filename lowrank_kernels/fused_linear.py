@@ -1,6 +1,6 @@
 """fused_pissa_linear: ``y = x W_resᵀ + s (x Bᵀ) Aᵀ + bias`` with ``W_res`` in NF4 or dense.
 
-Notation (DESIGN.md §2): ``W_res [out, in]`` frozen residual, ``A [out, r]`` ("up"),
+Notation (ARCHITECTURE.md, notation): ``W_res [out, in]`` frozen residual, ``A [out, r]`` ("up"),
 ``B [r, in]`` ("down"), ``s`` the adapter scale. Gradients flow to ``x``, ``A``, ``B`` and ``bias``.
 
 NF4 residual: one autograd op, ``torch.ops.lowrank_kernels.fused_pissa_linear_nf4``, whose

@@ -25,7 +25,7 @@ batch gives the per-matrix results) and is deterministic for a given ``torch.Gen
   start), kept as the reference baseline.
 
 `robust_pissa_factors` gives the PiSSA split ``A [..., m, r]``, ``B [..., r, n]``,
-``W_res = W − A B`` (DESIGN.md §2).
+``W_res = W − A B`` (ARCHITECTURE.md, notation).
 """
 from __future__ import annotations
 

@@ -29,7 +29,7 @@ def test_kernels_match_reference(shape, blocksize, case, dtype, device):
 
 
 def test_reference_decodes_nibbles_in_documented_order():
-    # Format fact (DESIGN.md §6): two codes per byte, first element in the high nibble.
+    # Format fact (ARCHITECTURE.md, notation): two codes per byte, first element in the high nibble.
     packed = torch.tensor([0xF0, 0x7A], dtype=torch.uint8)
     out = ref.dequantize_nf4_ref(packed, torch.tensor([2.0]), 64, 3, torch.float32)
     assert out.tolist() == [2.0 * NF4_CODE[15], 2.0 * NF4_CODE[0], 2.0 * NF4_CODE[7]]

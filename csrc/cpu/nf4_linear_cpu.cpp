@@ -1,4 +1,4 @@
-// C++ CPU kernels of the fused QPiSSA linear, W = NF4 residual [N, K] (DESIGN.md §2):
+// C++ CPU kernels of the fused QPiSSA linear, W = NF4 residual [N, K] (ARCHITECTURE.md, notation):
 //   forward      y  = x @ W^T + scale * lowrank_x @ up^T (+ bias)
 //   grad-input   dx = grad_y @ W + scale * lowrank_grad @ down
 // Two paths, chosen by token count M:

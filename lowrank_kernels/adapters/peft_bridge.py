@@ -1,7 +1,7 @@
 """PEFT bridge: our PiSSA-family inits, the fused training forward and PiSSA -> LoRA conversion for
 models built with Hugging Face PEFT (``peft.get_peft_model(model, LoraConfig(...))``).
 
-Notation (DESIGN.md §2): our split is ``W [out, in] = W_res + A B`` with ``A [out, r]`` ("up") and
+Notation (ARCHITECTURE.md, notation): our split is ``W [out, in] = W_res + A B`` with ``A [out, r]`` ("up") and
 ``B [r, in]`` ("down"). PEFT names them the other way round and scales the adapter by
 ``s = layer.scaling[adapter]`` (``lora_alpha / r``, or ``lora_alpha / sqrt(r)`` with rsLoRA):
 

@@ -1,5 +1,5 @@
 """PiSSALinear: an ``nn.Linear`` replaced by a frozen residual plus a trainable low-rank adapter,
-``y = x W_resᵀ + s (x Bᵀ) Aᵀ + bias`` (DESIGN.md §2), run by `fused_pissa_linear`.
+``y = x W_resᵀ + s (x Bᵀ) Aᵀ + bias`` (ARCHITECTURE.md, notation), run by `fused_pissa_linear`.
 
 The residual is a dense buffer (PiSSA) or NF4 storage (QPiSSA) whose packed codes and absmax
 statistics are buffers, so ``state_dict()`` carries them; ``A [out, r]`` and ``B [r, in]`` are the

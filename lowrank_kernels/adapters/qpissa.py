@@ -1,5 +1,5 @@
 """QPiSSA: a PiSSA split whose frozen residual is stored in NF4, refined by alternating NF4
-quantization and low-rank refits (PiSSA paper §4 / DESIGN.md §7); LoftQ as the baseline; and the
+quantization and low-rank refits (PiSSA paper §4); LoftQ as the baseline; and the
 error metrics that compare them.
 
 Every function takes ``W [..., m, n]`` (leading dims = a batch of same-shape layers, decomposed

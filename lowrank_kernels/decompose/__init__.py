@@ -8,7 +8,7 @@ layers decomposed at once) and is deterministic for a given ``torch.Generator``.
   the thin blocks are orthonormalised in fp32 by CholeskyQR2 (Gram matrix by the `gram` kernel,
   shifted CholeskyQR3 when the block is ill-conditioned, Householder QR as the last resort);
   the small SVD runs in fp32/fp64.
-* `pissa_factors`: ``A = U √S``, ``B = √S Vh``, ``W_res = W − A B`` (DESIGN.md §2).
+* `pissa_factors`: ``A = U √S``, ``B = √S Vh``, ``W_res = W − A B`` (ARCHITECTURE.md, notation).
 * `cur`: rows and columns sampled without replacement with probability ∝ their squared norms
   (exponential race, exact), norms from one pass over W (`row_col_sq_norms` kernel), and a
   choice of the core ``U``; `cur_factors` gives the PiSSA-style split ``A = C``, ``B = U R``.

@@ -1,6 +1,6 @@
 """Reference NF4 / blockwise-8-bit quantization in plain PyTorch (any device).
 
-Written for clarity as the format is specified (DESIGN.md §6), with the same fp32 operations
+Written for clarity as the format is specified (ARCHITECTURE.md, notation), with the same fp32 operations
 as bitsandbytes 0.50's CPU path so results are bit-identical. Complete blocks are handled as
 one ``[blocks, blocksize]`` matrix, the trailing partial block (if any) separately.
 """

@@ -1,6 +1,6 @@
 // Per-element math of the fused NF4 linear kernels, shared by the CPU (C++) and CUDA kernels.
 //
-// The NF4 residual W [rows, cols] is stored flat and row-major (DESIGN.md §6): element (row, col)
+// The NF4 residual W [rows, cols] is stored flat and row-major (ARCHITECTURE.md, notation): element (row, col)
 // is flat index row * cols + col, its quantization block is that index / blocksize. Blocks may
 // straddle rows when cols is not a multiple of blocksize, and a row may start in the low nibble
 // of a byte when cols is odd; the vectorised paths need neither to happen (nf4_rows_aligned).
