@@ -426,18 +426,31 @@ _stub_library: torch.library.Library | None = None
 
 def _define_stubs() -> None:
     """Without the extension: every op defined from its schema with a kernel that raises
-    `ExtensionNotBuiltError`, so that even a direct ``torch.ops.lowrank_kernels.<op>`` call says
-    what is missing (rather than AttributeError)."""
+    `ExtensionNotBuiltError` (or `UnsupportedIsaError`), so that even a direct
+    ``torch.ops.lowrank_kernels.<op>`` call says what is missing (rather than AttributeError).
+
+    When the shared library loaded but its module init refused the CPU kernels (a
+    LOWRANK_KERNELS_ISA this CPU lacks), its schemas exist already and no CPU kernel is
+    registered: the stubs then only fill the dispatch keys that have no kernel."""
     global _stub_library
 
     def missing(*args, **kwargs):
         _extension.require()
 
-    _stub_library = torch.library.Library(NAMESPACE, "DEF")
+    defined = any(name.startswith(f"{NAMESPACE}::") for name in torch._C._dispatch_get_all_op_names())
+    _stub_library = torch.library.Library(NAMESPACE, "FRAGMENT" if defined else "DEF")
     for entry in OPS_TABLE:
-        _stub_library.define(entry.schema)
+        if not defined:
+            _stub_library.define(entry.schema)
+        elif _has_kernel(entry, "CompositeImplicitAutograd", "CompositeExplicitAutograd", "CPU"):
+            continue  # served by the library as it is (build_info, the output cache ops)
         for key in ("CompositeExplicitAutograd", "Meta"):
-            _stub_library.impl(entry.name, missing, key)
+            if not _has_kernel(entry, key):
+                _stub_library.impl(entry.name, missing, key)
+
+
+def _has_kernel(entry: Op, *keys: str) -> bool:
+    return any(torch._C._dispatch_has_kernel_for_dispatch_key(entry.qualname, key) for key in keys)
 
 
 def _register(entry: Op) -> None:
