@@ -20,7 +20,7 @@
 #include <vector>
 
 #include "lowrank_kernels/checks.h"
-#include "nf4_simd.h"
+#include "float_convert.h"
 #include "isa.h"  // last: the per-ISA target starts here
 
 namespace lowrank_kernels {

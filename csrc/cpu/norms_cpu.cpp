@@ -23,7 +23,8 @@
 #include <vector>
 
 #include "lowrank_kernels/checks.h"
-#include "nf4_simd.h"
+#include "float_convert.h"
+#include "horizontal_sum.h"
 #include "isa.h"  // last: the per-ISA target starts here
 
 namespace lowrank_kernels {

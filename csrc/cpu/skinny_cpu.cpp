@@ -25,7 +25,7 @@
 #include <vector>
 
 #include "lowrank_kernels/checks.h"
-#include "nf4_simd.h"
+#include "float_convert.h"
 #include "isa.h"  // last: the per-ISA target starts here
 
 namespace lowrank_kernels {
@@ -61,17 +61,7 @@ template <typename T>
 inline void widen_row(const T* src, int64_t n, float* dst) {
   int64_t j = 0;
 #ifdef LK_HAVE_AVX2
-  if constexpr (!std::is_same_v<T, float>) {
-    for (; j + kVec <= n; j += kVec) {
-      const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + j));
-      __m256 v;
-      if constexpr (std::is_same_v<T, c10::Half>)
-        v = _mm256_cvtph_ps(bits);
-      else
-        v = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
-      _mm256_storeu_ps(dst + j, v);
-    }
-  }
+  for (; j + kVec <= n; j += kVec) _mm256_storeu_ps(dst + j, cpu::load8(src + j));
 #endif
   for (; j < n; ++j) dst[j] = cpu::to_float(src[j]);
 }
