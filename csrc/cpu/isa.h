@@ -11,7 +11,7 @@
 // library, checks.h, nf4_math.h) were declared before it and keep the baseline ISA, so no inline
 // function shared between the per-ISA objects is ever compiled with AVX instructions (the linker
 // keeps one copy of each). The project's own SIMD headers (float_convert.h, horizontal_sum.h,
-// nf4_decode.h, huber_simd.h) include this one, so a kernel file includes them after
+// fma_tile.h, nf4_decode.h, huber_simd.h) include this one, so a kernel file includes them after
 // its library headers, and each of them includes its library headers before any of the others.
 // They live in the inline namespace `cpu::LK_CPU_ISA_NAME`, and the kernels in anonymous
 // namespaces, so every ISA's copy has its own symbols.
