@@ -20,7 +20,8 @@
 #include <vector>
 
 #include "lowrank_kernels/checks.h"
-#include "nf4_simd.h"
+#include "float_convert.h"
+#include "fma_tile.h"
 #include "isa.h"  // last: the per-ISA target starts here
 
 namespace lowrank_kernels {
@@ -91,63 +92,11 @@ inline __m256 load_partial(const T* p, int64_t n) {
 
 // Micro-kernels: c (row stride ldc) += Σ_r a[r, i] b_v[r, :] for rows i of the a panel and
 // vectors v of the b panels (panel v at b + v * panel_size), all [rows, 8] packed panels.
-// Accumulators are named variables, not arrays: GCC keeps an __m256 array on the stack and
-// stores it back every row (measured: 2.5x slower).
-//   tile4x3: rows 0..3 of a, 3 panels of b: 12 FMAs per 4 broadcasts and 3 loads, the fastest
-//            shape here (~80% of this CPU's FMA peak on packed data, against ~70% for 8x8).
-//   tile4x2: the same with 2 panels (diagonal groups).
+//   tile4xC: rows 0..3 of a, C = 3 panels of b (2 for diagonal groups): fma_tile.h's micro-kernel.
 //   tile8x1: all 8 rows of a, 1 panel: 8 independent FMA chains hide the FMA latency.
-inline void tile4x3(const float* a, const float* b, int64_t panel_size, int64_t rows, float* c, int64_t ldc) {
-  const float* b1 = b + panel_size;
-  const float* b2 = b + 2 * panel_size;
-  float* c1 = c + ldc;
-  float* c2 = c + 2 * ldc;
-  float* c3 = c + 3 * ldc;
-  __m256 c00 = _mm256_loadu_ps(c), c01 = _mm256_loadu_ps(c + 8), c02 = _mm256_loadu_ps(c + 16);
-  __m256 c10 = _mm256_loadu_ps(c1), c11 = _mm256_loadu_ps(c1 + 8), c12 = _mm256_loadu_ps(c1 + 16);
-  __m256 c20 = _mm256_loadu_ps(c2), c21 = _mm256_loadu_ps(c2 + 8), c22 = _mm256_loadu_ps(c2 + 16);
-  __m256 c30 = _mm256_loadu_ps(c3), c31 = _mm256_loadu_ps(c3 + 8), c32 = _mm256_loadu_ps(c3 + 16);
-  for (int64_t r = 0; r < rows * kPanel; r += kPanel) {
-    const __m256 v0 = _mm256_load_ps(b + r), v1 = _mm256_load_ps(b1 + r), v2 = _mm256_load_ps(b2 + r);
-    __m256 x = _mm256_broadcast_ss(a + r);
-    c00 = _mm256_fmadd_ps(x, v0, c00), c01 = _mm256_fmadd_ps(x, v1, c01), c02 = _mm256_fmadd_ps(x, v2, c02);
-    x = _mm256_broadcast_ss(a + r + 1);
-    c10 = _mm256_fmadd_ps(x, v0, c10), c11 = _mm256_fmadd_ps(x, v1, c11), c12 = _mm256_fmadd_ps(x, v2, c12);
-    x = _mm256_broadcast_ss(a + r + 2);
-    c20 = _mm256_fmadd_ps(x, v0, c20), c21 = _mm256_fmadd_ps(x, v1, c21), c22 = _mm256_fmadd_ps(x, v2, c22);
-    x = _mm256_broadcast_ss(a + r + 3);
-    c30 = _mm256_fmadd_ps(x, v0, c30), c31 = _mm256_fmadd_ps(x, v1, c31), c32 = _mm256_fmadd_ps(x, v2, c32);
-  }
-  _mm256_storeu_ps(c, c00), _mm256_storeu_ps(c + 8, c01), _mm256_storeu_ps(c + 16, c02);
-  _mm256_storeu_ps(c1, c10), _mm256_storeu_ps(c1 + 8, c11), _mm256_storeu_ps(c1 + 16, c12);
-  _mm256_storeu_ps(c2, c20), _mm256_storeu_ps(c2 + 8, c21), _mm256_storeu_ps(c2 + 16, c22);
-  _mm256_storeu_ps(c3, c30), _mm256_storeu_ps(c3 + 8, c31), _mm256_storeu_ps(c3 + 16, c32);
-}
-
-inline void tile4x2(const float* a, const float* b, int64_t panel_size, int64_t rows, float* c, int64_t ldc) {
-  const float* b1 = b + panel_size;
-  float* c1 = c + ldc;
-  float* c2 = c + 2 * ldc;
-  float* c3 = c + 3 * ldc;
-  __m256 c00 = _mm256_loadu_ps(c), c01 = _mm256_loadu_ps(c + 8);
-  __m256 c10 = _mm256_loadu_ps(c1), c11 = _mm256_loadu_ps(c1 + 8);
-  __m256 c20 = _mm256_loadu_ps(c2), c21 = _mm256_loadu_ps(c2 + 8);
-  __m256 c30 = _mm256_loadu_ps(c3), c31 = _mm256_loadu_ps(c3 + 8);
-  for (int64_t r = 0; r < rows * kPanel; r += kPanel) {
-    const __m256 v0 = _mm256_load_ps(b + r), v1 = _mm256_load_ps(b1 + r);
-    __m256 x = _mm256_broadcast_ss(a + r);
-    c00 = _mm256_fmadd_ps(x, v0, c00), c01 = _mm256_fmadd_ps(x, v1, c01);
-    x = _mm256_broadcast_ss(a + r + 1);
-    c10 = _mm256_fmadd_ps(x, v0, c10), c11 = _mm256_fmadd_ps(x, v1, c11);
-    x = _mm256_broadcast_ss(a + r + 2);
-    c20 = _mm256_fmadd_ps(x, v0, c20), c21 = _mm256_fmadd_ps(x, v1, c21);
-    x = _mm256_broadcast_ss(a + r + 3);
-    c30 = _mm256_fmadd_ps(x, v0, c30), c31 = _mm256_fmadd_ps(x, v1, c31);
-  }
-  _mm256_storeu_ps(c, c00), _mm256_storeu_ps(c + 8, c01);
-  _mm256_storeu_ps(c1, c10), _mm256_storeu_ps(c1 + 8, c11);
-  _mm256_storeu_ps(c2, c20), _mm256_storeu_ps(c2 + 8, c21);
-  _mm256_storeu_ps(c3, c30), _mm256_storeu_ps(c3 + 8, c31);
+template <int C>
+inline void tile4xC(const float* a, const float* b, int64_t panel_size, int64_t rows, float* c, int64_t ldc) {
+  cpu::fma_tile_4x<C>({a, 1, kPanel}, {b, panel_size, kPanel}, rows, cpu::tile_rows(c, ldc), /*accumulate=*/true);
 }
 
 inline void tile8x1(const float* a, const float* b, int64_t rows, float* c, int64_t ldc) {
@@ -170,7 +119,8 @@ inline void tile8x1(const float* a, const float* b, int64_t rows, float* c, int6
   _mm256_storeu_ps(c + 6 * ldc, c6), _mm256_storeu_ps(c + 7 * ldc, c7);
 }
 #else
-// Scalar builds: the same tiles as plain loops.
+// Scalar builds: the same tiles as plain loops, multiply then add (not fma_tile.h's FMA chains:
+// the last bits differ from the AVX2 build's).
 template <int MR, int NV>
 void tile_scalar(const float* a, const float* b, int64_t panel_size, int64_t rows, float* c, int64_t ldc) {
   for (int64_t r = 0; r < rows * kPanel; r += kPanel)
@@ -178,11 +128,9 @@ void tile_scalar(const float* a, const float* b, int64_t panel_size, int64_t row
       for (int v = 0; v < NV; ++v)
         for (int j = 0; j < kPanel; ++j) c[i * ldc + v * kPanel + j] += a[r + i] * b[v * panel_size + r + j];
 }
-inline void tile4x3(const float* a, const float* b, int64_t panel_size, int64_t rows, float* c, int64_t ldc) {
-  tile_scalar<4, 3>(a, b, panel_size, rows, c, ldc);
-}
-inline void tile4x2(const float* a, const float* b, int64_t panel_size, int64_t rows, float* c, int64_t ldc) {
-  tile_scalar<4, 2>(a, b, panel_size, rows, c, ldc);
+template <int C>
+inline void tile4xC(const float* a, const float* b, int64_t panel_size, int64_t rows, float* c, int64_t ldc) {
+  tile_scalar<4, C>(a, b, panel_size, rows, c, ldc);
 }
 inline void tile8x1(const float* a, const float* b, int64_t rows, float* c, int64_t ldc) {
   tile_scalar<8, 1>(a, b, 0, rows, c, ldc);
@@ -241,12 +189,12 @@ void accumulate_rows(const T* y, int64_t row_stride, int64_t col_stride, int64_t
         switch (group_end - v) {
           case 1: tile8x1(a, b, n, c, plan.padded); break;
           case 2:
-            tile4x2(a, b, panel_size, n, c, plan.padded);
-            tile4x2(a + 4, b, panel_size, n, c + lower, plan.padded);
+            tile4xC<2>(a, b, panel_size, n, c, plan.padded);
+            tile4xC<2>(a + 4, b, panel_size, n, c + lower, plan.padded);
             break;
           default:
-            tile4x3(a, b, panel_size, n, c, plan.padded);
-            tile4x3(a + 4, b, panel_size, n, c + lower, plan.padded);
+            tile4xC<3>(a, b, panel_size, n, c, plan.padded);
+            tile4xC<3>(a + 4, b, panel_size, n, c + lower, plan.padded);
         }
       }
     }

@@ -19,6 +19,8 @@
 #include <tuple>
 
 #include "lowrank_kernels/checks.h"
+#include "float_convert.h"
+#include "horizontal_sum.h"
 #include "huber_simd.h"
 #include "isa.h"  // last: the per-ISA target starts here
 

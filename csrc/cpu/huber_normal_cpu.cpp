@@ -32,6 +32,8 @@
 #include <vector>
 
 #include "lowrank_kernels/checks.h"
+#include "float_convert.h"
+#include "horizontal_sum.h"
 #include "huber_simd.h"
 #include "isa.h"  // last: the per-ISA target starts here
 

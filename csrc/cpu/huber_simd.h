@@ -1,9 +1,9 @@
 // The Huber element math of huber_math.h for the CPU kernels (huber_cpu.cpp, huber_normal_cpu.cpp):
-// the per-matrix deltas, and the same formulas on 8 AVX2 lanes.
+// the per-matrix deltas, and the same formulas on 8 AVX2 lanes. Compiled once per ISA (isa.h).
 #pragma once
 
 #include "lowrank_kernels/huber_math.h"
-#include "nf4_simd.h"
+#include "isa.h"  // last: the per-ISA target starts here
 
 namespace lowrank_kernels {
 namespace cpu {

@@ -10,9 +10,11 @@
 // `#pragma GCC target` below applies. Functions of library headers (ATen, the C++ standard
 // library, checks.h, nf4_math.h) were declared before it and keep the baseline ISA, so no inline
 // function shared between the per-ISA objects is ever compiled with AVX instructions (the linker
-// keeps one copy of each). The project's own SIMD helpers (nf4_simd.h, huber_simd.h) live in the
-// inline namespace `cpu::LK_CPU_ISA_NAME`, and the kernels in anonymous namespaces, so every
-// ISA's copy has its own symbols.
+// keeps one copy of each). The project's own SIMD headers (float_convert.h, horizontal_sum.h,
+// fma_tile.h, nf4_decode.h, huber_simd.h) include this one, so a kernel file includes them after
+// its library headers, and each of them includes its library headers before any of the others.
+// They live in the inline namespace `cpu::LK_CPU_ISA_NAME`, and the kernels in anonymous
+// namespaces, so every ISA's copy has its own symbols.
 #pragma once
 
 #include <torch/library.h>

@@ -13,7 +13,8 @@
 #include "lowrank_kernels/checks.h"
 #include "lowrank_kernels/nf4_math.h"
 #include "output_cache.h"
-#include "nf4_simd.h"
+#include "float_convert.h"
+#include "nf4_decode.h"
 #include "isa.h"  // last: the per-ISA target starts here
 
 namespace lowrank_kernels {

@@ -20,10 +20,10 @@
 #include <algorithm>
 #include <cstdint>
 #include <tuple>
-#include <vector>
 
-#include "lowrank_kernels/checks.h"
-#include "nf4_simd.h"
+#include "lowrank_kernels/norms_op.h"
+#include "float_convert.h"
+#include "horizontal_sum.h"
 #include "isa.h"  // last: the per-ISA target starts here
 
 namespace lowrank_kernels {
@@ -117,23 +117,12 @@ void reduce_partials(const float* partial, int64_t batch, int64_t chunks, int64_
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> row_col_sq_norms_cpu(const at::Tensor& w) {
-  const auto [row_shape, col_shape] = row_col_norm_shapes(w);
-  // A transposed contiguous matrix (w = v.mT) is read as v: v's row norms are w's column norms.
-  if (!w.is_contiguous() && w.mT().is_contiguous()) {
-    auto [rows, cols] = row_col_sq_norms_cpu(w.mT());
-    return {cols, rows};
-  }
-  const at::Tensor x = w.contiguous();
-  const int64_t m = x.size(-2), n = x.size(-1);
-  const auto options = x.options().dtype(at::kFloat);
-  if (x.numel() == 0) return {at::zeros(row_shape, options), at::zeros(col_shape, options)};
-
-  at::Tensor rows = at::empty(row_shape, options), cols = at::empty(col_shape, options);
-  const int64_t batch = x.numel() / (m * n);
+// rows [batch, m], cols [batch, n] fp32 = the squared norms of x [batch, m, n] (contiguous).
+void row_col_sq_norms_kernel(const at::Tensor& x, int64_t batch, int64_t m, int64_t n, at::Tensor& rows,
+                             at::Tensor& cols) {
   const int64_t step = chunk_rows(m, n), chunks = (m + step - 1) / step;
   // A single chunk per matrix accumulates its column sums directly in the result.
-  at::Tensor partial = chunks == 1 ? cols : at::empty({batch, chunks, n}, options);
+  at::Tensor partial = chunks == 1 ? cols : at::empty({batch, chunks, n}, cols.options());
   float* row_data = rows.data_ptr<float>();
   float* partial_data = partial.data_ptr<float>();
   cpu::dispatch_float(x.scalar_type(), "row_col_sq_norms", [&](auto tag) {
@@ -148,7 +137,10 @@ std::tuple<at::Tensor, at::Tensor> row_col_sq_norms_cpu(const at::Tensor& w) {
     });
   });
   if (chunks > 1) reduce_partials(partial_data, batch, chunks, n, cols.data_ptr<float>());
-  return {rows, cols};
+}
+
+std::tuple<at::Tensor, at::Tensor> row_col_sq_norms_cpu(const at::Tensor& w) {
+  return run_row_col_sq_norms(w, row_col_sq_norms_kernel);
 }
 
 LK_CPU_KERNELS(m) { m.impl("row_col_sq_norms", &row_col_sq_norms_cpu); }

@@ -25,7 +25,8 @@
 #include <vector>
 
 #include "lowrank_kernels/checks.h"
-#include "nf4_simd.h"
+#include "float_convert.h"
+#include "fma_tile.h"
 #include "isa.h"  // last: the per-ISA target starts here
 
 namespace lowrank_kernels {
@@ -61,123 +62,27 @@ template <typename T>
 inline void widen_row(const T* src, int64_t n, float* dst) {
   int64_t j = 0;
 #ifdef LK_HAVE_AVX2
-  if constexpr (!std::is_same_v<T, float>) {
-    for (; j + kVec <= n; j += kVec) {
-      const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + j));
-      __m256 v;
-      if constexpr (std::is_same_v<T, c10::Half>)
-        v = _mm256_cvtph_ps(bits);
-      else
-        v = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
-      _mm256_storeu_ps(dst + j, v);
-    }
-  }
+  for (; j + kVec <= n; j += kVec) _mm256_storeu_ps(dst + j, cpu::load8(src + j));
 #endif
   for (; j < n; ++j) dst[j] = cpu::to_float(src[j]);
 }
 
-#ifdef LK_HAVE_AVX2
-// y_r[0 : 8C) (+)= Σ_{j < k} a_r[j] xc[j, 0 : 8C) for the 4 rows r (a_r = a + r * lda; y_r = y + r
-// * ldy), xc packed [k, 8C]. `first`: start from 0 instead of y. Named accumulators (GCC keeps
-// __m256 arrays on the stack).
+// Both products run fma_tile.h's 4 x C micro-kernel.
+// y_r[offset : offset + 8C) (+)= Σ_{j < k} a_r[j] xc[j, 0 : 8C) for the 4 rows r (a_r = a + r * lda,
+// y_r = y[r]), xc packed [k, 8C]. `first`: start from 0 instead of y.
 template <int C>
-inline void fwd_tile(const float* a, int64_t lda, const float* xc, int64_t k, float* y0, float* y1, float* y2,
-                     float* y3, bool first) {
-  const float* a0 = a;
-  const float* a1 = a + lda;
-  const float* a2 = a + 2 * lda;
-  const float* a3 = a + 3 * lda;
-  __m256 c00, c01, c02, c10, c11, c12, c20, c21, c22, c30, c31, c32;
-  c00 = c01 = c02 = c10 = c11 = c12 = c20 = c21 = c22 = c30 = c31 = c32 = _mm256_setzero_ps();
-  if (!first) {
-    c00 = _mm256_loadu_ps(y0), c10 = _mm256_loadu_ps(y1), c20 = _mm256_loadu_ps(y2), c30 = _mm256_loadu_ps(y3);
-    if constexpr (C > 1)
-      c01 = _mm256_loadu_ps(y0 + 8), c11 = _mm256_loadu_ps(y1 + 8), c21 = _mm256_loadu_ps(y2 + 8),
-      c31 = _mm256_loadu_ps(y3 + 8);
-    if constexpr (C > 2)
-      c02 = _mm256_loadu_ps(y0 + 16), c12 = _mm256_loadu_ps(y1 + 16), c22 = _mm256_loadu_ps(y2 + 16),
-      c32 = _mm256_loadu_ps(y3 + 16);
-  }
-  for (int64_t j = 0; j < k; ++j, xc += 8 * C) {
-    const __m256 v0 = _mm256_loadu_ps(xc);
-    __m256 v1, v2;
-    if constexpr (C > 1) v1 = _mm256_loadu_ps(xc + 8);
-    if constexpr (C > 2) v2 = _mm256_loadu_ps(xc + 16);
-    __m256 b = _mm256_broadcast_ss(a0 + j);
-    c00 = _mm256_fmadd_ps(b, v0, c00);
-    if constexpr (C > 1) c01 = _mm256_fmadd_ps(b, v1, c01);
-    if constexpr (C > 2) c02 = _mm256_fmadd_ps(b, v2, c02);
-    b = _mm256_broadcast_ss(a1 + j);
-    c10 = _mm256_fmadd_ps(b, v0, c10);
-    if constexpr (C > 1) c11 = _mm256_fmadd_ps(b, v1, c11);
-    if constexpr (C > 2) c12 = _mm256_fmadd_ps(b, v2, c12);
-    b = _mm256_broadcast_ss(a2 + j);
-    c20 = _mm256_fmadd_ps(b, v0, c20);
-    if constexpr (C > 1) c21 = _mm256_fmadd_ps(b, v1, c21);
-    if constexpr (C > 2) c22 = _mm256_fmadd_ps(b, v2, c22);
-    b = _mm256_broadcast_ss(a3 + j);
-    c30 = _mm256_fmadd_ps(b, v0, c30);
-    if constexpr (C > 1) c31 = _mm256_fmadd_ps(b, v1, c31);
-    if constexpr (C > 2) c32 = _mm256_fmadd_ps(b, v2, c32);
-  }
-  _mm256_storeu_ps(y0, c00), _mm256_storeu_ps(y1, c10), _mm256_storeu_ps(y2, c20), _mm256_storeu_ps(y3, c30);
-  if constexpr (C > 1)
-    _mm256_storeu_ps(y0 + 8, c01), _mm256_storeu_ps(y1 + 8, c11), _mm256_storeu_ps(y2 + 8, c21),
-        _mm256_storeu_ps(y3 + 8, c31);
-  if constexpr (C > 2)
-    _mm256_storeu_ps(y0 + 16, c02), _mm256_storeu_ps(y1 + 16, c12), _mm256_storeu_ps(y2 + 16, c22),
-        _mm256_storeu_ps(y3 + 16, c32);
+inline void fwd_tile(const float* a, int64_t lda, const float* xc, int64_t k, float* const y[4], int64_t offset,
+                     bool first) {
+  const cpu::TileRows rows{{y[0] + offset, y[1] + offset, y[2] + offset, y[3] + offset}};
+  cpu::fma_tile_4x<C>({a, lda, 1}, {xc, kVec, kVec * C}, k, rows, /*accumulate=*/!first);
 }
 
 // acc[r, 0:24) += Σ_{i < k} x[i, r] panel[i, 0:24) for r = 0..3 (x row stride ldx, acc row
 // stride lda), panel packed [k, 24].
 inline void tr_tile(const float* x, int64_t ldx, const float* panel, int64_t k, float* acc, int64_t lda) {
-  float* a0 = acc;
-  float* a1 = acc + lda;
-  float* a2 = acc + 2 * lda;
-  float* a3 = acc + 3 * lda;
-  __m256 c00 = _mm256_loadu_ps(a0), c01 = _mm256_loadu_ps(a0 + 8), c02 = _mm256_loadu_ps(a0 + 16);
-  __m256 c10 = _mm256_loadu_ps(a1), c11 = _mm256_loadu_ps(a1 + 8), c12 = _mm256_loadu_ps(a1 + 16);
-  __m256 c20 = _mm256_loadu_ps(a2), c21 = _mm256_loadu_ps(a2 + 8), c22 = _mm256_loadu_ps(a2 + 16);
-  __m256 c30 = _mm256_loadu_ps(a3), c31 = _mm256_loadu_ps(a3 + 8), c32 = _mm256_loadu_ps(a3 + 16);
-  for (int64_t i = 0; i < k; ++i, x += ldx, panel += kPanelT) {
-    const __m256 v0 = _mm256_load_ps(panel), v1 = _mm256_load_ps(panel + 8), v2 = _mm256_load_ps(panel + 16);
-    __m256 b = _mm256_broadcast_ss(x);
-    c00 = _mm256_fmadd_ps(b, v0, c00), c01 = _mm256_fmadd_ps(b, v1, c01), c02 = _mm256_fmadd_ps(b, v2, c02);
-    b = _mm256_broadcast_ss(x + 1);
-    c10 = _mm256_fmadd_ps(b, v0, c10), c11 = _mm256_fmadd_ps(b, v1, c11), c12 = _mm256_fmadd_ps(b, v2, c12);
-    b = _mm256_broadcast_ss(x + 2);
-    c20 = _mm256_fmadd_ps(b, v0, c20), c21 = _mm256_fmadd_ps(b, v1, c21), c22 = _mm256_fmadd_ps(b, v2, c22);
-    b = _mm256_broadcast_ss(x + 3);
-    c30 = _mm256_fmadd_ps(b, v0, c30), c31 = _mm256_fmadd_ps(b, v1, c31), c32 = _mm256_fmadd_ps(b, v2, c32);
-  }
-  _mm256_storeu_ps(a0, c00), _mm256_storeu_ps(a0 + 8, c01), _mm256_storeu_ps(a0 + 16, c02);
-  _mm256_storeu_ps(a1, c10), _mm256_storeu_ps(a1 + 8, c11), _mm256_storeu_ps(a1 + 16, c12);
-  _mm256_storeu_ps(a2, c20), _mm256_storeu_ps(a2 + 8, c21), _mm256_storeu_ps(a2 + 16, c22);
-  _mm256_storeu_ps(a3, c30), _mm256_storeu_ps(a3 + 8, c31), _mm256_storeu_ps(a3 + 16, c32);
+  cpu::fma_tile_4x<kPanelT / kVec>({x, 1, ldx}, {panel, kVec, kPanelT}, k, cpu::tile_rows(acc, lda),
+                                   /*accumulate=*/true);
 }
-#else
-template <int C>
-inline void fwd_tile(const float* a, int64_t lda, const float* xc, int64_t k, float* y0, float* y1, float* y2,
-                     float* y3, bool first) {
-  float* ys[4] = {y0, y1, y2, y3};
-  for (int r = 0; r < 4; ++r) {
-    float acc[8 * C];
-    for (int c = 0; c < 8 * C; ++c) acc[c] = first ? 0.0f : ys[r][c];
-    for (int64_t j = 0; j < k; ++j)
-      for (int c = 0; c < 8 * C; ++c) acc[c] = std::fma(a[r * lda + j], xc[j * 8 * C + c], acc[c]);
-    for (int c = 0; c < 8 * C; ++c) ys[r][c] = acc[c];
-  }
-}
-inline void tr_tile(const float* x, int64_t ldx, const float* panel, int64_t k, float* acc, int64_t lda) {
-  for (int r = 0; r < 4; ++r)
-    for (int c = 0; c < kPanelT; ++c) {
-      float s = acc[r * lda + c];
-      for (int64_t i = 0; i < k; ++i) s = std::fma(x[i * ldx + r], panel[i * kPanelT + c], s);
-      acc[r * lda + c] = s;
-    }
-}
-#endif
 
 // y [batch, M, lp] = w [batch, M, N] @ x, x packed chunk-major: chunk (off, C) at xp + b * N * lp
 // + off * 8 * N, laid out [N, 8C].
@@ -224,9 +129,9 @@ void forward_kernel(const T* w, int64_t M, int64_t N, int64_t batch, const float
             const int64_t o = off * kVec;
             const bool first = k0 == 0;
             switch (width) {
-              case 1: fwd_tile<1>(a, lda, xc, k, ys[0] + o, ys[1] + o, ys[2] + o, ys[3] + o, first); break;
-              case 2: fwd_tile<2>(a, lda, xc, k, ys[0] + o, ys[1] + o, ys[2] + o, ys[3] + o, first); break;
-              default: fwd_tile<3>(a, lda, xc, k, ys[0] + o, ys[1] + o, ys[2] + o, ys[3] + o, first);
+              case 1: fwd_tile<1>(a, lda, xc, k, ys, o, first); break;
+              case 2: fwd_tile<2>(a, lda, xc, k, ys, o, first); break;
+              default: fwd_tile<3>(a, lda, xc, k, ys, o, first);
             }
           }
         }

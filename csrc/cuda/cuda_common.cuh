@@ -7,7 +7,7 @@
 
 #include <cstdint>
 
-#include "nf4_cuda.h"
+#include "float_kind.h"
 
 namespace lowrank_kernels::cuda {
 

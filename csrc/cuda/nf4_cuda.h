@@ -6,9 +6,9 @@
 
 #include <cstdint>
 
-namespace lowrank_kernels::cuda {
+#include "float_kind.h"
 
-enum class FloatKind : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+namespace lowrank_kernels::cuda {
 
 void quantize_nf4(const void* x, FloatKind kind, int64_t numel, int64_t blocksize, uint8_t* packed,
                   float* absmax, cudaStream_t stream);

@@ -45,23 +45,19 @@ __device__ __forceinline__ void load8(const float* p, float (&v)[8]) {
   v[4] = hi.x; v[5] = hi.y; v[6] = hi.z; v[7] = hi.w;
 }
 
-__device__ __forceinline__ void load8(const __half* p, float (&v)[8]) {
-  const uint4 bits = *reinterpret_cast<const uint4*>(p);
-  const __half2* pairs = reinterpret_cast<const __half2*>(&bits);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 f = __half22float2(pairs[i]);
-    v[2 * i] = f.x;
-    v[2 * i + 1] = f.y;
-  }
-}
+// Two 16-bit floats widened exactly to fp32.
+__device__ __forceinline__ float2 widen2(__half2 pair) { return __half22float2(pair); }
+__device__ __forceinline__ float2 widen2(__nv_bfloat162 pair) { return __bfloat1622float2(pair); }
 
-__device__ __forceinline__ void load8(const __nv_bfloat16* p, float (&v)[8]) {
+// 8 consecutive 16-bit floats (T = __half or __nv_bfloat16) from a 16-byte aligned address, as fp32.
+template <typename T>
+__device__ __forceinline__ void load8(const T* p, float (&v)[8]) {
+  using Pair = std::conditional_t<std::is_same_v<T, __half>, __half2, __nv_bfloat162>;
   const uint4 bits = *reinterpret_cast<const uint4*>(p);
-  const __nv_bfloat162* pairs = reinterpret_cast<const __nv_bfloat162*>(&bits);
+  const Pair* pairs = reinterpret_cast<const Pair*>(&bits);
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    const float2 f = __bfloat1622float2(pairs[i]);
+    const float2 f = widen2(pairs[i]);
     v[2 * i] = f.x;
     v[2 * i + 1] = f.y;
   }

@@ -6,7 +6,7 @@
 
 #include <cstdint>
 
-#include "nf4_cuda.h"  // FloatKind
+#include "float_kind.h"
 
 namespace lowrank_kernels::cuda {
 

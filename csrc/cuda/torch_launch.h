@@ -4,7 +4,7 @@
 
 #include <c10/cuda/CUDAStream.h>
 
-#include "nf4_cuda.h"
+#include "float_kind.h"
 
 namespace lowrank_kernels {
 

@@ -7,7 +7,6 @@
 #include <cmath>
 #include <optional>
 #include <string>
-#include <utility>
 #include <vector>
 
 namespace lowrank_kernels {
@@ -116,19 +115,6 @@ inline void check_nf4_lowrank_grad_input_args(const at::Tensor& grad_y, const at
   check_nf4_storage(packed, absmax, blocksize, grad_y.size(1) * in_features);
   check_matrix(lowrank_grad, "lowrank_grad", grad_y.size(0), -1, grad_y.scalar_type(), grad_y.device());
   check_matrix(down, "down", lowrank_grad.size(1), in_features, grad_y.scalar_type(), grad_y.device());
-}
-
-// ---- row/column squared norms ----
-
-// Checks w [..., m, n] and returns the result shapes (rows [..., m], cols [..., n]).
-inline std::pair<std::vector<int64_t>, std::vector<int64_t>> row_col_norm_shapes(const at::Tensor& w) {
-  check_float_input(w, "w");
-  TORCH_CHECK(w.dim() >= 2, "w must have at least 2 dimensions [..., m, n], got shape ", w.sizes(), " and dtype ",
-              w.scalar_type());
-  std::vector<int64_t> rows(w.sizes().begin(), w.sizes().end() - 1);
-  std::vector<int64_t> cols(rows.begin(), rows.end() - 1);
-  cols.push_back(w.size(-1));
-  return {rows, cols};
 }
 
 // huber_weights(w [..., m, n], a [..., m, r] fp32, b [..., r, n] fp32, deltas fp32 [...] > 0);

@@ -1,7 +1,8 @@
-// CPU building blocks shared by the NF4 kernels (nf4_cpu.cpp) and the fused linear kernels
-// (nf4_linear_cpu.cpp): dtype dispatch, element conversion, and NF4 decoding of runs of
-// elements that lie in one quantization block (AVX2 in the avx2 and avx512 builds of the kernels,
-// else scalar, both on the element math of nf4_math.h). Compiled once per ISA (isa.h).
+// NF4 decoding for the CPU kernels of the NF4 ops (nf4_cpu.cpp) and the fused linear
+// (nf4_linear_cpu.cpp): runs of elements that lie in one quantization block decoded by table
+// lookups (AVX2 in the avx2 and avx512 builds of the kernels, AVX-512 in the avx512 one, else
+// scalar, all on the element math of nf4_math.h), row walks by quantization block, and the split
+// column order of the fused kernels. Compiled once per ISA (isa.h).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -11,73 +12,14 @@
 #include <cstring>
 
 #include "lowrank_kernels/nf4_math.h"
-#include "isa.h"  // last: the per-ISA target starts here
+#include "float_convert.h"  // project SIMD headers after the library ones: they start the ISA target
+#include "isa.h"            // last: the per-ISA target starts here
 
 namespace lowrank_kernels {
 namespace cpu {
 inline namespace LK_CPU_ISA_NAME {  // each ISA's copy of these inline helpers has its own symbols
 
-// Calls f(T{}) with T the C++ type of a float32/float16/bfloat16 dtype.
-template <typename F>
-void dispatch_float(at::ScalarType dtype, const char* name, F&& f) {
-  switch (dtype) {
-    case at::kFloat: return f(float{});
-    case at::kHalf: return f(c10::Half{});
-    case at::kBFloat16: return f(c10::BFloat16{});
-    default: TORCH_CHECK(false, name, ": dtype must be float32, float16 or bfloat16, got ", dtype);
-  }
-}
-
-// Element loads/stores in fp32, exactly as torch converts (bf16/fp16 -> fp32 is exact;
-// fp32 -> bf16/fp16 rounds to nearest even).
-template <typename T> inline float to_float(T v) { return static_cast<float>(v); }
-template <typename T> inline T from_float(float v) { return static_cast<T>(v); }
-
 #ifdef LK_HAVE_AVX2
-// 8 16-bit floats (raw bits) widened exactly to fp32 (F16C).
-inline __m256 widen8(__m128i bits, c10::Half) { return _mm256_cvtph_ps(bits); }
-inline __m256 widen8(__m128i bits, c10::BFloat16) {
-  // A bf16 is the high half of the fp32 with the same value: widen the bits and shift them up.
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
-}
-
-// 8 consecutive elements as fp32.
-inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-template <typename T>
-inline __m256 load8(const T* p) {
-  return widen8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)), T{});
-}
-
-inline float horizontal_sum(__m256 v) {
-  const __m128 quad = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  const __m128 pair = _mm_add_ps(quad, _mm_movehl_ps(quad, quad));
-  return _mm_cvtss_f32(_mm_add_ss(pair, _mm_movehdup_ps(pair)));
-}
-
-// The 8 lanes' sum, added in fp64.
-inline double sum_as_double(__m256 v) {
-  const __m256d wide = _mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(v)),
-                                     _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)));
-  const __m128d pair = _mm_add_pd(_mm256_castpd256_pd128(wide), _mm256_extractf128_pd(wide, 1));
-  return _mm_cvtsd_f64(_mm_add_sd(pair, _mm_unpackhi_pd(pair, pair)));
-}
-
-inline void store8(float* out, __m256 v) { _mm256_storeu_ps(out, v); }
-inline void store8(c10::Half* out, __m256 v) {
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(out),
-                   _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-}
-inline void store8(c10::BFloat16* out, __m256 v) {
-  // Round to nearest even on the bit pattern (values are finite: inputs were checked).
-  __m256i bits = _mm256_castps_si256(v);
-  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
-  bits = _mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF)));
-  bits = _mm256_srli_epi32(bits, 16);
-  const __m128i packed16 =
-      _mm_packus_epi32(_mm256_castsi256_si128(bits), _mm256_extracti128_si256(bits, 1));
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(out), packed16);
-}
-
 // The 16 NF4 codes as two 8-lane halves, for decode8's table lookup.
 // (A user-written constructor: GCC compiles an implicit one without the ISA target of isa.h.)
 struct NF4Table {
@@ -144,18 +86,6 @@ inline void decode32_split(const uint8_t* bytes, const NF4BytePlanes& codes, __m
 #endif
 
 #ifdef LK_HAVE_AVX512
-// 16 consecutive fp32 values stored as T (the same roundings as store8).
-inline void store16(float* out, __m512 v) { _mm512_storeu_ps(out, v); }
-inline void store16(c10::Half* out, __m512 v) {
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-}
-inline void store16(c10::BFloat16* out, __m512 v) {
-  __m512i bits = _mm512_castps_si512(v);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  bits = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm512_cvtepi32_epi16(bits));
-}
-
 // The 16 NF4 codes in one register: vpermps on 16 lanes is the whole table lookup.
 struct NF4Table16 {
   __m512 codes;
