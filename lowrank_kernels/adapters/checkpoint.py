@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lowrank_kernels._checks import is_int
 from lowrank_kernels.adapters.convert import freeze_all_but_adapters, replace_module
 from lowrank_kernels.adapters.pissa_linear import AdapterOptions, PiSSALinear
 from lowrank_kernels.nf4 import NF4Weight
@@ -203,8 +204,7 @@ def _check_config(config: Any) -> None:
         raise ValueError(f"a layer config has exactly the keys {sorted(_CONFIG_KEYS)}")
     _options(config)  # rank, init, scale, quantize, blocksize, double_quant
     if config["dtype"] not in _DTYPES or not isinstance(config["bias"], bool) or not all(
-            isinstance(config[k], int) and not isinstance(config[k], bool) and config[k] >= 1
-            for k in ("in_features", "out_features")):
+            is_int(config[k]) and config[k] >= 1 for k in ("in_features", "out_features")):
         raise ValueError("dtype must be one of float32, bfloat16, float16; bias a bool; features ints >= 1")
     if config["quantize"] is None and config["blocksize"] is not None:
         raise ValueError("a dense layer has blocksize None")
