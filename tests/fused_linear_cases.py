@@ -14,9 +14,10 @@ from lowrank_kernels.reference.fused_linear import _weight
 from lowrank_kernels.reference.nf4 import quantize_nf4_ref
 
 # (out_features N, in_features K, blocksize): rows aligned to blocks (the CPU decode kernels'
-# split-order path); rows straddling blocks; odd K (rows starting mid-byte); N, K not multiples
+# split-order path, whose AVX-512 decoder takes 32 columns at a time: K = 96 at blocksize 32 is
+# three such groups, one block each); rows straddling blocks; odd K (rows starting mid-byte); N, K not multiples
 # of 64 or of any tile size.
-SHAPES = [(64, 128, 64), (24, 384, 128), (37, 100, 64), (33, 77, 32), (130, 64, 128), (5, 257, 32)]
+SHAPES = [(64, 128, 64), (24, 384, 128), (40, 96, 32), (37, 100, 64), (33, 77, 32), (130, 64, 128), (5, 257, 32)]
 RANKS = [1, 3, 16]
 FP32_UNIT_ROUNDOFF = 2.0 ** -24
 

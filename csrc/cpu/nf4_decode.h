@@ -1,8 +1,8 @@
 // NF4 decoding for the CPU kernels of the NF4 ops (nf4_cpu.cpp) and the fused linear
 // (nf4_linear_cpu.cpp): runs of elements that lie in one quantization block decoded by table
 // lookups (AVX2 in the avx2 and avx512 builds of the kernels, AVX-512 in the avx512 one, else
-// scalar, all on the element math of nf4_math.h), row walks by quantization block, and the split
-// column order of the fused kernels. Compiled once per ISA (isa.h).
+// scalar, all on the element math of nf4_math.h) and row walks by quantization block. The fused
+// kernels' split-order decoder is in nf4_split_decode.h. Compiled once per ISA (isa.h).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -49,40 +49,6 @@ inline __m256 decode8(const uint8_t* bytes, const NF4Table& table, __m256 scale)
   return _mm256_mul_ps(lookup8(nib, _mm256_slli_epi32(nib, 28), table.lo, table.hi), scale);
 }
 
-// The 16 NF4 codes as four byte planes (byte j of each fp32 code), for vpshufb lookups.
-struct NF4BytePlanes {
-  __m256i plane[4];
-  NF4BytePlanes() {
-    alignas(32) uint8_t bytes[4][32];
-    for (int i = 0; i < 32; ++i) {
-      const float code = nf4_code(i % 16);
-      uint8_t b[4];
-      std::memcpy(b, &code, 4);
-      for (int j = 0; j < 4; ++j) bytes[j][i] = b[j];
-    }
-    for (int j = 0; j < 4; ++j) plane[j] = _mm256_load_si256(reinterpret_cast<const __m256i*>(bytes[j]));
-  }
-};
-
-// 32 NF4 codes (unscaled) from 16 packed bytes, in *split order*: out[g] holds columns
-// 8g .. 8g+7 ordered 8g, 8g+2, 8g+4, 8g+6, 8g+1, 8g+3, 8g+5, 8g+7. Byte-shuffle lookups
-// (vpshufb) of the code's four byte planes, reassembled by unpacks, cost far less than
-// vpermps-based lookups; the order is the one the in-lane unpacks produce, and the fused
-// kernels permute their activations to match (split_columns) instead of reordering here.
-inline void decode32_split(const uint8_t* bytes, const NF4BytePlanes& codes, __m256 out[4]) {
-  const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes));
-  const __m128i low4 = _mm_set1_epi8(0x0F);
-  // Lane 0: the high nibbles (even columns), lane 1: the low nibbles (odd columns).
-  const __m256i index = _mm256_set_m128i(_mm_and_si128(packed, low4), _mm_and_si128(_mm_srli_epi16(packed, 4), low4));
-  const __m256i b0 = _mm256_shuffle_epi8(codes.plane[0], index), b1 = _mm256_shuffle_epi8(codes.plane[1], index);
-  const __m256i b2 = _mm256_shuffle_epi8(codes.plane[2], index), b3 = _mm256_shuffle_epi8(codes.plane[3], index);
-  const __m256i low16_a = _mm256_unpacklo_epi8(b0, b1), high16_a = _mm256_unpacklo_epi8(b2, b3);
-  const __m256i low16_b = _mm256_unpackhi_epi8(b0, b1), high16_b = _mm256_unpackhi_epi8(b2, b3);
-  out[0] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(low16_a, high16_a));
-  out[1] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(low16_a, high16_a));
-  out[2] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(low16_b, high16_b));
-  out[3] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(low16_b, high16_b));
-}
 #endif
 
 #ifdef LK_HAVE_AVX512
@@ -145,24 +111,6 @@ void decode_row(const uint8_t* packed, const float* absmax, int64_t row, int64_t
   for_each_block_run(row, cols, blocksize, absmax, [&](int64_t col, int64_t count, int64_t first, float a) {
     decode_run(packed, first, count, a, dst + col);
   });
-}
-
-// Split order of a row whose length is a multiple of 8 (see decode32_split): within each group
-// of 8 columns, the even ones first, then the odd ones. merge_columns inverts it.
-inline void split_columns(const float* src, int64_t cols, float* dst) {
-  for (int64_t g = 0; g < cols; g += 8)
-    for (int j = 0; j < 4; ++j) {
-      dst[g + j] = src[g + 2 * j];
-      dst[g + 4 + j] = src[g + 2 * j + 1];
-    }
-}
-
-inline void merge_columns(const float* src, int64_t cols, float* dst) {
-  for (int64_t g = 0; g < cols; g += 8)
-    for (int j = 0; j < 4; ++j) {
-      dst[g + 2 * j] = src[g + j];
-      dst[g + 2 * j + 1] = src[g + 4 + j];
-    }
 }
 
 }  // namespace LK_CPU_ISA_NAME

@@ -22,6 +22,7 @@
 #include "lowrank_kernels/nf4_linear_math.h"
 #include "float_convert.h"
 #include "nf4_decode.h"
+#include "nf4_split_decode.h"
 #include "isa.h"  // last: the per-ISA target starts here
 
 namespace lowrank_kernels {
@@ -96,24 +97,26 @@ void dot_row(const uint8_t* packed, const float* absmax, int64_t row, int64_t co
 template <int TOKENS>
 void dot_row_split(const uint8_t* packed, const float* absmax, int64_t row, int64_t cols, int64_t blocksize,
                    const float* x, float* acc) {
+  using cpu::SplitVec, cpu::kSplitVectors, cpu::vfmadd, cpu::vzero;
   constexpr bool FOLD = TOKENS <= 2;
-  constexpr int CHAINS = TOKENS == 1 ? 4 : TOKENS == 2 ? 2 : 1;
-  static const cpu::NF4BytePlanes codes;  // built once: the table costs as much as a row
+  constexpr int CHAINS = TOKENS == 1 ? kSplitVectors : TOKENS == 2 ? kSplitVectors / 2 : 1;
+  constexpr int LANES = 32 / kSplitVectors;
+  static const cpu::SplitDecoder decode;  // built once: the table costs as much as a row
   const uint8_t* bytes = packed + row * cols / 2;
   const float* row_absmax = absmax + row * cols / blocksize;
-  __m256 total[TOKENS], sum[TOKENS][CHAINS];
-  for (int t = 0; t < TOKENS; ++t) total[t] = _mm256_setzero_ps();
+  SplitVec total[TOKENS], sum[TOKENS][CHAINS];
+  for (int t = 0; t < TOKENS; ++t) total[t] = vzero();
   for (int64_t block = 0; block < cols / blocksize; ++block) {
-    const __m256 scale = _mm256_set1_ps(row_absmax[block]);
+    const SplitVec scale = cpu::vbroadcast(row_absmax[block]);
     for (int t = 0; t < TOKENS; ++t)
-      for (int c = 0; c < CHAINS; ++c) sum[t][c] = FOLD ? _mm256_setzero_ps() : total[t];
+      for (int c = 0; c < CHAINS; ++c) sum[t][c] = FOLD ? vzero() : total[t];
     for (int64_t col = block * blocksize; col < (block + 1) * blocksize; col += 32) {  // blocksize >= 32
-      __m256 w[4];
-      cpu::decode32_split(bytes + col / 2, codes, w);
-      for (int j = 0; j < 4; ++j) {
-        if (!FOLD) w[j] = _mm256_mul_ps(w[j], scale);
+      SplitVec w[kSplitVectors];
+      decode(bytes + col / 2, w);
+      for (int j = 0; j < kSplitVectors; ++j) {
+        if (!FOLD) w[j] = cpu::vmul(w[j], scale);
         for (int t = 0; t < TOKENS; ++t)
-          sum[t][j % CHAINS] = _mm256_fmadd_ps(w[j], _mm256_loadu_ps(x + t * cols + col + 8 * j), sum[t][j % CHAINS]);
+          sum[t][j % CHAINS] = vfmadd(w[j], cpu::vload(x + t * cols + col + LANES * j), sum[t][j % CHAINS]);
       }
     }
     for (int t = 0; t < TOKENS; ++t) {
@@ -121,26 +124,18 @@ void dot_row_split(const uint8_t* packed, const float* absmax, int64_t row, int6
         total[t] = sum[t][0];
         continue;
       }
-      __m256 block_sum = sum[t][0];
-      for (int c = 1; c < CHAINS; ++c) block_sum = _mm256_add_ps(block_sum, sum[t][c]);
-      total[t] = _mm256_fmadd_ps(scale, block_sum, total[t]);
+      SplitVec block_sum = sum[t][0];
+      for (int c = 1; c < CHAINS; ++c) block_sum = cpu::vadd(block_sum, sum[t][c]);
+      total[t] = vfmadd(scale, block_sum, total[t]);
     }
   }
-  for (int t = 0; t < TOKENS; ++t) {
-    alignas(32) float lanes[8];
-    _mm256_store_ps(lanes, total[t]);
-    for (float v : lanes) acc[t] += v;
-  }
+  for (int t = 0; t < TOKENS; ++t) acc[t] += cpu::vsum(total[t]);
 }
-
-constexpr bool kHaveSplitDecode = true;
-#else
-constexpr bool kHaveSplitDecode = false;
 #endif
 
 // The decode kernels use split order when every row starts a quantization block (the common
 // case: in_features a multiple of the blocksize), natural order otherwise.
-bool use_split_order(int64_t cols, int64_t blocksize) { return kHaveSplitDecode && nf4_rows_aligned(cols, blocksize); }
+bool use_split_order(int64_t cols, int64_t blocksize) { return cpu::kHaveSplitDecode && nf4_rows_aligned(cols, blocksize); }
 
 // Activations [M, K] in split order (a copy), or the input itself for natural order.
 at::Tensor in_order(const at::Tensor& a, bool split) {
@@ -211,22 +206,24 @@ void axpy(int64_t n, float a, const float* x, float* y) {
 template <int TOKENS>
 void grad_input_columns(const uint8_t* packed, const float* absmax, int64_t blocksize, int64_t rows, int64_t cols,
                         const float* gy, int64_t col, float* dx) {
-  static const cpu::NF4BytePlanes codes;  // built once: the table costs as much as a row
+  using cpu::SplitVec, cpu::kSplitVectors;
+  constexpr int LANES = 32 / kSplitVectors;
+  static const cpu::SplitDecoder decode;  // built once: the table costs as much as a row
   const int64_t blocks_per_row = cols / blocksize, block = col / blocksize;
-  __m256 acc[TOKENS][4];
+  SplitVec acc[TOKENS][kSplitVectors];
   for (int t = 0; t < TOKENS; ++t)
-    for (int j = 0; j < 4; ++j) acc[t][j] = _mm256_setzero_ps();
+    for (int j = 0; j < kSplitVectors; ++j) acc[t][j] = cpu::vzero();
   for (int64_t row = 0; row < rows; ++row) {
-    __m256 w[4];
-    cpu::decode32_split(packed + (row * cols + col) / 2, codes, w);
+    SplitVec w[kSplitVectors];
+    decode(packed + (row * cols + col) / 2, w);
     const float a = absmax[row * blocks_per_row + block];
     for (int t = 0; t < TOKENS; ++t) {
-      const __m256 coefficient = _mm256_set1_ps(gy[t * rows + row] * a);
-      for (int j = 0; j < 4; ++j) acc[t][j] = _mm256_fmadd_ps(coefficient, w[j], acc[t][j]);
+      const SplitVec coefficient = cpu::vbroadcast(gy[t * rows + row] * a);
+      for (int j = 0; j < kSplitVectors; ++j) acc[t][j] = cpu::vfmadd(coefficient, w[j], acc[t][j]);
     }
   }
   for (int t = 0; t < TOKENS; ++t)
-    for (int j = 0; j < 4; ++j) _mm256_storeu_ps(dx + t * cols + col + 8 * j, acc[t][j]);
+    for (int j = 0; j < kSplitVectors; ++j) cpu::vstore(dx + t * cols + col + LANES * j, acc[t][j]);
 }
 
 // Aligned rows: threads own disjoint 32-column slices of dx (no reduction), two tokens per sweep.
