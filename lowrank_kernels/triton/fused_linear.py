@@ -24,7 +24,7 @@ Design
   that dtype (tensor cores) with an fp32 accumulator.
 * Epilogue: ``acc += scale * (lowrank @ factor)`` over the rank in BLOCK_R chunks (tl.dot needs
   every dim >= 16, and r may be 1 or 3: loads are masked up to the padded width), ``+ bias``, and
-  a single rounding to the output dtype with ``_round_to`` (round to nearest even, also under the
+  a single rounding to the output dtype with ``round_to`` (round to nearest even, also under the
   interpreter).
 * Program ids are grouped GROUP_M tiles at a time along M (Triton matmul tutorial) so programs
   that run together share W tiles in L2.
@@ -43,11 +43,12 @@ import torch
 import triton
 import triton.language as tl
 
+from lowrank_kernels._checks import describe
 from lowrank_kernels.codebooks import nf4_code
-from lowrank_kernels.triton.nf4 import _TL_DTYPES, _check_device, _interpreted, _round_to
+from lowrank_kernels.triton._common import TL_DTYPES, check_device, interpreted, round_to
 from lowrank_kernels.triton.tiling import _dot, keep_fitting
 
-_INTERPRET = _interpreted()
+_INTERPRET = interpreted()
 _MAX_BLOCK_R = 32  # rank chunk of the epilogue: bounds registers for large r
 
 
@@ -141,7 +142,7 @@ def _weight_operand(w, W_TY: tl.constexpr, DOT_TY: tl.constexpr):
         return w.to(W_TY)  # native cast: round to nearest even on GPUs
     else:
         # Interpreter bf16: round on the bit pattern (its own cast truncates), widen exactly.
-        return _round_to(w, W_TY).to(DOT_TY)
+        return round_to(w, W_TY).to(DOT_TY)
 
 
 @triton.jit
@@ -220,7 +221,7 @@ def _nf4_lowrank_linear_kernel(
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
 
-    y = _round_to(acc.to(tl.float32), OUT_TY)
+    y = round_to(acc.to(tl.float32), OUT_TY)
     tl.store(y_ptr + rows_m[:, None] * stride_ym + rows_n[None, :] * stride_yn, y,
              mask=mask_m[:, None] & mask_n[None, :])
 
@@ -265,7 +266,7 @@ def _nf4_lowrank_linear_grad_input_kernel(
                                  stride_lm, stride_lr, stride_dr, stride_dk,
                                  BLOCK_M, BLOCK_K, BLOCK_R, DOT_TY)
 
-    dx = _round_to(acc.to(tl.float32), OUT_TY)
+    dx = round_to(acc.to(tl.float32), OUT_TY)
     tl.store(dx_ptr + rows_m[:, None] * stride_xm + cols_k[None, :] * stride_xk, dx,
              mask=mask_m[:, None] & mask_k[None, :])
 
@@ -274,14 +275,10 @@ def _nf4_lowrank_linear_grad_input_kernel(
 # launchers
 
 
-def _describe(t: torch.Tensor) -> str:
-    return f"shape {tuple(t.shape)} and dtype {t.dtype}"
-
-
 def _expect(t: torch.Tensor, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> None:
-    _check_device(t, name)
+    check_device(t, name)
     if tuple(t.shape) != shape or t.dtype != dtype:
-        raise ValueError(f"{name} must have shape {shape} and dtype {dtype}, got {_describe(t)}")
+        raise ValueError(f"{name} must have shape {shape} and dtype {dtype}, got {describe(t)}")
 
 
 def _check_nf4(packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, numel: int) -> None:
@@ -292,13 +289,13 @@ def _check_nf4(packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, numel
 
 
 def _check_activation(t: torch.Tensor, name: str) -> None:
-    _check_device(t, name)
-    if t.dim() != 2 or t.dtype not in _TL_DTYPES:
-        raise ValueError(f"{name} must be a 2-D float32/bfloat16/float16 tensor, got {_describe(t)}")
+    check_device(t, name)
+    if t.dim() != 2 or t.dtype not in TL_DTYPES:
+        raise ValueError(f"{name} must be a 2-D float32/bfloat16/float16 tensor, got {describe(t)}")
 
 
 def _dtypes(dtype: torch.dtype) -> dict:
-    w_ty = _TL_DTYPES[dtype]
+    w_ty = TL_DTYPES[dtype]
     # The interpreter's tl.dot reads bf16 operands as raw integers: widen them (exactly) to fp32.
     dot_ty = tl.float32 if _INTERPRET and dtype == torch.bfloat16 else w_ty
     return {"W_TY": w_ty, "DOT_TY": dot_ty, "OUT_TY": w_ty}
