@@ -154,6 +154,14 @@ def _grouped_tile(M, COLS, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, GROUP_M
 
 
 @triton.jit
+def _load_tile(ptr, rows, cols, mask_rows, mask_cols, stride_r, stride_c):
+    """``[rows, cols]`` tile of a strided matrix (offset vectors; index x stride in int64: either
+    can be large). Masked-off elements are 0."""
+    return tl.load(ptr + rows[:, None].to(tl.int64) * stride_r + cols[None, :].to(tl.int64) * stride_c,
+                   mask=mask_rows[:, None] & mask_cols[None, :], other=0.0)
+
+
+@triton.jit
 def _lowrank_term(left_ptr, right_ptr, rows_m, mask_m, cols, mask_c, R,
                   stride_lm, stride_lr, stride_rr, stride_rc,
                   BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, DOT_TY: tl.constexpr):
@@ -164,10 +172,8 @@ def _lowrank_term(left_ptr, right_ptr, rows_m, mask_m, cols, mask_c, R,
     for r0 in range(0, R, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)
         mask_r = offs_r < R
-        left = tl.load(left_ptr + rows_m[:, None] * stride_lm + offs_r[None, :].to(tl.int64) * stride_lr,
-                       mask=mask_m[:, None] & mask_r[None, :], other=0.0)
-        right = tl.load(right_ptr + offs_r[:, None].to(tl.int64) * stride_rr + cols[None, :].to(tl.int64) * stride_rc,
-                        mask=mask_r[:, None] & mask_c[None, :], other=0.0)
+        left = _load_tile(left_ptr, rows_m, offs_r, mask_m, mask_r, stride_lm, stride_lr)
+        right = _load_tile(right_ptr, offs_r, cols, mask_r, mask_c, stride_rr, stride_rc)
         low = _dot(left, right, low, DOT_TY)
     return low
 
@@ -201,8 +207,7 @@ def _nf4_lowrank_kernel(
     for d0 in range(0, DEPTH, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
         mask_d = offs_d < DEPTH
-        a = tl.load(a_ptr + rows_m[:, None] * stride_am + offs_d[None, :].to(tl.int64) * stride_ad,
-                    mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+        a = _load_tile(a_ptr, rows_m, offs_d, mask_m, mask_d, stride_am, stride_ad)
         # op(W) tile [BLOCK_D, BLOCK_C], read in place from the row-major NF4 storage.
         if W_TRANSPOSED:  # W^T: rows of W along the tile's columns
             w = _load_nf4_tile(packed_ptr, absmax_ptr, code_ptr, offs_c[None, :], offs_d[:, None],
