@@ -19,6 +19,11 @@ def is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def is_real(value: Any) -> bool:
+    """An ``int`` or ``float`` that is not a ``bool``."""
+    return isinstance(value, float) or is_int(value)
+
+
 def check_matrix(W: Any, finite: bool = True) -> torch.Tensor:
     """W as a float matrix or batch; ``finite=False`` leaves the NaN/Inf scan to the caller (rsvd
     does it on its first sketch instead of a separate pass over W)."""

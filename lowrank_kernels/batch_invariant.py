@@ -29,13 +29,41 @@ from lowrank_kernels import ops
 
 #: Bytes: c10's CPU allocator aligns every new tensor to this.
 _ALIGNMENT = 64
-#: Widest right factor `matmul` gives the skinny_matmul kernel (it keeps X in L1/L2).
-_SKINNY_MAX_COLUMNS = 128
+
+# Widest fp32 X for which skinny_matmul beat MKL on this CPU (4096², 2 threads), by the layout
+# of W: W @ X 1.7x at 16-24 columns, 1.1x at 64; Wᵀ @ X (a column-major W read in place)
+# 1.3-1.4x at 16-24 columns, 1.15x at 32, a loss from ~48 on. For bf16/fp16 W the kernel wins at
+# any width (MKL has no fast mixed-precision GEMM: 1.7-7x).
+_FASTER_FP32_MAX_COLUMNS = {"row": 64, "column": 32}
+# Widest X the kernel takes for its bits (`matmul`), in place of MKL matrix by matrix: one FMA
+# chain per output element in a fixed order gives the same bits in any batch and for any thread
+# count, in one batched call instead of a Python loop over the matrices; up to this width X stays
+# in L1/L2. (Not measured against MKL.)
+_INVARIANT_MAX_COLUMNS = 128
+
+
+def use_skinny_matmul(a: torch.Tensor, x: torch.Tensor, *, for_invariance: bool = False) -> bool:
+    """The one policy for `skinny_product` versus MKL matrix by matrix (`matmul_per_matrix`) for
+    ``a [..., m, k] @ x [..., k, n]`` on the CPU (elsewhere: never, cuBLAS).
+
+    Default, for speed (rsvd's passes over W: ``a`` in W's dtype, ``x`` fp32): where the kernel
+    measured faster, reading ``a`` in place, so only for row- or column-major matrices (any other
+    layout would be copied first): bf16/fp16 ``a`` always, fp32 up to ``_FASTER_FP32_MAX_COLUMNS``.
+    ``for_invariance`` (`matmul`, small fp32 products): up to ``_INVARIANT_MAX_COLUMNS`` in any
+    layout, for bits that depend on neither the batch nor the thread count."""
+    if not _on_cpu(a, x):
+        return False
+    if for_invariance:
+        return a.dtype == x.dtype == torch.float32 and x.shape[-1] <= _INVARIANT_MAX_COLUMNS
+    layout = matrix_layout(a)
+    if layout is None:
+        return False
+    return a.dtype != torch.float32 or x.shape[-1] <= _FASTER_FP32_MAX_COLUMNS[layout]
 
 
 def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a [..., m, k] @ b [..., k, n]`` (one batch shape on both sides, or none)."""
-    if _on_cpu(a, b) and a.dtype == b.dtype == torch.float32 and b.shape[-1] <= _SKINNY_MAX_COLUMNS:
+    if use_skinny_matmul(a, b, for_invariance=True):
         _check_batches(a, b)
         return skinny_product(a, b)
     return matmul_per_matrix(a, b)

@@ -175,14 +175,14 @@ class _Recorder:
 @contextlib.contextmanager
 def _recording(module, name: str, variant: str, sink: list[Launch]):
     """Swap ``module.name`` for a recorder, and accept CPU tensors (the launch never runs)."""
-    kernel, check = getattr(module, name), module._check_device
+    kernel, check = getattr(module, name), module.check_device
     setattr(module, name, _Recorder(module.__name__, name, variant, sink))
-    module._check_device = lambda t, n: None
+    module.check_device = lambda t, n: None
     try:
         yield
     finally:
         setattr(module, name, kernel)
-        module._check_device = check
+        module.check_device = check
 
 
 def triton_launches() -> list[Launch]:

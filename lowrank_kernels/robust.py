@@ -34,7 +34,7 @@ from typing import NamedTuple
 import torch
 
 from lowrank_kernels import ops
-from lowrank_kernels._checks import check_matrix, check_rank, describe, is_int
+from lowrank_kernels._checks import check_matrix, check_rank, describe, is_int, is_real
 from lowrank_kernels._random import Generators, draw_device, matrix_generators
 from lowrank_kernels.decompose import PiSSAFactors, residual, rsvd
 
@@ -123,7 +123,7 @@ def _check_delta(delta, W: torch.Tensor) -> torch.Tensor:
             raise ValueError(f"delta must be a float or a float tensor of W's batch shape {tuple(batch)}, "
                              f"got {describe(delta)}")
         value = delta.to(device=W.device, dtype=torch.float32).expand(batch).contiguous()
-    elif isinstance(delta, (int, float)) and not isinstance(delta, bool):
+    elif is_real(delta):
         value = torch.full(batch, float(delta), dtype=torch.float32, device=W.device)
     else:
         raise TypeError(f"delta must be a float or a tensor, got {type(delta).__name__}")

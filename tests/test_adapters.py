@@ -236,6 +236,7 @@ def test_robust_init_layer_at_init_computes_the_original_layer():
         (dict(rank=R, quantize="nf4", quant_iters=0), ValueError, "quant_iters must be an int >= 1, got 0"),
         (dict(rank=R, scale=0.0), ValueError, "scale must be a finite number > 0"),
         (dict(rank=R, scale=float("nan")), ValueError, "scale must be a finite number > 0"),
+        (dict(rank=R, scale=True), ValueError, "scale must be a finite number > 0"),
         (dict(rank=R, quantize="nf4", blocksize=48), ValueError, "blocksize must be a power of two"),
         (dict(rank=R, double_quant=1), TypeError, "double_quant must be a bool"),
     ],

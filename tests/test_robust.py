@@ -243,6 +243,7 @@ def test_all_zero_matrix_gives_zero_fit(device):
         (lambda W: lk.huber_factorize(W, 2, delta=-1.0), ValueError, "delta must be positive"),
         (lambda W: lk.huber_factorize(W, 2, delta=torch.ones(3)), ValueError, "batch shape"),
         (lambda W: lk.huber_factorize(W, 2, delta="big"), TypeError, "delta"),
+        (lambda W: lk.huber_factorize(W, 2, delta=True), TypeError, "delta must be a float or a tensor, got bool"),
         (lambda W: lk.huber_factorize(W, 2, n_iter=-1), ValueError, "n_iter"),
         (lambda W: lk.huber_factorize(W, 2, tol=2.0), ValueError, "tol"),
         (lambda W: lk.huber_factorize(W, 2, method="lbfgs"), ValueError, "method"),
@@ -255,8 +256,8 @@ def test_all_zero_matrix_gives_zero_fit(device):
          ValueError, "NaN or Inf"),
         (lambda W: lk.huber_factorize(W.expand(0, 30, 20), 2), ValueError, "batch holds no matrices"),
     ],
-    ids=["rank-0", "rank-too-large", "delta-0", "delta-negative", "delta-shape", "delta-type", "n_iter", "tol",
-         "method", "init", "1-D", "int", "nan", "inf", "empty-batch"],
+    ids=["rank-0", "rank-too-large", "delta-0", "delta-negative", "delta-shape", "delta-type", "delta-bool", "n_iter",
+         "tol", "method", "init", "1-D", "int", "nan", "inf", "empty-batch"],
 )
 def test_bad_input_raises_clear_errors(call, error, match):
     W = torch.randn(30, 20, generator=gen())

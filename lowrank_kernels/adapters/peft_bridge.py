@@ -26,12 +26,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from lowrank_kernels._checks import describe
+from lowrank_kernels._checks import FLOAT_DTYPES, describe
 from lowrank_kernels.adapters.convert import layer_generator
 from lowrank_kernels.adapters.inits import check_init, init_factors
 from lowrank_kernels.fused_linear import fused_pissa_linear
-
-_WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _peft():
@@ -147,7 +145,7 @@ def _check_init_layer(name: str, layer, adapter_name: str) -> None:
         raise ValueError(f"{name}: init_peft_adapters handles LoRA Linear layers (nn.Linear or Conv1D base), "
                          f"got {type(layer).__name__} over {type(base).__name__}")
     W = _base_weight(layer)
-    if W.dtype not in _WEIGHT_DTYPES or tuple(W.shape) != (layer.out_features, layer.in_features):
+    if W.dtype not in FLOAT_DTYPES or tuple(W.shape) != (layer.out_features, layer.in_features):
         raise TypeError(f"{name}: the base weight must be a float32/bfloat16/float16 [out, in] = "
                         f"[{layer.out_features}, {layer.in_features}] matrix (initialise before quantizing), "
                         f"got {describe(W)}")

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from lowrank_kernels import decompose
-from lowrank_kernels._checks import FLOAT_DTYPES, describe, is_int
+from lowrank_kernels._checks import FLOAT_DTYPES, describe, is_int, is_real
 from lowrank_kernels.adapters.inits import check_init, init_factors
 from lowrank_kernels.adapters.qpissa import _check_iters, dense_residual, qpissa_factors
 from lowrank_kernels.fused_linear import fused_pissa_linear
@@ -44,8 +44,7 @@ class AdapterOptions:
         if not is_int(self.rank) or self.rank < 1:
             raise ValueError(f"rank must be an int >= 1, got {self.rank!r}")
         check_init(self.init)
-        if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)) or not math.isfinite(self.scale) \
-                or self.scale <= 0:
+        if not is_real(self.scale) or not math.isfinite(self.scale) or self.scale <= 0:
             raise ValueError(f"scale must be a finite number > 0 (W = W_res + scale·A·B), got {self.scale!r}")
         if self.quantize not in QUANTIZE:
             raise ValueError(f"quantize must be None (dense residual) or 'nf4', got {self.quantize!r}")

@@ -20,9 +20,9 @@ from lowrank_kernels.batch_invariant import (
     addmm,
     matmul,
     matmul_per_matrix,
-    matrix_layout,
     per_matrix,
     skinny_product,
+    use_skinny_matmul,
 )
 from lowrank_kernels.decompose._orthonormal import (
     gram,
@@ -154,25 +154,15 @@ def _top_svd(Bt: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, t
     return top.float(), S, V
 
 
-# The skinny_matmul kernel beats MKL on this CPU (4096², 2 threads) for bf16/fp16 W (MKL has no
-# fast mixed-precision GEMM: 1.7-7x), and for fp32 W up to these widths of X: W @ X 1.7x at 16-24
-# columns, 1.1x at 64; Wᵀ @ X 1.3-1.4x at 16-24 columns, 1.15x at 32, a loss from ~48 on.
-_SKINNY_FP32_MAX_COLUMNS = 64
-_SKINNY_FP32_MAX_COLUMNS_TRANSPOSED = 32
-
-
 def _pass(A: torch.Tensor, X: torch.Tensor, transpose: bool = False) -> torch.Tensor:
     """One pass over the big matrix: ``A @ X`` (or ``Aᵀ @ X``) in fp32 for ``A [..., M, N]`` in its
     own dtype and a thin ``X``. On CPU, by the `skinny_matmul` kernel where it is the faster
-    GEMM, reading A in place whichever way its matrices are stored (A is often a transposed view
-    of W; the choice follows each matrix's layout, not the batch's, so that a batch takes the
-    path its matrices take alone)."""
+    GEMM (`use_skinny_matmul`), reading A in place whichever way its matrices are stored (A is
+    often a transposed view of W; the choice follows each matrix's layout, not the batch's, so
+    that a batch takes the path its matrices take alone)."""
     A = A.mT if transpose else A
-    layout = matrix_layout(A) if A.device.type == "cpu" else None
-    if layout is not None:
-        widest = _SKINNY_FP32_MAX_COLUMNS_TRANSPOSED if layout == "column" else _SKINNY_FP32_MAX_COLUMNS
-        if A.dtype != torch.float32 or X.shape[-1] <= widest:
-            return skinny_product(A, X)
+    if use_skinny_matmul(A, X):
+        return skinny_product(A, X)
     return matmul_per_matrix(A, X.to(A.dtype)).float()
 
 

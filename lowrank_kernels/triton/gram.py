@@ -34,10 +34,11 @@ import torch
 import triton
 import triton.language as tl
 
-from lowrank_kernels.triton.nf4 import _TL_DTYPES, _check_device, _interpreted
+from lowrank_kernels._checks import describe
+from lowrank_kernels.triton._common import TL_DTYPES, check_device, interpreted
 from lowrank_kernels.triton.tiling import _dot, keep_fitting
 
-_INTERPRET = _interpreted()
+_INTERPRET = interpreted()
 _MIN_CHUNK_ROWS = 512  # rows per chunk at least (module constant: tests lower it)
 _TARGET_CHUNK_PROGRAMS = 64  # chunks over the whole batch, enough to occupy a GPU's SMs
 
@@ -150,10 +151,9 @@ def gram(y: torch.Tensor) -> torch.Tensor:
     """``yᵀ y`` of ``y [..., m, k]`` (fp32/bf16/fp16, any strides, CUDA; CPU under
     TRITON_INTERPRET=1): fp32 ``[..., k, k]``, accumulated in fp32, exactly symmetric.
     ``m = 0`` gives zeros, ``k = 0`` an empty ``[..., 0, 0]``."""
-    _check_device(y, "y")
-    if y.dim() < 2 or y.dtype not in _TL_DTYPES:
-        raise ValueError(
-            f"y must be a float32/bfloat16/float16 tensor [..., m, k], got shape {tuple(y.shape)} and dtype {y.dtype}")
+    check_device(y, "y")
+    if y.dim() < 2 or y.dtype not in TL_DTYPES:
+        raise ValueError(f"y must be a float32/bfloat16/float16 tensor [..., m, k], got {describe(y)}")
     *lead, m, k = y.shape
     batch = 1
     for d in lead:
@@ -164,7 +164,7 @@ def gram(y: torch.Tensor) -> torch.Tensor:
     chunk_rows, chunks = _chunking(batch, m, k)
     # Zero-filled: programs of tiles below the diagonal write nothing.
     partial = torch.zeros((batch, chunks, k, k), dtype=torch.float32, device=y.device)
-    dot_ty = tl.float32 if _INTERPRET and y.dtype == torch.bfloat16 else _TL_DTYPES[y.dtype]
+    dot_ty = tl.float32 if _INTERPRET and y.dtype == torch.bfloat16 else TL_DTYPES[y.dtype]
     grid = lambda meta: (batch * chunks * triton.cdiv(k, meta["BLOCK_K"]) ** 2,)  # noqa: E731
     _gram_kernel[grid](
         y3, partial,

@@ -19,10 +19,10 @@ import torch
 import triton
 import triton.language as tl
 
-from lowrank_kernels.triton.nf4 import _TL_DTYPES, _check_device, _interpreted
+from lowrank_kernels.triton._common import TL_DTYPES, check_device, interpreted
 from lowrank_kernels.triton.tiling import _dot
 
-_BLOCK_M, _BLOCK_N, _NUM_WARPS = (16, 32, 1) if _interpreted() else (64, 64, 4)
+_BLOCK_M, _BLOCK_N, _NUM_WARPS = (16, 32, 1) if interpreted() else (64, 64, 4)
 _MAX_BLOCK_R = 32  # rank chunk: the GPU-fit gate checks 64 x 64 x 32 fits without spills
 
 
@@ -72,8 +72,8 @@ def huber_weights(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, weight_delt
     ``[...]`` -> ``(ω, ψ)`` fp32 ``[..., m, n]`` and fp64 stats ``[..., 2]``. Errors mirror the C++
     op (RuntimeError naming the argument)."""
     for t, name in ((w, "w"), (a, "a"), (b, "b"), (weight_delta, "weight_delta"), (loss_delta, "loss_delta")):
-        _check_device(t, name)
-    if w.dtype not in _TL_DTYPES or w.dim() < 2:
+        check_device(t, name)
+    if w.dtype not in TL_DTYPES or w.dim() < 2:
         raise RuntimeError(f"w must be a float32, float16 or bfloat16 tensor [..., m, n], got {w.dtype} "
                            f"with shape {list(w.shape)}")
     *batch, m, n = w.shape

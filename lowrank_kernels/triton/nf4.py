@@ -5,33 +5,15 @@ Arithmetic mirrors csrc/include/lowrank_kernels/nf4_math.h: correctly rounded di
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from lowrank_kernels.codebooks import nf4_code
+from lowrank_kernels.triton._common import TL_DTYPES, check_device, round_to
 
 _DEQUANT_BYTES_PER_PROGRAM = 1024
-_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 _MIN_ABSMAX = 1e-38
-
-
-@triton.jit
-def _round_to(v, OUT_TY: tl.constexpr):
-    """fp32 -> OUT_TY rounding to nearest even. bf16 is rounded on the bit pattern (as GPUs do):
-    the interpreter's own cast truncates, and results must match the C++/CUDA kernels. A NaN
-    keeps its sign and top payload bits and gets the quiet bit: rounding its pattern would carry
-    into the sign (0x7FFFFFFF, the NaN of GPU arithmetic, would become 0x8000 = -0.0)."""
-    if OUT_TY == tl.bfloat16:
-        bits = v.to(tl.uint32, bitcast=True)
-        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-        quiet_nan = (bits >> 16) | 0x40
-        is_nan = (bits & 0x7FFFFFFF) > 0x7F800000
-        return tl.where(is_nan, quiet_nan, rounded).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
-        return v.to(OUT_TY)
 
 
 @triton.jit
@@ -51,8 +33,8 @@ def _dequantize_nf4_kernel(
     scale = tl.load(absmax_ptr + first // BLOCKSIZE, mask=in_range, other=0.0)
     high = tl.load(code_ptr + (packed >> 4)) * scale
     low = tl.load(code_ptr + (packed & 0xF)) * scale
-    tl.store(out_ptr + first, _round_to(high, OUT_TY), mask=in_range)
-    tl.store(out_ptr + first + 1, _round_to(low, OUT_TY), mask=first + 1 < numel)
+    tl.store(out_ptr + first, round_to(high, OUT_TY), mask=in_range)
+    tl.store(out_ptr + first + 1, round_to(low, OUT_TY), mask=first + 1 < numel)
 
 
 @triton.jit
@@ -88,37 +70,24 @@ def _quantize_nf4_kernel(
     tl.store(absmax_ptr + block, tl.where(probe == 0.0, stored, probe))
 
 
-def _interpreted() -> bool:
-    """Whether Triton runs kernels in its interpreter (numpy, CPU tensors) instead of compiling."""
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _check_device(t: torch.Tensor, name: str) -> None:
-    if t.device.type == "cuda":
-        return
-    if t.device.type == "cpu" and _interpreted():
-        return
-    raise ValueError(f"{name} must be a CUDA tensor (or a CPU tensor under TRITON_INTERPRET=1), got {t.device}")
-
-
 def dequantize_nf4(packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, numel: int,
                    dtype: torch.dtype) -> torch.Tensor:
     """uint8 ``packed [ceil(numel/2)]``, fp32 ``absmax [ceil(numel/bs)]`` -> ``dtype [numel]``."""
-    _check_device(packed, "packed")
+    check_device(packed, "packed")
     out = torch.empty(numel, dtype=dtype, device=packed.device)
     if numel:
         grid = (triton.cdiv(packed.numel(), _DEQUANT_BYTES_PER_PROGRAM),)
         _dequantize_nf4_kernel[grid](
             packed.contiguous(), absmax.contiguous(), nf4_code(packed.device), out,
             numel,
-            BLOCKSIZE=blocksize, BYTES=_DEQUANT_BYTES_PER_PROGRAM, OUT_TY=_TL_DTYPES[dtype],
+            BLOCKSIZE=blocksize, BYTES=_DEQUANT_BYTES_PER_PROGRAM, OUT_TY=TL_DTYPES[dtype],
         )
     return out
 
 
 def quantize_nf4(w: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32/fp16/bf16 ``w`` (any shape) -> uint8 ``packed [ceil(n/2)]``, fp32 ``absmax [ceil(n/bs)]``."""
-    _check_device(w, "w")
+    check_device(w, "w")
     numel = w.numel()
     packed = torch.empty((numel + 1) // 2, dtype=torch.uint8, device=w.device)
     blocks = triton.cdiv(numel, blocksize)

@@ -21,11 +21,11 @@ import torch
 import triton
 import triton.language as tl
 
-from lowrank_kernels.triton.nf4 import _TL_DTYPES, _check_device, _interpreted
+from lowrank_kernels.triton._common import TL_DTYPES, check_device, interpreted
 
 # The interpreter runs programs in numpy: small tiles keep it quick and let small test shapes
 # span several tiles in both directions.
-_BLOCK_M, _BLOCK_N, _NUM_WARPS = (16, 32, 1) if _interpreted() else (64, 256, 8)
+_BLOCK_M, _BLOCK_N, _NUM_WARPS = (16, 32, 1) if interpreted() else (64, 256, 8)
 
 
 @triton.jit
@@ -59,8 +59,8 @@ def _row_col_sq_norms_kernel(
 def row_col_sq_norms(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32/fp16/bf16 ``w [..., m, n]`` (any strides) -> fp32 ``(rows [..., m], cols [..., n])``,
     rows = Σ_j w_ij², cols = Σ_i w_ij². Errors mirror the C++ op (RuntimeError naming ``w``)."""
-    _check_device(w, "w")
-    if w.dtype not in _TL_DTYPES:
+    check_device(w, "w")
+    if w.dtype not in TL_DTYPES:
         raise RuntimeError(f"w must be float32, float16 or bfloat16, got {w.dtype} with shape {list(w.shape)}")
     if w.dim() < 2:
         raise RuntimeError(

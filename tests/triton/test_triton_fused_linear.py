@@ -19,6 +19,9 @@ tile (16 x 32 x 32) in every dimension somewhere, so masking and multi-step loop
 """
 from __future__ import annotations
 
+import dataclasses
+from typing import Callable
+
 import pytest
 import torch
 
@@ -54,55 +57,8 @@ def make_nf4(n, k, blocksize, seed):
     return packed, absmax, dequantize_nf4_ref(packed, absmax, blocksize, n * k, torch.float64).view(n, k)
 
 
-def make_forward(m, n, k, r, blocksize, dtype, device, seed=0, bias=True):
-    packed, absmax, w = make_nf4(n, k, blocksize, seed)
-    gen = torch.Generator().manual_seed(seed + 1)
-    x = _randn((m, k), gen).to(dtype)
-    lowrank_x = _randn((m, r), gen).to(dtype)
-    up = _randn((n, r), gen, 0.1).to(dtype)
-    b = _randn((n,), gen, 0.5).to(dtype) if bias else None
-    to = lambda t: None if t is None else t.to(device)  # noqa: E731
-    return dict(x=to(x), packed=to(packed), absmax=to(absmax), lowrank_x=to(lowrank_x), up=to(up), bias=to(b)), w
-
-
-def make_backward(m, n, k, r, blocksize, dtype, device, seed=0):
-    packed, absmax, w = make_nf4(n, k, blocksize, seed)
-    gen = torch.Generator().manual_seed(seed + 2)
-    grad_y = _randn((m, n), gen).to(dtype)
-    lowrank_grad = _randn((m, r), gen, 0.1).to(dtype)
-    down = _randn((r, k), gen).to(dtype)
-    return dict(grad_y=grad_y.to(device), packed=packed.to(device), absmax=absmax.to(device),
-                lowrank_grad=lowrank_grad.to(device), down=down.to(device)), w
-
-
 def d(t):
     return None if t is None else t.double().cpu()
-
-
-def forward_oracle(a, blocksize, n, scale, w=None):
-    """fp64 oracle (unrounded: fp64 inputs) and the magnitude of its summed terms. ``w`` replaces
-    the weight (for the deliberately wrong oracles)."""
-    packed, absmax = a["packed"].cpu(), a["absmax"].cpu()
-    x, lx, up, bias = d(a["x"]), d(a["lowrank_x"]), d(a["up"]), d(a["bias"])
-    if w is None:
-        y = nf4_lowrank_linear_ref(x, packed, absmax, blocksize, n, lx, up, scale, bias)
-        w = dequantize_nf4_ref(packed, absmax, blocksize, n * x.shape[1], torch.float64).view(n, -1)
-    else:
-        y = x @ w.T + scale * (lx @ up.T) + (0 if bias is None else bias)
-    mag = x.abs() @ w.abs().T + abs(scale) * (lx.abs() @ up.abs().T) + (0 if bias is None else bias.abs())
-    return y, mag
-
-
-def backward_oracle(a, blocksize, k, scale, w=None):
-    packed, absmax = a["packed"].cpu(), a["absmax"].cpu()
-    g, lg, down = d(a["grad_y"]), d(a["lowrank_grad"]), d(a["down"])
-    if w is None:
-        dx = nf4_lowrank_linear_grad_input_ref(g, packed, absmax, blocksize, k, lg, down, scale)
-        w = dequantize_nf4_ref(packed, absmax, blocksize, g.shape[1] * k, torch.float64).view(-1, k)
-    else:
-        dx = g @ w + scale * (lg @ down)
-    mag = g.abs() @ w.abs() + abs(scale) * (lg.abs() @ down.abs())
-    return dx, mag
 
 
 # fp32 dots run as 3xTF32 on GPUs (lowrank_kernels/triton/tiling.py): each product is off by at
@@ -124,156 +80,157 @@ def excess(out, exact, bound):
     return ((out.double().cpu() - exact).abs() - bound).max().item()
 
 
-def run_forward(a, blocksize, n, scale):
-    return tfl.nf4_lowrank_linear(a["x"], a["packed"], a["absmax"], blocksize, n, a["lowrank_x"], a["up"],
-                                  scale, a["bias"])
+
+@dataclasses.dataclass(frozen=True)
+class Product:
+    """One of the two fused products of ``W [N, K]``, as the tests drive it:
+    ``out [M, C] = a [M, D] op(W) + scale * left [M, r] right' + bias [C]``. The forward:
+    ``a = x [M, K]``, ``op(W) = W^T``, ``right = up [N, r]`` (``right' = up^T``), a bias; the
+    grad-input: ``a = grad_y [M, N]``, ``op(W) = W``, ``right = down [r, K]``, no bias."""
+    name: str
+    launcher: Callable
+    reference: Callable
+    w_transposed: bool
+
+    @property
+    def has_bias(self) -> bool:
+        return self.w_transposed
+
+    def dims(self, n, k):
+        """(D, C): the reduction and output widths for ``W [n, k]``."""
+        return (k, n) if self.w_transposed else (n, k)
+
+    def make(self, m, n, k, r, blocksize, dtype, device, seed=0, bias=True):
+        """Random arguments (a dict of a, packed, absmax, left, right, bias) and the fp64 W."""
+        packed, absmax, w = make_nf4(n, k, blocksize, seed)
+        gen = torch.Generator().manual_seed(seed + 1)
+        depth, cols = self.dims(n, k)
+        a = _randn((m, depth), gen).to(dtype)
+        left = _randn((m, r), gen).to(dtype)
+        right = _randn((cols, r) if self.w_transposed else (r, cols), gen, 0.1).to(dtype)
+        b = _randn((cols,), gen, 0.5).to(dtype) if bias and self.has_bias else None
+        to = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return dict(a=to(a), packed=to(packed), absmax=to(absmax), left=to(left), right=to(right), bias=to(b)), w
+
+    def run(self, args, blocksize, cols, scale):
+        bias = (args["bias"],) if self.has_bias else ()
+        return self.launcher(args["a"], args["packed"], args["absmax"], blocksize, cols, args["left"], args["right"],
+                             scale, *bias)
+
+    def oracle(self, args, blocksize, cols, scale, w=None):
+        """fp64 oracle (unrounded: fp64 inputs) and the magnitude of its summed terms. ``w``
+        replaces the weight (for the deliberately wrong oracles)."""
+        packed, absmax = args["packed"].cpu(), args["absmax"].cpu()
+        a, left, right, bias = d(args["a"]), d(args["left"]), d(args["right"]), d(args["bias"])
+        wrong = w is not None
+        if not wrong:
+            n, k = self.dims(a.shape[1], cols)  # dims() is its own inverse
+            w = dequantize_nf4_ref(packed, absmax, blocksize, n * k, torch.float64).view(n, k)
+        op_w, right_t = (w.T, right.T) if self.w_transposed else (w, right)
+        bias_t = torch.zeros(cols, dtype=torch.float64) if bias is None else bias
+        if wrong:
+            exact = a @ op_w + scale * (left @ right_t) + bias_t
+        else:
+            exact = self.reference(a, packed, absmax, blocksize, cols, left, right, scale,
+                                   *((bias,) if self.has_bias else ()))
+        mag = a.abs() @ op_w.abs() + abs(scale) * (left.abs() @ right_t.abs()) + bias_t.abs()
+        return exact, mag
+
+    def check(self, args, blocksize, cols, scale):
+        out = self.run(args, blocksize, cols, scale)
+        a = args["a"]
+        assert out.shape == (a.shape[0], cols) and out.dtype == a.dtype and out.device == a.device
+        exact, mag = self.oracle(args, blocksize, cols, scale)
+        bound = error_bound(mag, out.dtype, a.shape[1] + args["left"].shape[1])
+        assert excess(out, exact, bound) <= 0, f"max error {(out.double().cpu() - exact).abs().max():.3g}"
+        return out
 
 
-def run_backward(a, blocksize, k, scale):
-    return tfl.nf4_lowrank_linear_grad_input(a["grad_y"], a["packed"], a["absmax"], blocksize, k,
-                                             a["lowrank_grad"], a["down"], scale)
-
-
-def check_forward(a, blocksize, n, scale):
-    y = run_forward(a, blocksize, n, scale)
-    m, k = a["x"].shape
-    assert y.shape == (m, n) and y.dtype == a["x"].dtype and y.device == a["x"].device
-    exact, mag = forward_oracle(a, blocksize, n, scale)
-    bound = error_bound(mag, y.dtype, k + a["up"].shape[1])
-    assert excess(y, exact, bound) <= 0, f"max error {(y.double().cpu() - exact).abs().max():.3g}"
-    return y
-
-
-def check_backward(a, blocksize, k, scale):
-    dx = run_backward(a, blocksize, k, scale)
-    m, n = a["grad_y"].shape
-    assert dx.shape == (m, k) and dx.dtype == a["grad_y"].dtype and dx.device == a["grad_y"].device
-    exact, mag = backward_oracle(a, blocksize, k, scale)
-    bound = error_bound(mag, dx.dtype, n + a["down"].shape[0])
-    assert excess(dx, exact, bound) <= 0, f"max error {(dx.double().cpu() - exact).abs().max():.3g}"
-    return dx
+FORWARD = Product("forward", tfl.nf4_lowrank_linear, nf4_lowrank_linear_ref, w_transposed=True)
+GRAD_INPUT = Product("grad_input", tfl.nf4_lowrank_linear_grad_input, nf4_lowrank_linear_grad_input_ref,
+                     w_transposed=False)
+PRODUCTS = pytest.mark.parametrize("product", [FORWARD, GRAD_INPUT], ids=lambda p: p.name)
 
 
 # --------------------------------------------------------------------------------------------
-# forward
+# both products against the oracle
 
 
+@PRODUCTS
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_forward_matches_oracle(shape, dtype, triton_device):
+def test_matches_oracle(product, shape, dtype, triton_device):
     m, n, k, r, bs = shape
-    a, _ = make_forward(m, n, k, r, bs, dtype, triton_device, seed=sum(shape), bias=m % 2 == 1)
-    check_forward(a, bs, n, scale=0.75)
+    args, _ = product.make(m, n, k, r, bs, dtype, triton_device, seed=sum(shape), bias=m % 2 == 1)
+    product.check(args, bs, product.dims(n, k)[1], scale=0.75)
 
 
+@PRODUCTS
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_rank_changes_between_calls(dtype, triton_device):
-    """Ranks 3 -> 40 -> 3 on one layer shape, forward and grad-input: 40 spans two rank chunks
-    (BLOCK_R <= 32) and changes BLOCK_R, which the autotune key must tell apart."""
+def test_rank_changes_between_calls(product, dtype, triton_device):
+    """Ranks 3 -> 40 -> 3 on one layer shape: 40 spans two rank chunks (BLOCK_R <= 32) and
+    changes BLOCK_R, which the autotune key must tell apart."""
     m, n, k, bs = 19, 40, 70, 64
     for seed, r in enumerate((3, 40, 3)):
-        a, _ = make_forward(m, n, k, r, bs, dtype, triton_device, seed=seed)
-        check_forward(a, bs, n, scale=0.5)
-        g, _ = make_backward(m, n, k, r, bs, dtype, triton_device, seed=seed)
-        check_backward(g, bs, k, scale=0.5)
+        args, _ = product.make(m, n, k, r, bs, dtype, triton_device, seed=seed)
+        product.check(args, bs, product.dims(n, k)[1], scale=0.5)
 
 
+@pytest.mark.parametrize("product, bias", [(FORWARD, False), (FORWARD, True), (GRAD_INPUT, False)],
+                         ids=["forward-no_bias", "forward-bias", "grad_input"])
 @pytest.mark.parametrize("scale", [0.0, -1.5, 2.0])
-@pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_forward_scale_and_bias(scale, bias, dtype, triton_device):
-    a, _ = make_forward(5, 40, 51, 3, 32, dtype, triton_device, seed=3, bias=bias)
-    y = check_forward(a, 32, 40, scale)
+def test_scale_and_bias(product, bias, scale, dtype, triton_device):
+    args, _ = product.make(5, 40, 51, 3, 32, dtype, triton_device, seed=3, bias=bias)
+    cols = product.dims(40, 51)[1]
+    out = product.check(args, 32, cols, scale)
     if scale == 0.0:  # the low-rank term vanishes exactly
-        a0 = dict(a, lowrank_x=torch.zeros_like(a["lowrank_x"]))
-        assert torch.equal(y, run_forward(a0, 32, 40, 1.0))
+        zero = dict(args, left=torch.zeros_like(args["left"]))
+        assert torch.equal(out, product.run(zero, 32, cols, 1.0))
 
 
+@PRODUCTS
 @pytest.mark.parametrize("layout", ["transposed", "strided"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_forward_non_contiguous(layout, dtype, triton_device):
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_non_contiguous(product, layout, dtype, triton_device):
     m, n, k, r, bs = 37, 45, 77, 3, 64
-    a, _ = make_forward(m, n, k, r, bs, dtype, triton_device, seed=4)
+    args, _ = product.make(m, n, k, r, bs, dtype, triton_device, seed=4)
+    cols = product.dims(n, k)[1]
     if layout == "transposed":  # column-major views
-        a["x"] = a["x"].T.contiguous().T
-        a["lowrank_x"] = a["lowrank_x"].T.contiguous().T
-        a["up"] = a["up"].T.contiguous().T
+        for name in ("a", "left", "right"):
+            args[name] = args[name].T.contiguous().T
     else:  # every other column of a wider buffer
-        wide = torch.zeros(m, 2 * k, dtype=dtype, device=triton_device)
-        wide[:, ::2] = a["x"]
-        a["x"] = wide[:, ::2]
-    assert not a["x"].is_contiguous()
-    y = check_forward(a, bs, n, -0.5)
-    a["x"] = a["x"].contiguous()
-    assert torch.equal(y, run_forward(a, bs, n, -0.5))
+        depth = args["a"].shape[1]
+        wide = torch.zeros(m, 2 * depth, dtype=dtype, device=triton_device)
+        wide[:, ::2] = args["a"]
+        args["a"] = wide[:, ::2]
+    assert not args["a"].is_contiguous()
+    out = product.check(args, bs, cols, -0.5)
+    args["a"] = args["a"].contiguous()
+    assert torch.equal(out, product.run(args, bs, cols, -0.5))
 
 
+@PRODUCTS
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_forward_zero_tokens(dtype, triton_device):
-    a, _ = make_forward(0, 45, 77, 3, 64, dtype, triton_device)
-    y = run_forward(a, 64, 45, 1.0)
-    assert y.shape == (0, 45) and y.dtype == dtype
+def test_zero_tokens(product, dtype, triton_device):
+    args, _ = product.make(0, 45, 77, 3, 64, dtype, triton_device)
+    cols = product.dims(45, 77)[1]
+    out = product.run(args, 64, cols, 1.0)
+    assert out.shape == (0, cols) and out.dtype == dtype
 
 
+@PRODUCTS
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_forward_empty_weight_dims(dtype, triton_device):
-    # K = 0: y = scale * lowrank_x up^T + bias.
-    a, _ = make_forward(5, 45, 0, 3, 64, dtype, triton_device)
-    check_forward(a, 64, 45, 1.25)
-    # N = 0: an empty [M, 0] output.
-    a, _ = make_forward(5, 0, 77, 3, 64, dtype, triton_device)
-    assert run_forward(a, 64, 0, 1.0).shape == (5, 0)
-    # r = 0: no low-rank term.
-    a, _ = make_forward(5, 45, 77, 0, 64, dtype, triton_device)
-    check_forward(a, 64, 45, 1.0)
-
-
-# --------------------------------------------------------------------------------------------
-# grad-input
-
-
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_grad_input_matches_oracle(shape, dtype, triton_device):
-    m, n, k, r, bs = shape
-    a, _ = make_backward(m, n, k, r, bs, dtype, triton_device, seed=sum(shape))
-    check_backward(a, bs, k, scale=0.75)
-
-
-@pytest.mark.parametrize("scale", [0.0, -1.5])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_grad_input_scale(scale, dtype, triton_device):
-    a, _ = make_backward(5, 40, 51, 3, 32, dtype, triton_device, seed=6)
-    check_backward(a, 32, 51, scale)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-def test_grad_input_non_contiguous(dtype, triton_device):
-    m, n, k, r, bs = 37, 45, 77, 3, 64
-    a, _ = make_backward(m, n, k, r, bs, dtype, triton_device, seed=7)
-    a["grad_y"] = a["grad_y"].T.contiguous().T
-    a["down"] = a["down"].T.contiguous().T
-    assert not a["grad_y"].is_contiguous()
-    dx = check_backward(a, bs, k, 1.5)
-    a["grad_y"] = a["grad_y"].contiguous()
-    assert torch.equal(dx, run_backward(a, bs, k, 1.5))
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_grad_input_zero_tokens(dtype, triton_device):
-    a, _ = make_backward(0, 45, 77, 3, 64, dtype, triton_device)
-    dx = run_backward(a, 64, 77, 1.0)
-    assert dx.shape == (0, 77) and dx.dtype == dtype
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_grad_input_empty_weight_dims(dtype, triton_device):
-    # N = 0: dx = scale * lowrank_grad down.
-    a, _ = make_backward(5, 0, 77, 3, 64, dtype, triton_device)
-    check_backward(a, 64, 77, -2.0)
-    # K = 0: an empty [M, 0] gradient.
-    a, _ = make_backward(5, 45, 0, 3, 64, dtype, triton_device)
-    assert run_backward(a, 64, 0, 1.0).shape == (5, 0)
+def test_empty_weight_dims(product, dtype, triton_device):
+    """N = 0 or K = 0: with no reduction, out = scale * left right' (+ bias); with no output
+    columns an empty [M, 0]. r = 0: no low-rank term."""
+    for n, k, r in ((45, 0, 3), (0, 77, 3), (45, 77, 0)):
+        args, _ = product.make(5, n, k, r, 64, dtype, triton_device)
+        cols = product.dims(n, k)[1]
+        if cols == 0:
+            assert product.run(args, 64, cols, 1.0).shape == (5, 0)
+        else:
+            product.check(args, 64, cols, -1.25)
 
 
 # --------------------------------------------------------------------------------------------
@@ -307,32 +264,21 @@ def decode(packed, absmax, n, k, blocksize, bug=None):
 BUGS = ["swapped_nibbles", "byte_aligned_rows", "per_row_blocks", "transposed_storage", "one_flipped_code"]
 
 
+
+@PRODUCTS
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_bound_rejects_misdecoded_weights_forward(dtype, triton_device):
+def test_bound_rejects_misdecoded_weights(product, dtype, triton_device):
     m, n, k, r, bs = 37, 45, 77, 3, 64  # odd K and straddling blocks: every bug changes W
-    a, w = make_forward(m, n, k, r, bs, dtype, triton_device, seed=8)
-    packed, absmax = a["packed"].cpu(), a["absmax"].cpu()
+    args, w = product.make(m, n, k, r, bs, dtype, triton_device, seed=8)
+    packed, absmax = args["packed"].cpu(), args["absmax"].cpu()
     assert torch.equal(decode(packed, absmax, n, k, bs), w)
-    y = check_forward(a, bs, n, 0.75)
+    depth, cols = product.dims(n, k)
+    out = product.check(args, bs, cols, 0.75)
     for bug in BUGS:
         if bug == "one_flipped_code" and dtype != torch.float32:
             continue  # one weight off by one code step is within bf16/fp16 rounding of the sum
-        exact, mag = forward_oracle(a, bs, n, 0.75, w=decode(packed, absmax, n, k, bs, bug))
-        assert excess(y, exact, error_bound(mag, dtype, k + r)) > 0, bug
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_bound_rejects_misdecoded_weights_grad_input(dtype, triton_device):
-    m, n, k, r, bs = 37, 45, 77, 3, 64
-    a, w = make_backward(m, n, k, r, bs, dtype, triton_device, seed=9)
-    packed, absmax = a["packed"].cpu(), a["absmax"].cpu()
-    assert torch.equal(decode(packed, absmax, n, k, bs), w)
-    dx = check_backward(a, bs, k, 0.75)
-    for bug in BUGS:
-        if bug == "one_flipped_code" and dtype != torch.float32:
-            continue
-        exact, mag = backward_oracle(a, bs, k, 0.75, w=decode(packed, absmax, n, k, bs, bug))
-        assert excess(dx, exact, error_bound(mag, dtype, n + r)) > 0, bug
+        exact, mag = product.oracle(args, bs, cols, 0.75, w=decode(packed, absmax, n, k, bs, bug))
+        assert excess(out, exact, error_bound(mag, dtype, depth + r)) > 0, bug
 
 
 # --------------------------------------------------------------------------------------------
@@ -340,39 +286,38 @@ def test_bound_rejects_misdecoded_weights_grad_input(dtype, triton_device):
 
 
 def test_launchers_reject_mismatched_arguments(triton_device):
-    a, _ = make_forward(5, 45, 77, 3, 64, torch.float32, triton_device)
+    a, _ = FORWARD.make(5, 45, 77, 3, 64, torch.float32, triton_device)
+    x, packed, absmax, lowrank_x, up = a["a"], a["packed"], a["absmax"], a["left"], a["right"]
     with pytest.raises(ValueError, match=r"up must have shape \(45, 3\).*got shape \(44, 3\)"):
-        tfl.nf4_lowrank_linear(a["x"], a["packed"], a["absmax"], 64, 45, a["lowrank_x"], a["up"][:44], 1.0, None)
+        tfl.nf4_lowrank_linear(x, packed, absmax, 64, 45, lowrank_x, up[:44], 1.0, None)
     with pytest.raises(ValueError, match="bias must have .*dtype torch.float32, got .*torch.bfloat16"):
-        tfl.nf4_lowrank_linear(a["x"], a["packed"], a["absmax"], 64, 45, a["lowrank_x"], a["up"], 1.0,
-                               a["bias"].bfloat16())
+        tfl.nf4_lowrank_linear(x, packed, absmax, 64, 45, lowrank_x, up, 1.0, a["bias"].bfloat16())
     with pytest.raises(ValueError, match=r"packed must have shape"):
-        tfl.nf4_lowrank_linear(a["x"], a["packed"], a["absmax"], 64, 46, a["lowrank_x"], a["up"], 1.0, None)
+        tfl.nf4_lowrank_linear(x, packed, absmax, 64, 46, lowrank_x, up, 1.0, None)
     with pytest.raises(ValueError, match=r"absmax must have shape"):
-        tfl.nf4_lowrank_linear(a["x"], a["packed"], a["absmax"], 32, 45, a["lowrank_x"], a["up"], 1.0, None)
+        tfl.nf4_lowrank_linear(x, packed, absmax, 32, 45, lowrank_x, up, 1.0, None)
     with pytest.raises(ValueError, match=r"x must be a 2-D .*got shape \(5, 77, 1\)"):
-        tfl.nf4_lowrank_linear(a["x"][..., None], a["packed"], a["absmax"], 64, 45, a["lowrank_x"], a["up"],
-                               1.0, None)
-    b, _ = make_backward(5, 45, 77, 3, 64, torch.bfloat16, triton_device)
+        tfl.nf4_lowrank_linear(x[..., None], packed, absmax, 64, 45, lowrank_x, up, 1.0, None)
+    with pytest.raises(ValueError, match=r"out_features must be >= 0, got -1"):
+        tfl.nf4_lowrank_linear(x, packed, absmax, 64, -1, lowrank_x, up, 1.0, None)
+    b, _ = GRAD_INPUT.make(5, 45, 77, 3, 64, torch.bfloat16, triton_device)
+    grad_y, packed, absmax, lowrank_grad, down = b["a"], b["packed"], b["absmax"], b["left"], b["right"]
     with pytest.raises(ValueError, match=r"down must have shape \(3, 77\) and dtype torch.bfloat16"):
-        tfl.nf4_lowrank_linear_grad_input(b["grad_y"], b["packed"], b["absmax"], 64, 77, b["lowrank_grad"],
-                                          b["down"].float(), 1.0)
+        tfl.nf4_lowrank_linear_grad_input(grad_y, packed, absmax, 64, 77, lowrank_grad, down.float(), 1.0)
     with pytest.raises(ValueError, match=r"lowrank_grad must have shape \(5, 3\)"):
-        tfl.nf4_lowrank_linear_grad_input(b["grad_y"], b["packed"], b["absmax"], 64, 77, b["lowrank_grad"][:4],
-                                          b["down"], 1.0)
+        tfl.nf4_lowrank_linear_grad_input(grad_y, packed, absmax, 64, 77, lowrank_grad[:4], down, 1.0)
     with pytest.raises(ValueError, match=r"grad_y must be a 2-D .*dtype torch.float64"):
-        tfl.nf4_lowrank_linear_grad_input(b["grad_y"].double(), b["packed"], b["absmax"], 64, 77,
-                                          b["lowrank_grad"], b["down"], 1.0)
+        tfl.nf4_lowrank_linear_grad_input(grad_y.double(), packed, absmax, 64, 77, lowrank_grad, down, 1.0)
+    with pytest.raises(ValueError, match=r"in_features must be >= 0, got -2"):
+        tfl.nf4_lowrank_linear_grad_input(grad_y, packed, absmax, 64, -2, lowrank_grad, down, 1.0)
 
 
-def test_launchers_reject_cpu_tensors_without_interpreter(monkeypatch):
+@pytest.mark.parametrize("product, name", [(FORWARD, "x"), (GRAD_INPUT, "grad_y")], ids=["forward", "grad_input"])
+def test_launchers_reject_cpu_tensors_without_interpreter(product, name, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    a, _ = make_forward(5, 45, 77, 3, 64, torch.float32, "cpu")
-    with pytest.raises(ValueError, match="x must be a CUDA tensor"):
-        run_forward(a, 64, 45, 1.0)
-    b, _ = make_backward(5, 45, 77, 3, 64, torch.float32, "cpu")
-    with pytest.raises(ValueError, match="grad_y must be a CUDA tensor"):
-        run_backward(b, 64, 77, 1.0)
+    args, _ = product.make(5, 45, 77, 3, 64, torch.float32, "cpu")
+    with pytest.raises(ValueError, match=f"{name} must be a CUDA tensor"):
+        product.run(args, 64, product.dims(45, 77)[1], 1.0)
 
 
 # ---- the CUDA registrations of lowrank_kernels.fused_linear, run on CPU tensors -------------------

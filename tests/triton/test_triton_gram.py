@@ -115,8 +115,8 @@ def test_bound_catches_wrong_results(triton_device):
 @pytest.mark.parametrize(
     "make, message",
     [
-        (lambda d: torch.randn(5, device=d), r"got shape \(5,\) and dtype torch.float32"),
-        (lambda d: torch.ones(4, 3, dtype=torch.int64, device=d), r"got shape \(4, 3\) and dtype torch.int64"),
+        (lambda d: torch.randn(5, device=d), r"got shape \(5,\), dtype torch.float32"),
+        (lambda d: torch.ones(4, 3, dtype=torch.int64, device=d), r"got shape \(4, 3\), dtype torch.int64"),
         (lambda d: torch.ones(4, 3, dtype=torch.float64, device=d), "dtype torch.float64"),
     ],
     ids=["1-D", "int64", "float64"],

@@ -8,6 +8,7 @@ import triton.language as tl
 
 from lowrank_kernels.reference import nf4 as ref
 from lowrank_kernels.triton import nf4 as triton_nf4
+from lowrank_kernels.triton._common import round_to
 from nf4_cases import BLOCKSIZES, CASES, make_weight
 
 # The interpreter runs kernels in numpy: keep to the small shapes of the case list.
@@ -57,7 +58,7 @@ def test_triton_launcher_rejects_cpu_tensors_without_interpreter(monkeypatch):
 def _round_bits_kernel(bits_ptr, out_ptr, n, BLOCK: tl.constexpr):
     offs = tl.arange(0, BLOCK)
     bits = tl.load(bits_ptr + offs, mask=offs < n, other=0)
-    rounded = triton_nf4._round_to(bits.to(tl.float32, bitcast=True), tl.bfloat16)
+    rounded = round_to(bits.to(tl.float32, bitcast=True), tl.bfloat16)
     tl.store(out_ptr + offs, rounded.to(tl.int16, bitcast=True), mask=offs < n)
 
 
