@@ -64,12 +64,12 @@ info: $(BUILD_STAMP)
 build: $(BUILD_STAMP)
 
 # On a CUDA machine: build (with the CUDA sources), the suite on the GPU, the GPU benchmarks, one
-# report in bench/results/gpu_check.md (bench/gpu_check.py). Without a GPU: one line, exit 0.
+# report in bench/results/gpu_check.md (lowrank_kernels/bench/gpu_check.py). Without a GPU: one line, exit 0.
 gpu-check:
 	@if ! nvidia-smi -L >/dev/null 2>&1; then \
 		echo "gpu-check: no CUDA GPU on this machine (nvidia-smi finds none); nothing to check"; \
 	else \
-		$(MAKE) --no-print-directory build && $(PY) bench/gpu_check.py; \
+		$(MAKE) --no-print-directory build && $(PY) -m lowrank_kernels.bench.gpu_check; \
 	fi
 
 $(PY):
