@@ -122,7 +122,7 @@ def init_times(weights: dict[str, torch.Tensor], rank: int, seed: int) -> dict[s
 # ---- (c) fused op ---------------------------------------------------------------------------------
 
 def fused_times(rank: int, seconds: float) -> dict[tuple[int, bool], dict[str, float]]:
-    """(tokens, backward) -> method -> median seconds, bench_fused_linear's methods on a random
+    """(tokens, backward) -> method -> median seconds, lowrank_kernels.bench.fused_linear's methods on a random
     MiniLM-shaped NF4 layer (fp32 activations)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     layer = fused_linear.Layer(*FUSED_SHAPE, rank, torch.float32, device)
