@@ -19,9 +19,11 @@ demo: $(BUILD_STAMP)
 	$(PY) -m lowrank_kernels demo
 
 # One pytest run: tests/triton runs inside it in a process of its own under TRITON_INTERPRET=1
-# (tests/test_triton_interpreted.py), so plain `pytest` from the root runs the same tests.
+# (tests/test_triton_interpreted.py), so plain `pytest` from the root runs the same tests, plus the
+# ones marked slow (the costlier benchmarks' --quick runs, minutes each), which `make test` leaves
+# out as the marker says; `pytest -m slow` runs them.
 test: $(BUILD_STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider -m "not slow"
 
 # The numerical modules again under other BLAS / ATen code paths (CI runs this after `test`): a
 # test that holds only for one machine's rounding fails here on any machine. MKL_CBWR=COMPATIBLE
@@ -64,12 +66,12 @@ info: $(BUILD_STAMP)
 build: $(BUILD_STAMP)
 
 # On a CUDA machine: build (with the CUDA sources), the suite on the GPU, the GPU benchmarks, one
-# report in bench/results/gpu_check.md (bench/gpu_check.py). Without a GPU: one line, exit 0.
+# report in bench/results/gpu_check.md (lowrank_kernels/bench/gpu_check.py). Without a GPU: one line, exit 0.
 gpu-check:
 	@if ! nvidia-smi -L >/dev/null 2>&1; then \
 		echo "gpu-check: no CUDA GPU on this machine (nvidia-smi finds none); nothing to check"; \
 	else \
-		$(MAKE) --no-print-directory build && $(PY) bench/gpu_check.py; \
+		$(MAKE) --no-print-directory build && $(PY) -m lowrank_kernels.bench.gpu_check; \
 	fi
 
 $(PY):

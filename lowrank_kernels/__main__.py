@@ -5,7 +5,8 @@
             fused-op timings, plot (`make demo`)
   convert   a Hugging Face model directory or a safetensors file -> PiSSA / QPiSSA adapter
             checkpoint; under `torchrun --nproc_per_node=N` the layers are sharded across ranks
-  bench     the benchmark scripts of bench/ (--quick passes through)
+  bench     the benchmarks (lowrank_kernels.bench), each in its own process; --quick and --out
+            pass through
 
 Bad input (missing path, unknown init, rank too large, targets matching nothing, corrupted
 file) prints one error line and exits with status 2.
@@ -16,14 +17,10 @@ import argparse
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 from lowrank_kernels.adapters.inits import INITS
+from lowrank_kernels.bench import BENCHMARKS
 
-#: bench script -> whether it takes --quick (the others are quick already).
-BENCHMARKS = {"nf4": ("bench_nf4.py", False), "fused_linear": ("bench_fused_linear.py", True),
-              "decompose": ("bench_decompose.py", True), "robust": ("bench_robust.py", True),
-              "adapters": ("bench_adapters.py", False), "convert": ("bench_convert.py", True)}
 #: errors of bad input: reported as one line, no traceback.
 INPUT_ERRORS = (ValueError, TypeError, OSError, RuntimeError)
 
@@ -38,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--rank", type=int, default=16, help="adapter rank (default 16)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--quick", action="store_true", help="only encoder layer 0's six linears, shorter timings")
-    demo.add_argument("--plot", default=None, help="PNG path (default bench/results/demo.png)")
+    demo.add_argument("--plot", default=None, help="PNG path (default bench/results/demo.png of the checkout, "
+                                                   "else of the working directory)")
     demo.add_argument("--threads", type=int, default=1,
                       help="intra-op threads (default 1: on a shared machine, more threads wait for each other in "
                            "LAPACK's many small parallel regions and the demo can take 10x longer)")
@@ -85,10 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
                          help="intra-op threads per process (default: the available cores divided by the "
                               "processes of this node)")
 
-    bench = sub.add_parser("bench", help="run the benchmark scripts of bench/")
+    bench = sub.add_parser("bench", help="run the benchmarks (lowrank_kernels.bench)")
     bench.add_argument("names", nargs="*", metavar="NAME",
                        help=f"benchmarks to run (default all): {', '.join(BENCHMARKS)}")
-    bench.add_argument("--quick", action="store_true", help="passed to the scripts that take it")
+    bench.add_argument("--quick", action="store_true", help="each benchmark's short variant")
+    bench.add_argument("--out", default=None, help="results directory (default bench/results)")
     return parser
 
 
@@ -121,7 +120,7 @@ def _demo(args: argparse.Namespace) -> int:
     if args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
     torch.set_num_threads(args.threads)
-    demo.run(rank=args.rank, seed=args.seed, quick=args.quick, plot=args.plot or demo.DEFAULT_PLOT)
+    demo.run(rank=args.rank, seed=args.seed, quick=args.quick, plot=args.plot)
     return 0
 
 
@@ -201,20 +200,18 @@ def _init_process_group(backend: str) -> None:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    """Runs each script in its own process (as `make bench` does) with this interpreter and
-    this lowrank_kernels on PYTHONPATH; returns 1 if any failed."""
-    bench_dir = Path(__file__).resolve().parent.parent / "bench"
-    if not bench_dir.is_dir():
-        raise RuntimeError(f"bench needs the source checkout's bench/ directory ({bench_dir} does not exist)")
-    root = str(bench_dir.parent)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    """Runs each benchmark module in its own process (a benchmark's threads, caches and allocator
+    state do not leak into the next) with this interpreter and this lowrank_kernels on
+    PYTHONPATH; returns 1 if any failed."""
+    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_parent, os.environ.get("PYTHONPATH")]))}
     unknown = [name for name in args.names if name not in BENCHMARKS]
     if unknown:
         raise ValueError(f"unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}")
     failed = []
     for name in args.names or BENCHMARKS:
-        script, takes_quick = BENCHMARKS[name]
-        command = [sys.executable, str(bench_dir / script)] + (["--quick"] if args.quick and takes_quick else [])
+        command = [sys.executable, "-m", f"lowrank_kernels.bench.{name}", *(["--quick"] if args.quick else []),
+                   *(["--out", args.out] if args.out else [])]
         print(f"== {' '.join(command[1:])}", flush=True)
         if subprocess.run(command, env=env).returncode != 0:
             failed.append(name)

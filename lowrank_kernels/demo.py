@@ -10,28 +10,26 @@ the 36 linear layers of the real all-MiniLM-L6-v2 (24 × 384x384, 6 × 1536x384,
 and a PNG of the three. Every layer is seeded by (seed, layer name) as in `convert_model`, so the
 numbers of (a) are those of a conversion with the same options.
 
-Needs the source checkout: it reuses bench/common.py (machine description, MiniLM weights,
-tables) and bench/bench_fused_linear.py (the timed methods).
+Reuses the packaged benchmarks: lowrank_kernels.bench._harness (machine line, tables, plot
+writer), ._minilm (the weights) and .fused_linear (the timed methods).
 """
 from __future__ import annotations
 
 import functools
-import importlib
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from types import ModuleType
 
 import torch
 
 from lowrank_kernels.adapters import INITS, convert_model, loftq_factors, qpissa_factors, quantization_error_reduction
 from lowrank_kernels.adapters.convert import layer_generator
 from lowrank_kernels.adapters.sources import linear_modules
+from lowrank_kernels.bench import fused_linear
+from lowrank_kernels.bench._harness import default_results_dir, machine_description, print_table, save_plot
+from lowrank_kernels.bench._minilm import minilm_linear_weights
 
-BENCH_DIR = Path(__file__).resolve().parent.parent / "bench"
-DEFAULT_PLOT = BENCH_DIR / "results" / "demo.png"
 #: layer type -> module name suffix in BERT; "output" is the MLP's, matched after "attention.output".
 LAYER_TYPES = {"query": "attention.self.query", "key": "attention.self.key", "value": "attention.self.value",
                "attention.output": "attention.output.dense", "intermediate": "intermediate.dense",
@@ -52,13 +50,8 @@ ERROR_METHODS: dict[str, Method] = {
 }
 
 
-def bench_module(name: str) -> ModuleType:
-    """A module of the checkout's bench/ directory (its scripts import `common` from there)."""
-    if not (BENCH_DIR / f"{name}.py").is_file():
-        raise RuntimeError(f"the demo needs the source checkout's bench/ directory ({BENCH_DIR} has no {name}.py)")
-    if str(BENCH_DIR) not in sys.path:
-        sys.path.insert(0, str(BENCH_DIR))
-    return importlib.import_module(name)
+def default_plot() -> Path:
+    return default_results_dir() / "demo.png"
 
 
 def layer_type(name: str) -> str:
@@ -71,7 +64,7 @@ def layer_type(name: str) -> str:
 
 def minilm_weights(quick: bool) -> dict[str, torch.Tensor]:
     """Layer name -> fp32 weight [out, in] of all-MiniLM-L6-v2's encoder linears (quick: layer 0's six)."""
-    weights = bench_module("common").minilm_linear_weights()
+    weights = minilm_linear_weights()
     return {key.removesuffix(".weight"): w for key, w in weights.items()
             if not quick or key.startswith("encoder.layer.0.")}
 
@@ -129,12 +122,11 @@ def init_times(weights: dict[str, torch.Tensor], rank: int, seed: int) -> dict[s
 # ---- (c) fused op ---------------------------------------------------------------------------------
 
 def fused_times(rank: int, seconds: float) -> dict[tuple[int, bool], dict[str, float]]:
-    """(tokens, backward) -> method -> median seconds, bench_fused_linear's methods on a random
+    """(tokens, backward) -> method -> median seconds, lowrank_kernels.bench.fused_linear's methods on a random
     MiniLM-shaped NF4 layer (fp32 activations)."""
-    bench = bench_module("bench_fused_linear")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    layer = bench.Layer(*FUSED_SHAPE, rank, torch.float32, device)
-    return {(tokens, backward): bench.measure(layer, tokens, backward, seconds=seconds)
+    layer = fused_linear.Layer(*FUSED_SHAPE, rank, torch.float32, device)
+    return {(tokens, backward): fused_linear.measure(layer, tokens, backward, seconds=seconds)
             for tokens in FUSED_TOKENS for backward in (False, True)}
 
 
@@ -148,43 +140,38 @@ def fused_rows(times: dict[tuple[int, bool], dict[str, float]]) -> list[list[str
 
 # ---- the demo -------------------------------------------------------------------------------------
 
-def run(rank: int = 16, seed: int = 0, quick: bool = False, plot: str | Path = DEFAULT_PLOT) -> dict:
-    """Prints the three tables and writes the plot; returns the measured numbers
-    ({"reductions", "init_times", "fused_times"})."""
-    common = bench_module("common")
+def run(rank: int = 16, seed: int = 0, quick: bool = False, plot: str | Path | None = None) -> dict:
+    """Prints the three tables and writes the plot (default bench/results/demo.png); returns the
+    measured numbers ({"reductions", "init_times", "fused_times"})."""
     start = time.perf_counter()
     weights = minilm_weights(quick)
     shapes = ", ".join(f"{len(g)} x {'x'.join(map(str, weights[g[0]].shape))}" for g in shape_groups(weights))
-    print(f"machine: {common.machine_description()}")
+    print(f"machine: {machine_description()}")
     print(f"all-MiniLM-L6-v2: {len(weights)} linear layers ({shapes}), rank {rank}, seed {seed}\n")
 
     reductions = error_reductions(weights, rank, seed)
     print("(a) quantization error reduction, mean per layer type: 1 - |W - (nf4(W_res) + A B)|_* / |W - nf4(W)|_* "
           "(higher is better; N = rounds, rsvd refits, NF4 blocksize 64)")
-    common.print_table(["layer type", "layers", "QLoRA", *reductions], reduction_rows(reductions))
+    print_table(["layer type", "layers", "QLoRA", *reductions], reduction_rows(reductions))
 
     times = init_times(weights, rank, seed)
     print(f"\n(b) init time of all {len(weights)} layers (convert_model, dense residual, rank {rank})")
-    common.print_table(["init", "seconds"], [[init, f"{t:.2f}"] for init, t in times.items()])
+    print_table(["init", "seconds"], [[init, f"{t:.2f}"] for init, t in times.items()])
 
     fused = fused_times(rank, seconds=0.5 if quick else 2.0)
     methods = list(next(iter(fused.values())))
     print(f"\n(c) one {FUSED_SHAPE[0]}x{FUSED_SHAPE[1]} layer, NF4 residual, rank {rank}, fp32 activations: "
           "median ms per call (speed-up = other / fused)")
-    common.print_table(["tokens", "pass", *methods, "vs dense", "vs bnb"], fused_rows(fused))
+    print_table(["tokens", "pass", *methods, "vs dense", "vs bnb"], fused_rows(fused))
 
-    write_plot(reductions, times, fused, rank, plot)
-    print(f"\nplot: {plot}\ndemo finished in {time.perf_counter() - start:.0f} s")
+    print()
+    save_plot(lambda plt: draw(plt, reductions, times, fused, rank), plot or default_plot())
+    print(f"demo finished in {time.perf_counter() - start:.0f} s")
     return {"reductions": reductions, "init_times": times, "fused_times": fused}
 
 
-def write_plot(reductions, times, fused, rank: int, path: str | Path) -> None:
+def draw(plt, reductions, times, fused, rank: int):
     """Three panels: (a) reduction per layer type and method, (b) init times, (c) fused timings."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     fig, (ax_a, ax_b, ax_c) = plt.subplots(1, 3, figsize=(17, 4.8), gridspec_kw={"width_ratios": [3, 1.2, 2]})
     means = reduction_means(reductions)
     width = 0.8 / len(reductions)
@@ -206,7 +193,4 @@ def write_plot(reductions, times, fused, rank: int, path: str | Path) -> None:
     ax_c.set_xticks([k + 0.4 - width / 2 for k in range(len(fused))], labels)
     ax_c.set(yscale="log", ylabel="ms", title=f"(c) {FUSED_SHAPE[0]}x{FUSED_SHAPE[1]} layer")
     ax_c.legend(fontsize=8)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return fig

@@ -4,8 +4,6 @@ PiSSA paper's orderings on the real all-MiniLM-L6-v2 weights."""
 from __future__ import annotations
 
 import statistics
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,10 +17,8 @@ from lowrank_kernels.adapters import (
     quantization_error_reduction,
     reconstruction_error,
 )
+from lowrank_kernels.bench._minilm import minilm_linear_weights
 from lowrank_kernels.reference import dequantize_nf4_ref
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from common import minilm_linear_weights  # noqa: E402
 
 
 def gen(seed=0):

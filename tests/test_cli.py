@@ -265,15 +265,17 @@ def test_bad_input_through_the_interpreter_exits_2_without_traceback(tmp_path):
 
 # ---- bench -------------------------------------------------------------------------------------------
 
-def test_bench_runs_each_script_with_quick_where_it_applies(monkeypatch):
+def test_bench_runs_each_benchmark_module_in_its_own_process(monkeypatch, tmp_path):
+    import importlib.util
+
     calls = []
     monkeypatch.setattr(cli.subprocess, "run", lambda command, env: calls.append((command, env))
-                        or subprocess.CompletedProcess(command, 1 if "bench_robust.py" in command[1] else 0))
-    assert cli.main(["bench", "--quick"]) == 1  # a failing script fails the command; the others still run
-    scripts = [(Path(c[1]).name, c[2:]) for c, _ in calls]
-    assert scripts == [("bench_nf4.py", []), ("bench_fused_linear.py", ["--quick"]), ("bench_decompose.py", ["--quick"]),
-                       ("bench_robust.py", ["--quick"]), ("bench_adapters.py", []), ("bench_convert.py", ["--quick"])]
-    assert all(c[0] == sys.executable and Path(c[1]).is_file() for c, _ in calls)
+                        or subprocess.CompletedProcess(command, 1 if "lowrank_kernels.bench.robust" in command else 0))
+    assert cli.main(["bench", "--quick", "--out", str(tmp_path)]) == 1  # a failing one fails the command; the others run
+    names = ["nf4", "fused_linear", "decompose", "robust", "adapters", "convert"]
+    assert [c for c, _ in calls] == [[sys.executable, "-m", f"lowrank_kernels.bench.{name}", "--quick", "--out",
+                                      str(tmp_path)] for name in names]
+    assert all(importlib.util.find_spec(f"lowrank_kernels.bench.{name}") for name in names)
     assert all(env["PYTHONPATH"].split(os.pathsep)[0] == str(REPO) for _, env in calls)
     calls.clear()
-    assert cli.main(["bench", "nf4"]) == 0 and [Path(c[1]).name for c, _ in calls] == ["bench_nf4.py"]
+    assert cli.main(["bench", "nf4"]) == 0 and [c[1:] for c, _ in calls] == [["-m", "lowrank_kernels.bench.nf4"]]
