@@ -21,28 +21,12 @@ from lowrank_kernels.reference.decompose import gram_ref
 # (leading dims, m, k) for every implementation: k = 1, odd k, k on and off the C++ kernel's
 # 8-column panels and the Triton interpreter's 16-wide tile, a single row, m off every block size
 # (C++ row blocks, Triton's 16-row steps), batched 3-D and 4-D.
-SHAPES = [
-    ((), 1, 1),
-    ((), 37, 3),
-    ((), 100, 17),
-    ((), 129, 8),
-    ((), 1, 24),
-    ((), 75, 33),
-    ((3,), 29, 16),
-    ((5,), 77, 9),
-    ((2, 3), 50, 18),
-]
+SHAPES = [((), 1, 1), ((), 37, 3), ((), 100, 17), ((), 129, 8), ((), 1, 24), ((), 75, 33), ((3,), 29, 16),
+          ((5,), 77, 9), ((2, 3), 50, 18)]
 
-# Shapes that the C++ kernel splits into several row parts (one k of 144 spans many panels); the
-# Triton tests reach their row chunks by lowering the chunk size instead.
-ROW_PART_SHAPES = [
-    ((), 300, 17),
-    ((), 1000, 33),
-    ((), 257, 40),
-    ((), 4099, 26),
-    ((), 2500, 144),
-    ((3,), 1500, 31),
-]
+# Larger shapes for the C++ kernel: m up to 4099 (split into several row parts), k up to 144 (many
+# 8-column panels). The Triton tests reach their row chunks by lowering the chunk size instead.
+ROW_PART_SHAPES = [((), 300, 17), ((), 1000, 33), ((), 257, 40), ((), 4099, 26), ((), 2500, 144), ((3,), 1500, 31)]
 
 # Non-contiguous layouts of a batched y [b, m, k], by id.
 NON_CONTIGUOUS_VIEWS = {
