@@ -197,7 +197,9 @@ def _ddp_worker(rank: int, init_file: str, quantize: str | None, out_file: str) 
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("quantize", [None, "nf4"])
+# Each case is ~5 s of process start-up; the fast tier keeps the NF4 one (its buffers are broadcast
+# too); the dense residual's layers are the fast tier's in tests/test_adapters.py.
+@pytest.mark.parametrize("quantize", [pytest.param(None, marks=pytest.mark.slow), "nf4"])
 def test_ddp_step_through_pissa_layers_equals_one_process_on_the_whole_batch(tmp_path, quantize):
     out = str(tmp_path / "params")
     _spawn(_ddp_worker, str(tmp_path / "rdzv"), quantize, out)
