@@ -1,6 +1,6 @@
 # Two commands do all set-up on a fresh machine (Python >= 3.10):
 #   make demo   - venv + pinned deps + build, then the main job on its built-in default
-#   make test   - same set-up, then the whole test suite
+#   make test   - same set-up, then the whole test suite (make test-fast: without the slow tests)
 # Both are idempotent: stamps skip the dependency install and the build when nothing changed.
 PYTHON ?= python3
 VENV := .venv
@@ -13,16 +13,21 @@ SOURCES := $(shell find csrc lowrank_kernels -name '*.cpp' -o -name '*.cu' -o -n
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export MAX_JOBS ?= 2
 
-.PHONY: demo test test-rounding test-isa bench info build clean gpu-check gpu-fit
+.PHONY: demo test test-fast test-rounding test-isa bench info build clean gpu-check gpu-fit
 
 demo: $(BUILD_STAMP)
 	$(PY) -m lowrank_kernels demo
 
-# One pytest run: tests/triton runs inside it in a process of its own under TRITON_INTERPRET=1
-# (tests/test_triton_interpreted.py), so plain `pytest` from the root runs the same tests, plus the
-# ones marked slow (the costlier benchmarks' --quick runs, minutes each), which `make test` leaves
-# out as the marker says; `pytest -m slow` runs them.
+# The whole suite in one pytest run, slow tests included: tests/triton runs inside it in a process
+# of its own under TRITON_INTERPRET=1 (tests/test_triton_interpreted.py), so plain `pytest` from
+# the root runs the same tests.
 test: $(BUILD_STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider
+
+# The fast tier (under 3 minutes on 2 cores): every test not marked slow, tests/triton included
+# (its subprocess gets the same -m). tests/conftest.py fails the run if a test module loses all
+# its tests to the marker.
+test-fast: $(BUILD_STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider -m "not slow"
 
 # The numerical modules again under other BLAS / ATen code paths (CI runs this after `test`): a

@@ -36,6 +36,36 @@ def pytest_ignore_collect(collection_path: Path, config) -> bool | None:
     if collection_path == TRITON_TESTS and not triton_runs_in_this_process():
         return True
     return None
+
+
+#: The fast tier's marker expression (`make test-fast`).
+FAST_TIER = "not slow"
+_slow_deselected = pytest.StashKey[list]()
+
+
+def pytest_configure(config) -> None:
+    config.stash[_slow_deselected] = []
+
+
+def pytest_deselected(items) -> None:
+    if items:
+        config = items[0].config
+        config.stash[_slow_deselected] += [item for item in items if item.get_closest_marker("slow")]
+
+
+def pytest_collection_finish(session) -> None:
+    """Under `-m "not slow"` every test module with a slow test keeps at least one selected test:
+    a module whose tests are all slow is a module the fast tier does not cover."""
+    if " ".join(session.config.option.markexpr.split()) != FAST_TIER:
+        return
+    selected = {item.path for item in session.items}
+    uncovered = sorted({item.path for item in session.config.stash[_slow_deselected]} - selected)
+    if uncovered:
+        names = ", ".join(str(path.relative_to(session.config.rootpath)) for path in uncovered)
+        raise pytest.UsageError(f"the fast tier (-m {FAST_TIER!r}) runs no test of {names}: "
+                                "give each module a fast test covering its code")
+
+
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_GPU))]
 FLOAT_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 

@@ -233,6 +233,7 @@ streaming.convert_files(sys.argv[1], sys.argv[2], rank=2, max_shard_size=8000)
 """
 
 
+@pytest.mark.slow  # a SIGKILLed subprocess; the resume logic is in the fast tier (interrupted run above)
 def test_a_killed_run_leaves_no_temporary_file_and_resumes(llama, tmp_path):
     import subprocess
     import sys

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import lowrank_kernels as lk
-from lowrank_kernels import ops
+from lowrank_kernels import _registry, ops
 
 
 def cuda_build_expected() -> bool:
@@ -35,19 +35,61 @@ def test_cuda_sources_compiled_when_expected():
     assert info["cuda_kernels"], "CUDA sources were expected to compile (CUDA torch + nvcc) but the build has none"
     expected = os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;9.0").replace(",", ";").split(";")
     assert info["cuda_archs"] == [a for a in expected if a]
-    backends = info["backends"]
-    assert all(backends[op]["cuda"] == "CUDA C++" for op in ops.NF4_OPS)
-    assert backends["nf4_lowrank_gemv"]["cuda"] == "CUDA C++ GEMV"
-    assert backends["nf4_lowrank_linear"]["cuda"].startswith(f"CUDA C++ GEMV (M<={ops.cuda_gemv_max_tokens()})")
+    # Every op with a kernel in csrc/cuda (the registry's cuda_cpp) is served by it.
+    for entry in _registry.OPS_TABLE:
+        if entry.cuda_cpp is not None:
+            source = kernel_sources(entry.name).get("CUDA", "none")
+            assert "/csrc/cuda/" in source, f"{entry.name}: CUDA kernel registered at {source}"
 
 
-def test_every_op_has_a_cpu_and_cuda_backend():
+def kernel_sources(op: str) -> dict[str, str]:
+    """Dispatch key -> the file its kernel was registered from, for ``lowrank_kernels::<op>``, as
+    the dispatcher records it (``CPU: registered at /path/csrc/cpu/gram_cpu.cpp:270 :: ...``;
+    Python registrations show torch/library.py)."""
+    sources = {}
+    for line in torch._C._dispatch_dump(f"lowrank_kernels::{op}").splitlines():
+        key, sep, rest = line.partition(": registered at ")
+        if sep:
+            sources[key] = rest.split(" :: ")[0].rsplit(":", 1)[0]
+    return sources
+
+
+def registered_ops() -> set[str]:
+    return {name.split("::")[1] for name in torch._C._dispatch_get_all_op_names() if name.startswith("lowrank_kernels::")}
+
+
+def test_backends_are_the_registered_cpu_kernels():
+    """build_info()'s cpu column against the dispatcher: an op reported as C++ has its CPU kernel
+    registered from csrc/cpu, any other (a composition) from Python; and the ops with a CPU
+    kernel are exactly the rows of the table."""
     backends = lk.build_info()["backends"]
     assert set(backends) == set(ops.OPS)
-    registered = {name.split("::")[1] for name in torch._C._dispatch_get_all_op_names() if name.startswith("lowrank_kernels::")}
-    assert set(ops.OPS) <= registered
+    with_cpu_kernel = {op for op in registered_ops() if "CPU" in kernel_sources(op)}
+    assert with_cpu_kernel == set(backends)
     for op, per_device in backends.items():
-        assert per_device["cpu"].startswith("C++") or op == "fused_pissa_linear_nf4"
+        source = kernel_sources(op)["CPU"]
+        if per_device["cpu"].startswith("C++"):
+            assert "/csrc/cpu/" in source, f"{op}: reported as {per_device['cpu']!r}, registered at {source}"
+        else:
+            assert source.endswith("torch/library.py"), f"{op}: reported as {per_device['cpu']!r}, registered at {source}"
+
+
+@pytest.mark.skipif(not torch.version.cuda, reason="CPU-only torch: every cuda backend is reported unavailable")
+def test_backends_are_the_registered_cuda_kernels():
+    """build_info()'s cuda column against the dispatcher: "unused" / "unavailable" exactly where no
+    CUDA kernel is registered; a CUDA C++ kernel alone exactly where the kernel comes from
+    csrc/cuda; anything else (Triton, a composition, a split by token count) a Python kernel."""
+    backends = lk.build_info()["backends"]
+    with_cuda_kernel = {op for op in registered_ops() if "CUDA" in kernel_sources(op)}
+    assert with_cuda_kernel == {op for op, d in backends.items() if not d["cuda"].startswith(("unused", "unavailable"))}
+    for op in with_cuda_kernel:
+        claim, source = backends[op]["cuda"], kernel_sources(op)["CUDA"]
+        if claim in ("CUDA C++", "CUDA C++ GEMV"):
+            assert "/csrc/cuda/" in source, f"{op}: reported as {claim!r}, registered at {source}"
+        else:
+            assert source.endswith("torch/library.py"), f"{op}: reported as {claim!r}, registered at {source}"
+        if "CUDA C++ GEMV" in claim and claim != "CUDA C++ GEMV":  # dispatches to the GEMV op by token count
+            assert "/csrc/cuda/" in kernel_sources("nf4_lowrank_gemv")["CUDA"]
 
 
 def test_build_info_reports_token_dispatch():

@@ -15,7 +15,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from adapter_models import LINEARS, Toy, same_bits
+from adapter_models import LINEARS, Toy, same_bits, tiny_llama
 from lowrank_kernels.adapters import PiSSALinear, convert_model
 from lowrank_kernels.adapters.distributed import convert_model_distributed, shard_layers
 
@@ -115,13 +115,13 @@ def test_outside_a_process_group_it_says_what_to_do():
 
 # ---- conversion: torchrun + CLI, file bytes ----------------------------------------------------------
 
-@pytest.mark.parametrize("options", [["--init", "rsvd", "--quantize", "nf4", "--quant-iters", "2"],
-                                     ["--init", "cur", "--quantize", "none", "--format", "peft"]],
-                         ids=["rsvd-nf4-lowrank", "cur-dense-peft"])
-def test_torchrun_convert_writes_the_single_process_files_byte_for_byte(tmp_path, options):
-    """Each rank writes its own shards, rank 0 the index and configs; no layer crosses ranks."""
-    source = minilm_dir()
-    common = ["convert", source, "--rank", "8", "--seed", "3", "--max-shard-size", "5MB", *options]
+TORCHRUN_OPTIONS = {"rsvd-nf4-lowrank": ["--init", "rsvd", "--quantize", "nf4", "--quant-iters", "2"],
+                    "cur-dense-peft": ["--init", "cur", "--quantize", "none", "--format", "peft"]}
+
+
+def assert_torchrun_convert_writes_the_single_process_files(tmp_path, common: list[str], layers: int) -> None:
+    """`torchrun ... convert <common>` on WORLD ranks writes the bytes one process writes: each rank
+    its own shards, rank 0 the index and configs; no layer crosses ranks."""
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}",
                           "-m", "lowrank_kernels", *common, "--output", str(tmp_path / "two")],
                          env=ENV, capture_output=True, text=True, timeout=300)
@@ -135,7 +135,24 @@ def test_torchrun_convert_writes_the_single_process_files_byte_for_byte(tmp_path
     assert len([f for f in files(tmp_path / "one") if f.endswith(".safetensors")]) >= 3
     assert files(tmp_path / "two") == files(tmp_path / "one")
     assert two.stdout.count("layers converted") == 1  # only rank 0 reports
-    assert "37 layers converted" in one.stdout  # 36 encoder linears + the pooler
+    assert f"{layers} layers converted" in one.stdout
+
+
+def test_torchrun_convert_of_a_tiny_llama_writes_the_single_process_files_byte_for_byte(tmp_path):
+    """The fast tier's torchrun run (its time is the processes' start-up): a 2-layer Llama of 14
+    small linears, several shards, CUR + NF4 in the PEFT format (rank 0's configs and indexes)."""
+    tiny_llama(tmp_path / "src", layers=2)
+    common = ["convert", str(tmp_path / "src"), "--rank", "4", "--seed", "3", "--max-shard-size", "12KB",
+              "--init", "cur", "--quantize", "nf4", "--quant-iters", "2", "--format", "peft"]
+    assert_torchrun_convert_writes_the_single_process_files(tmp_path, common, layers=14)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("options", TORCHRUN_OPTIONS.values(), ids=list(TORCHRUN_OPTIONS))
+def test_torchrun_convert_writes_the_single_process_files_byte_for_byte(tmp_path, options):
+    """The real MiniLM (36 encoder linears + the pooler), in both output formats."""
+    common = ["convert", minilm_dir(), "--rank", "8", "--seed", "3", "--max-shard-size", "5MB", *options]
+    assert_torchrun_convert_writes_the_single_process_files(tmp_path, common, layers=37)
 
 
 def test_saving_one_model_twice_gives_the_same_bytes(tmp_path):
@@ -180,7 +197,9 @@ def _ddp_worker(rank: int, init_file: str, quantize: str | None, out_file: str) 
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("quantize", [None, "nf4"])
+# Each case is ~5 s of process start-up; the fast tier keeps the NF4 one (its buffers are broadcast
+# too); the dense residual's layers are the fast tier's in tests/test_adapters.py.
+@pytest.mark.parametrize("quantize", [pytest.param(None, marks=pytest.mark.slow), "nf4"])
 def test_ddp_step_through_pissa_layers_equals_one_process_on_the_whole_batch(tmp_path, quantize):
     out = str(tmp_path / "params")
     _spawn(_ddp_worker, str(tmp_path / "rdzv"), quantize, out)

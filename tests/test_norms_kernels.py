@@ -7,30 +7,27 @@ import torch
 from torch.library import opcheck
 
 import lowrank_kernels  # noqa: F401  (loads the compiled ops)
-from norms_cases import check_norms
+from norms_cases import (BATCHED_SHAPES, EMPTY_SHAPES, LARGE_MAGNITUDES, NON_CONTIGUOUS_VIEWS, SHAPES,
+                         check_empty_gives_zeros, check_norms, large_magnitudes, randn)
 
 ops = torch.ops.lowrank_kernels
 
-# (m, n) covering: 1x1, single rows/columns, sizes that are no multiple of the 8-wide vectors
-# or the 4-row groups, several row chunks with a ragged last chunk (301 x 1000), and more than
-# one column tile (n > 16384).
-SHAPES = [(1, 1), (1, 7), (7, 1), (3, 5), (37, 100), (129, 65), (301, 1000), (9, 20000)]
+# Beyond the shared shapes: several row chunks with a ragged last chunk (301 x 1000), more than one
+# column tile (n > 16384), and batches of those and of many small matrices.
+CHUNKED_SHAPES = [(301, 1000), (9, 20000)]
+CHUNKED_BATCHED_SHAPES = [(2, 301, 1000), (24, 38, 38)]
 
 
 def check(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return check_norms(ops.row_col_sq_norms, w)
 
 
-def randn(*shape, dtype=torch.float32, seed=0) -> torch.Tensor:
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
-
-
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES + CHUNKED_SHAPES, ids=str)
 def test_matches_reference(shape, dtype):
     check(randn(*shape, dtype=dtype))
 
 
-@pytest.mark.parametrize("shape", [(3, 37, 45), (2, 3, 17, 9), (2, 301, 1000), (24, 38, 38)], ids=str)
+@pytest.mark.parametrize("shape", BATCHED_SHAPES + CHUNKED_BATCHED_SHAPES, ids=str)
 def test_batched_matches_reference(shape, dtype):
     w = randn(*shape, dtype=dtype)
     rows, cols = check(w)
@@ -41,38 +38,22 @@ def test_batched_matches_reference(shape, dtype):
     assert torch.equal(cols.reshape(-1, shape[-1])[0], first[1])
 
 
-@pytest.mark.parametrize("shape", [(0, 5), (5, 0), (0, 0), (2, 0, 3), (2, 3, 0), (0, 4, 5)], ids=str)
+@pytest.mark.parametrize("shape", EMPTY_SHAPES, ids=str)
 def test_empty_dimensions_give_zeros(shape, dtype):
-    rows, cols = ops.row_col_sq_norms(torch.empty(shape, dtype=dtype))
-    assert rows.shape == shape[:-1] and cols.shape == (*shape[:-2], shape[-1])
-    assert rows.dtype == cols.dtype == torch.float32
-    assert not rows.any() and not cols.any()
+    check_empty_gives_zeros(ops.row_col_sq_norms, torch.empty(shape, dtype=dtype))
 
 
-@pytest.mark.parametrize(
-    "make",
-    [
-        lambda d: randn(70, 50, dtype=d).T,  # a transposed matrix
-        lambda d: randn(3, 45, 37, dtype=d).mT,  # a batch of transposed matrices
-        lambda d: randn(40, 90, dtype=d)[:, ::2],  # strided columns
-        lambda d: randn(5, 3, 33, 21, dtype=d).permute(1, 0, 2, 3),  # permuted batch dims
-        lambda d: randn(33, 1, dtype=d).expand(33, 17),  # a broadcast view (stride 0)
-    ],
-    ids=["T", "batched-mT", "strided", "permuted-batch", "expanded"],
-)
-def test_non_contiguous_input(make, dtype):
-    w = make(dtype)
+@pytest.mark.parametrize("shape, view", NON_CONTIGUOUS_VIEWS.values(), ids=list(NON_CONTIGUOUS_VIEWS))
+def test_non_contiguous_input(shape, view, dtype):
+    w = view(randn(*shape, dtype=dtype))
     assert not w.is_contiguous()
     check(w)
 
 
-@pytest.mark.parametrize("dtype,scale", [(torch.float32, 1e18), (torch.bfloat16, 1e18), (torch.float16, 6e4)],
-                         ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("dtype, scale", LARGE_MAGNITUDES.values(), ids=list(LARGE_MAGNITUDES))
 def test_large_magnitudes(dtype, scale):
     """Values near the top of the range whose squares (and their sums) are still finite."""
-    g = torch.Generator().manual_seed(3)
-    w = ((torch.rand(21, 35, generator=g) * 2 - 1) * scale).to(dtype)
-    rows, cols = check(w)
+    rows, cols = check(large_magnitudes(dtype, scale))
     assert torch.isfinite(rows).all() and torch.isfinite(cols).all()
 
 

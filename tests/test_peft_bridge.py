@@ -84,12 +84,12 @@ def assert_splits_original(peft_model, original: torch.nn.Module, adapter: str =
         torch.testing.assert_close(base + delta, W, rtol=rtol, atol=rtol * W.abs().max().item(), msg=name)
 
 
-def train(peft_model, steps: int = 3) -> None:
+def train(peft_model, vocab: int, steps: int = 3) -> None:
     """A few Adam steps regressing the hidden states and the pooler output onto fixed random targets
     (the model stays in eval mode: no dropout, deterministic)."""
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=1e-3)
-    ids, g = tokens(1, vocab=1000), torch.Generator().manual_seed(2)
+    ids, g = tokens(1, vocab=vocab), torch.Generator().manual_seed(2)
     out = peft_model(input_ids=ids)
     targets = [torch.randn(t.shape, generator=g) for t in (out.last_hidden_state, out.pooler_output)]
     for _ in range(steps):
@@ -103,14 +103,24 @@ def train(peft_model, steps: int = 3) -> None:
 
 # ---- the issue's acceptance: real MiniLM, init -> train -> convert -> vanilla PEFT load ---------------
 
-def test_minilm_init_train_convert_load_with_vanilla_peft(tmp_path):
-    original = minilm()
+# model -> (vocabulary, adapted layers: per encoder layer query, value and 3 dense, plus the pooler's
+# dense, and their shapes). The real MiniLM is the slow tier; the 2-layer BERT runs the same steps.
+WORKFLOW_MODELS = {
+    "tiny_bert": (tiny_bert, 64, 2 * 5 + 1, {(32, 32), (48, 32), (32, 48)}),
+    "minilm": (minilm, 1000, 6 * 5 + 1, {(384, 384), (1536, 384), (384, 1536)}),
+}
+
+
+@pytest.mark.parametrize("model_name", ["tiny_bert", pytest.param("minilm", marks=pytest.mark.slow)])
+def test_init_train_convert_load_with_vanilla_peft(tmp_path, model_name):
+    make_model, vocab, layers, shapes = WORKFLOW_MODELS[model_name]
+    original = make_model()
     model = lora(original, r=8, lora_alpha=16)
-    ids = tokens(vocab=1000)
+    ids = tokens(vocab=vocab)
 
     report = init_peft_adapters(model, "rsvd", seed=0)
-    assert len(report) == 31  # 6 × (query, value, 3 dense) + pooler.dense
-    assert {r.shape for r in report} == {(384, 384), (1536, 384), (384, 1536)}
+    assert len(report) == layers
+    assert {r.shape for r in report} == shapes
     assert all(r.rank == 8 and 0 < r.approx_error < 1 and r.reconstruction_error < 1e-6 for r in report)
     torch.testing.assert_close(hidden(model, ids), hidden(original, ids), rtol=1e-4, atol=1e-4)
     assert_splits_original(model, original)
@@ -118,7 +128,7 @@ def test_minilm_init_train_convert_load_with_vanilla_peft(tmp_path):
     initial_dir = tmp_path / "initial"
     model.save_pretrained(initial_dir)  # PEFT's workflow: save the adapter right after init
     before = snapshot(model)
-    train(model)
+    train(model, vocab)
     after = model.state_dict()
     changed = {name for name in before if not torch.equal(before[name], after[name])}
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
@@ -140,7 +150,7 @@ def test_minilm_init_train_convert_load_with_vanilla_peft(tmp_path):
     theirs_config = peft.LoraConfig.from_pretrained(tmp_path / "peft")
     assert (theirs_config.r, theirs_config.lora_alpha) == (config.r, config.lora_alpha)
 
-    loaded = peft.PeftModel.from_pretrained(minilm(), out_dir).eval()
+    loaded = peft.PeftModel.from_pretrained(make_model(), out_dir).eval()
     model.eval()
     torch.testing.assert_close(hidden(loaded, ids), hidden(model, ids), rtol=1e-4, atol=1e-4)
     assert not torch.allclose(hidden(loaded, ids), hidden(original, ids), atol=1e-4)  # training did something

@@ -22,3 +22,12 @@ TRITON_DEVICE = "cpu" if INTERPRET else "cuda"
 @pytest.fixture
 def triton_device() -> str:
     return TRITON_DEVICE
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
+def pytest_collection_modifyitems(items):
+    """Every test under tests/triton carries the `triton` marker."""
+    here = Path(__file__).parent
+    for item in items:
+        if here in item.path.parents:
+            item.add_marker(pytest.mark.triton)

@@ -6,59 +6,35 @@ import pytest
 import torch
 
 from lowrank_kernels.triton import norms as triton_norms
-from norms_cases import U32, check_norms
-
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+from norms_cases import (BATCHED_SHAPES, EMPTY_SHAPES, LARGE_MAGNITUDES, NON_CONTIGUOUS_VIEWS, SHAPES, U32,
+                         check_empty_gives_zeros, check_norms, large_magnitudes, randn)
 
 
 def check(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return check_norms(triton_norms.row_col_sq_norms, w)
 
 
-def randn(*shape, dtype=torch.float32, device="cpu", seed=0) -> torch.Tensor:
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype).to(device)
-
-
-# Under the interpreter tiles are 16 x 32: these span one and several tiles with ragged edges.
-@pytest.mark.parametrize("shape", [(1, 1), (1, 33), (17, 1), (3, 5), (16, 32), (37, 100), (129, 65),
-                                   (3, 37, 45), (2, 3, 17, 9)], ids=str)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES + BATCHED_SHAPES, ids=str)
 def test_triton_matches_reference(shape, dtype, triton_device):
     rows, cols = check(randn(*shape, dtype=dtype, device=triton_device))
     assert rows.shape == shape[:-1] and cols.shape == (*shape[:-2], shape[-1])
 
 
-@pytest.mark.parametrize("shape", [(0, 5), (5, 0), (2, 0, 3), (0, 4, 5)], ids=str)
+@pytest.mark.parametrize("shape", EMPTY_SHAPES, ids=str)
 def test_triton_empty_dimensions_give_zeros(shape, triton_device):
-    rows, cols = triton_norms.row_col_sq_norms(torch.empty(shape, device=triton_device))
-    assert rows.shape == shape[:-1] and cols.shape == (*shape[:-2], shape[-1])
-    assert rows.dtype == cols.dtype == torch.float32
-    assert not rows.any() and not cols.any()
+    check_empty_gives_zeros(triton_norms.row_col_sq_norms, torch.empty(shape, device=triton_device))
 
 
-@pytest.mark.parametrize(
-    "make",
-    [
-        lambda d, dev: randn(70, 50, dtype=d, device=dev).T,
-        lambda d, dev: randn(3, 45, 37, dtype=d, device=dev).mT,
-        lambda d, dev: randn(40, 90, dtype=d, device=dev)[:, ::2],
-        lambda d, dev: randn(5, 3, 33, 21, dtype=d, device=dev).permute(1, 0, 2, 3),
-    ],
-    ids=["T", "batched-mT", "strided", "permuted-batch"],
-)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_triton_non_contiguous_input(make, dtype, triton_device):
-    w = make(dtype, triton_device)
+@pytest.mark.parametrize("shape, view", NON_CONTIGUOUS_VIEWS.values(), ids=list(NON_CONTIGUOUS_VIEWS))
+def test_triton_non_contiguous_input(shape, view, dtype, triton_device):
+    w = view(randn(*shape, dtype=dtype, device=triton_device))
     assert not w.is_contiguous()
     check(w)
 
 
-@pytest.mark.parametrize("dtype,scale", [(torch.float32, 1e18), (torch.bfloat16, 1e18), (torch.float16, 6e4)],
-                         ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("dtype, scale", LARGE_MAGNITUDES.values(), ids=list(LARGE_MAGNITUDES))
 def test_triton_large_magnitudes(dtype, scale, triton_device):
-    g = torch.Generator().manual_seed(3)
-    w = ((torch.rand(21, 35, generator=g) * 2 - 1) * scale).to(dtype).to(triton_device)
-    rows, cols = check(w)
+    rows, cols = check(large_magnitudes(dtype, scale, triton_device))
     assert torch.isfinite(rows).all() and torch.isfinite(cols).all()
 
 
