@@ -92,24 +92,28 @@ void decode_run(const uint8_t* packed, int64_t first, int64_t count, float absma
   for (; i < count; ++i) dst[i] = from_float<T>(nf4_decode(nf4_nibble(packed, first + i), absmax));
 }
 
-// Calls f(col, count, first, absmax) for each run of row `row` of an NF4 matrix [rows, cols]
-// that lies in one quantization block: columns [col, col + count), flat indices from `first`.
+// Calls f(col, count, first, absmax) for each run of columns [begin, end) of row `row` of an NF4
+// matrix [rows, cols] that lies in one quantization block: columns [col, col + count), flat
+// indices from `first`.
 template <typename F>
-inline void for_each_block_run(int64_t row, int64_t cols, int64_t blocksize, const float* absmax, F&& f) {
-  const int64_t row_first = row * cols, row_end = row_first + cols;
-  int64_t block = row_first / blocksize;  // one division per row: it costs as much as a run's decode
-  for (int64_t i = row_first; i < row_end; ++block) {
-    const int64_t stop = std::min(row_end, (block + 1) * blocksize);
+inline void for_each_block_run(int64_t row, int64_t cols, int64_t begin, int64_t end, int64_t blocksize,
+                               const float* absmax, F&& f) {
+  const int64_t row_first = row * cols, segment_end = row_first + end;
+  int64_t block = (row_first + begin) / blocksize;  // one division per segment: it costs as much as a run's decode
+  for (int64_t i = row_first + begin; i < segment_end; ++block) {
+    const int64_t stop = std::min(segment_end, (block + 1) * blocksize);
     f(i - row_first, stop - i, i, absmax[block]);
     i = stop;
   }
 }
 
-// Row `row` of the NF4 matrix [rows, cols], dequantized into dst[0 .. cols).
+// Columns [begin, end) of row `row` of the NF4 matrix [rows, cols], dequantized into
+// dst[0 .. end - begin).
 template <typename T>
-void decode_row(const uint8_t* packed, const float* absmax, int64_t row, int64_t cols, int64_t blocksize, T* dst) {
-  for_each_block_run(row, cols, blocksize, absmax, [&](int64_t col, int64_t count, int64_t first, float a) {
-    decode_run(packed, first, count, a, dst + col);
+void decode_row_segment(const uint8_t* packed, const float* absmax, int64_t row, int64_t cols, int64_t begin,
+                        int64_t end, int64_t blocksize, T* dst) {
+  for_each_block_run(row, cols, begin, end, blocksize, absmax, [&](int64_t col, int64_t count, int64_t first, float a) {
+    decode_run(packed, first, count, a, dst + col - begin);
   });
 }
 

@@ -28,17 +28,19 @@
 namespace lowrank_kernels {
 namespace {
 
-using cpu::decode_row;
+using cpu::decode_row_segment;
 using cpu::for_each_block_run;
 
 // Tokens multiplied against one decoded register of weights (accumulators live in registers).
 constexpr int kTokenGroup = 8;
-// Bytes of fp32 weights dequantized per GEMM panel (the op's only workspace, reused panel after
-// panel): a GEMM with few output columns runs far below peak. On a Xeon with AVX-512 (MKL's
-// sgemm on AVX-512), 512 tokens x 4096 x 4096: 256-row panels (4 MiB) took 2.4x the dense
-// GEMM, 1024-row panels (16 MiB) 1.4x, one 64 MiB panel 1.35x (loaded machine, one run).
+// Most bytes of fp32 weights dequantized per GEMM panel (the op's only workspace, reused panel
+// after panel; see for_each_panel). On a 2-core Xeon with AVX-512 (MKL sgemm), 512 tokens x
+// 4096 x 4096 forward: 512-column panels (8 MiB) decoded in parallel took 1.03x the dense GEMM
+// + LoRA; decoded on the calling thread 1.13x; 8 MiB and 32 MiB panels alike (1.02x). Dense
+// GEMMs alone, cut along the inner dimension: 1.00x at 256-1024 columns; along the output: 1.03x
+// (1024 rows) to 1.07x (512 rows).
 constexpr int64_t kPanelBytes = int64_t{16} << 20;
-constexpr int64_t kMinPanelRows = 256;
+constexpr int64_t kMinPanelDepth = 256;
 
 at::Tensor as_float(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
 
@@ -61,7 +63,7 @@ void dot_row(const uint8_t* packed, const float* absmax, int64_t row, int64_t co
   __m256 vacc[TOKENS];
   for (int t = 0; t < TOKENS; ++t) vacc[t] = _mm256_setzero_ps();
 #endif
-  for_each_block_run(row, cols, blocksize, absmax, [&](int64_t col, int64_t count, int64_t first, float a) {
+  for_each_block_run(row, cols, 0, cols, blocksize, absmax, [&](int64_t col, int64_t count, int64_t first, float a) {
     int64_t i = 0;
     // Elements before the first byte boundary and after the last whole group of 8: scalar.
     auto scalar = [&](int64_t j) {
@@ -102,21 +104,24 @@ void dot_row_split(const uint8_t* packed, const float* absmax, int64_t row, int6
   constexpr int CHAINS = TOKENS == 1 ? kSplitVectors : TOKENS == 2 ? kSplitVectors / 2 : 1;
   constexpr int LANES = 32 / kSplitVectors;
   static const cpu::SplitDecoder decode;  // built once: the table costs as much as a row
-  const uint8_t* bytes = packed + row * cols / 2;
-  const float* row_absmax = absmax + row * cols / blocksize;
+  // Walking pointers and a shift (blocksize is a power of two): in a loop of ~10 instructions
+  // per 32 codes, signed index halving and two divisions per row cost ~15 %.
+  const int64_t blocks = cols >> __builtin_ctzll(static_cast<uint64_t>(blocksize));
+  const uint8_t* bytes = packed + row * (cols / 2);
+  const float* row_absmax = absmax + row * blocks;
   SplitVec total[TOKENS], sum[TOKENS][CHAINS];
   for (int t = 0; t < TOKENS; ++t) total[t] = vzero();
-  for (int64_t block = 0; block < cols / blocksize; ++block) {
+  for (int64_t block = 0; block < blocks; ++block) {
     const SplitVec scale = cpu::vbroadcast(row_absmax[block]);
     for (int t = 0; t < TOKENS; ++t)
       for (int c = 0; c < CHAINS; ++c) sum[t][c] = FOLD ? vzero() : total[t];
-    for (int64_t col = block * blocksize; col < (block + 1) * blocksize; col += 32) {  // blocksize >= 32
-      SplitVec w[kSplitVectors];
-      decode(bytes + col / 2, w);
+    for (const uint8_t* const block_end = bytes + blocksize / 2; bytes < block_end; bytes += 16, x += 32) {
+      SplitVec w[kSplitVectors];  // blocksize >= 32: whole steps of 32 codes
+      decode(bytes, w);
       for (int j = 0; j < kSplitVectors; ++j) {
         if (!FOLD) w[j] = cpu::vmul(w[j], scale);
         for (int t = 0; t < TOKENS; ++t)
-          sum[t][j % CHAINS] = vfmadd(w[j], cpu::vload(x + t * cols + col + LANES * j), sum[t][j % CHAINS]);
+          sum[t][j % CHAINS] = vfmadd(w[j], cpu::vload(x + t * cols + LANES * j), sum[t][j % CHAINS]);
       }
     }
     for (int t = 0; t < TOKENS; ++t) {
@@ -263,7 +268,7 @@ at::Tensor decode_grad_input(const uint8_t* packed, const float* absmax, int64_t
     for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
       float* acc = partial_data + chunk * tokens * cols;
       for (int64_t row = rows * chunk / chunks; row < rows * (chunk + 1) / chunks; ++row) {
-        decode_row(packed, absmax, row, cols, blocksize, w.data());
+        decode_row_segment(packed, absmax, row, cols, 0, cols, blocksize, w.data());
         for (int64_t t = 0; t < tokens; ++t) axpy(cols, gy[t * rows + row], w.data(), acc + t * cols);
       }
     }
@@ -272,30 +277,44 @@ at::Tensor decode_grad_input(const uint8_t* packed, const float* absmax, int64_t
 }
 
 // ---------------------------------------------------------------------------------------------
-// GEMM path: W processed in panels of whole rows, each dequantized to fp32 then multiplied.
+// GEMM path: W dequantized to fp32 one panel at a time, each panel multiplied by the BLAS GEMM
+// (MKL). Panels cut the GEMM's inner dimension, so every call keeps the whole output width, which
+// MKL splits across threads, and accumulates into the output: the forward takes columns
+// [first, first + n) of W (y += x[:, first : first + n] @ panel^T), the grad-input rows
+// (dx += grad_y[:, first : first + n] @ panel). Cutting the output dimension instead (panels of
+// W's rows in the forward) narrows each GEMM and costs more the more threads share it.
 
-// Rows per panel: kPanelBytes worth but at most an eighth of W (the workspace stays a small
-// fraction of the dense W_res: 8 MiB for 4096 x 4096), a multiple of 64 rows and at least
-// kMinPanelRows (a GEMM with few or ragged output columns runs far below peak, and re-reads the
-// activations per panel).
-int64_t panel_rows(int64_t rows, int64_t cols) {
-  const int64_t by_bytes = std::min(kPanelBytes / (4 * std::max<int64_t>(cols, 1)), rows / 8) / 64 * 64;
-  return std::min(std::max(by_bytes, kMinPanelRows), std::max<int64_t>(rows, 1));
+// Depth of a panel along the inner dimension `inner`, `outer` elements wide: kPanelBytes' worth
+// but at most an eighth of W (the workspace stays a small fraction of the dense W_res: 8 MiB
+// for 4096 x 4096), a multiple of 64, at least kMinPanelDepth (a shallow GEMM re-reads and
+// re-writes its output per panel) and at most `inner`.
+int64_t panel_depth(int64_t inner, int64_t outer) {
+  const int64_t by_bytes = std::min(kPanelBytes / (4 * std::max<int64_t>(outer, 1)), inner / 8) / 64 * 64;
+  return std::min(std::max(by_bytes, kMinPanelDepth), std::max<int64_t>(inner, 1));
 }
 
-// Calls f(first_row, panel) for consecutive panels of W, panel = W[first_row : first_row + n] in fp32.
+// Calls f(first, panel) for consecutive panels of the NF4 matrix W [rows, cols] in fp32 along
+// its columns (panel = W[:, first : first + n], for the forward) or its rows (panel =
+// W[first : first + n, :], for the grad-input). One workspace serves every panel.
 template <typename F>
 void for_each_panel(const uint8_t* packed, const float* absmax, int64_t blocksize, int64_t rows, int64_t cols,
-                    F&& f) {
-  const int64_t step = panel_rows(rows, cols);
-  at::Tensor buffer = at::empty({step, cols}, at::TensorOptions().dtype(at::kFloat));
-  float* data = buffer.data_ptr<float>();
-  for (int64_t first = 0; first < rows; first += step) {
-    const int64_t n = std::min(step, rows - first);
-    // On the calling thread: an OpenMP region between BLAS calls costs more than it saves here
-    // (512 x 11008 -> 4096: 348 ms with a parallel decode, 282 ms serial, 267 ms for the bare GEMM).
-    for (int64_t r = 0; r < n; ++r) decode_row(packed, absmax, first + r, cols, blocksize, data + r * cols);
-    f(first, buffer.narrow(0, 0, n));
+                    bool along_columns, F&& f) {
+  const int64_t inner = along_columns ? cols : rows, outer = along_columns ? rows : cols;
+  const int64_t step = panel_depth(inner, outer);
+  at::Tensor workspace = at::empty({step * outer}, at::TensorOptions().dtype(at::kFloat));
+  for (int64_t first = 0; first < inner; first += step) {
+    const int64_t n = std::min(step, inner - first);
+    const int64_t panel_rows = along_columns ? rows : n, panel_cols = along_columns ? n : cols;
+    const int64_t row0 = along_columns ? 0 : first, col0 = along_columns ? first : 0;
+    at::Tensor panel = workspace.narrow(0, 0, panel_rows * panel_cols).view({panel_rows, panel_cols});
+    float* data = panel.data_ptr<float>();
+    // In parallel, between the GEMMs: decoding is bound by the stores, and one thread's share
+    // of the bandwidth is half the machine's.
+    at::parallel_for(0, panel_rows, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r)
+        decode_row_segment(packed, absmax, row0 + r, cols, col0, col0 + panel_cols, blocksize, data + r * panel_cols);
+    });
+    f(first, panel);
   }
 }
 
@@ -324,9 +343,9 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& packed, const at::Tens
   at::Tensor y = bias32 ? bias32->expand({tokens, out_features}).contiguous()
                         : at::zeros({tokens, out_features}, in.a.options());
   y.addmm_(in.left, in.right.t(), 1.0, scale);
-  for_each_panel(p.data_ptr<uint8_t>(), a.data_ptr<float>(), blocksize, out_features, cols,
+  for_each_panel(p.data_ptr<uint8_t>(), a.data_ptr<float>(), blocksize, out_features, cols, /*along_columns=*/true,
                  [&](int64_t first, const at::Tensor& panel) {
-                   y.narrow(1, first, panel.size(0)).addmm_(in.a, panel.t());
+                   y.addmm_(in.a.narrow(1, first, panel.size(1)), panel.t());
                  });
   return y.to(x.scalar_type());
 }
@@ -357,7 +376,7 @@ at::Tensor nf4_lowrank_linear_grad_input_cpu(const at::Tensor& grad_y, const at:
   } else {
     dx = at::zeros({tokens, in_features}, in.a.options());
     for_each_panel(p.data_ptr<uint8_t>(), a.data_ptr<float>(), blocksize, rows, in_features,
-                   [&](int64_t first, const at::Tensor& panel) {
+                   /*along_columns=*/false, [&](int64_t first, const at::Tensor& panel) {
                      dx.addmm_(in.a.narrow(1, first, panel.size(0)), panel);
                    });
   }
