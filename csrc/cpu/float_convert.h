@@ -61,6 +61,16 @@ inline void store8(c10::BFloat16* out, __m256 v) {
 #endif
 
 #ifdef LK_HAVE_AVX512
+// 16 consecutive elements as fp32 (the same exact widenings as load8).
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const c10::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+inline __m512 load16(const c10::BFloat16* p) {
+  const __m512i bits = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(bits, 16));
+}
+
 // 16 consecutive fp32 values stored as T (the same roundings as store8).
 inline void store16(float* out, __m512 v) { _mm512_storeu_ps(out, v); }
 inline void store16(c10::Half* out, __m512 v) {
