@@ -8,10 +8,9 @@ extension loads, so the binary does not depend on the build host's CPU.
 """
 import os
 import platform
+import shutil
 import sys
 from pathlib import Path
-
-import shutil
 
 from setuptools import setup
 

@@ -20,9 +20,9 @@ from lowrank_kernels.adapters import (
 from lowrank_kernels.build_info import build_info, format_build_info
 from lowrank_kernels.decompose import cur, cur_factors, pissa_factors, random_pissa_factors, rsvd
 from lowrank_kernels.fused_linear import fused_pissa_linear
-from lowrank_kernels.robust import huber_factorize, robust_pissa_factors
 from lowrank_kernels.nf4 import NF4Weight, dequantize_nf4, load_nf4, quantize_nf4, save_nf4
 from lowrank_kernels.output_cache import empty_output_cache, output_cache_info, set_output_cache_limit
+from lowrank_kernels.robust import huber_factorize, robust_pissa_factors
 
 __version__ = "0.1.0"
 

@@ -189,7 +189,7 @@ def triton_launches() -> list[Launch]:
     """Every Triton kernel x each dtype its launcher accepts x the LLM shapes, as launched."""
     import torch
 
-    from lowrank_kernels.triton import fused_linear, gram, huber, norms, nf4
+    from lowrank_kernels.triton import fused_linear, gram, huber, nf4, norms
 
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     n = k = HIDDEN

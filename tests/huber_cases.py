@@ -42,8 +42,12 @@ def assert_matches_reference(got, W, A, B, weight_delta, loss_delta):
     r = A.shape[-1]
     eps = (r + 2) * U32 * ((A.double().abs() @ B.double().abs()) + W.double().abs())
     dw = weight_delta.double()[..., None, None]
-    weight = lambda e: torch.where(e.abs() <= dw, torch.ones_like(e), dw / e.abs())
-    clamp = lambda e: torch.minimum(torch.maximum(e, -dw), dw)
+    def weight(e):
+        return torch.where(e.abs() <= dw, torch.ones_like(e), dw / e.abs())
+
+    def clamp(e):
+        return torch.minimum(torch.maximum(e, -dw), dw)
+
     lo, hi = _monotone_bounds(weight, E.abs() + eps, (E.abs() - eps).clamp(min=0))
     assert ((omega.double() >= lo * (1 - 2 * U32)) & (omega.double() <= hi * (1 + 2 * U32))).all()
     lo, hi = _monotone_bounds(clamp, E - eps, E + eps)

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-from torch import nn
-
 from adapter_models import effective_weight64, residual64
 from conftest import on_gpu
 from fused_linear_cases import FP32_UNIT_ROUNDOFF
+from safetensors.torch import load_file, save_file
+from torch import nn
+
 import lowrank_kernels
 from lowrank_kernels import quantize_nf4
 from lowrank_kernels.adapters import PiSSALinear

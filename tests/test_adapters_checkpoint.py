@@ -8,13 +8,20 @@ import re
 
 import pytest
 import torch
+from adapter_models import LINEARS, Toy, snapshot, unchanged
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from adapter_models import LINEARS, Toy, snapshot, unchanged
 from lowrank_kernels import quantize_nf4, save_nf4
-from lowrank_kernels.adapters import CheckpointError, PiSSALinear, convert_model, load_converted, read_converted, save_converted
+from lowrank_kernels.adapters import (
+    CheckpointError,
+    PiSSALinear,
+    convert_model,
+    load_converted,
+    read_converted,
+    save_converted,
+)
 from lowrank_kernels.adapters.checkpoint import _digest
 
 TARGETS = ["up", "down", "head"]

@@ -9,9 +9,9 @@ import re
 
 import pytest
 import torch
+from adapter_models import LINEARS, Toy, effective_weight64, same_bits, snapshot, unchanged
 from torch import nn
 
-from adapter_models import LINEARS, Toy, effective_weight64, residual64, same_bits, snapshot, unchanged
 from lowrank_kernels import quantize_nf4
 from lowrank_kernels.adapters import INITS, AdapterOptions, PiSSALinear, adapter_split, convert_model, merge_model
 from lowrank_kernels.adapters.convert import find_targets, layer_generator

@@ -12,10 +12,16 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from adapter_models import same_bits, tiny_llama
-from lowrank_kernels.adapters import PiSSALinear, convert_model, load_converted, read_converted, save_converted
-from lowrank_kernels.adapters import streaming
+
+from lowrank_kernels.adapters import (
+    PiSSALinear,
+    convert_model,
+    load_converted,
+    read_converted,
+    save_converted,
+    streaming,
+)
 from lowrank_kernels.adapters.sources import SourceError, open_source
 from lowrank_kernels.adapters.streaming import OutputError, convert_files
 

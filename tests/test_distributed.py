@@ -13,9 +13,9 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from adapter_models import LINEARS, Toy, same_bits, tiny_llama
 from torch import nn
 
-from adapter_models import LINEARS, Toy, same_bits, tiny_llama
 from lowrank_kernels.adapters import PiSSALinear, convert_model
 from lowrank_kernels.adapters.distributed import convert_model_distributed, shard_layers
 
@@ -64,8 +64,8 @@ def _convert_worker(rank: int, init_file: str, out_file: str) -> None:
     model = Toy()
     report = convert_model_distributed(model, progress=False, **CONVERT)
     if rank == 0:
-        torch.save({"state": model.state_dict(), "report": [(l.name, l.shape, l.recon_error, l.error_reduction)
-                                                             for l in report],
+        torch.save({"state": model.state_dict(), "report": [(entry.name, entry.shape, entry.recon_error, entry.error_reduction)
+                                                             for entry in report],
                     "trainable": [n for n, p in model.named_parameters() if p.requires_grad]}, out_file)
     else:
         assert report is None
@@ -81,7 +81,7 @@ def test_two_process_conversion_equals_one_process_bit_for_bit(tmp_path):
     ref_state = reference.state_dict()
     assert got["state"].keys() == ref_state.keys()
     assert all(same_bits(got["state"][k], v) for k, v in ref_state.items())
-    assert got["report"] == [(l.name, l.shape, l.recon_error, l.error_reduction) for l in report]
+    assert got["report"] == [(entry.name, entry.shape, entry.recon_error, entry.error_reduction) for entry in report]
     assert got["trainable"] == [n for n, p in reference.named_parameters() if p.requires_grad]
     assert sum(isinstance(m, PiSSALinear) for m in reference.modules()) == 6
 

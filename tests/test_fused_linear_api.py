@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-
-import lowrank_kernels as lk
 from conftest import on_gpu
 from fused_linear_cases import FP32_UNIT_ROUNDOFF
+
+import lowrank_kernels as lk
 from lowrank_kernels.reference import dequantize_nf4_ref
 
 IN, OUT, R = 100, 37, 3

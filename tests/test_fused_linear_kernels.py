@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.library import opcheck
-
 from fused_linear_cases import (
     RANKS,
     SHAPES,
@@ -15,6 +13,8 @@ from fused_linear_cases import (
     grad_input_bound,
     grad_input_case,
 )
+from torch.library import opcheck
+
 from lowrank_kernels import ops as registry
 from lowrank_kernels.reference import nf4_lowrank_linear_grad_input_ref, nf4_lowrank_linear_ref
 

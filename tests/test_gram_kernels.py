@@ -6,11 +6,17 @@ from __future__ import annotations
 
 import pytest
 import torch
+from gram_cases import (
+    NON_CONTIGUOUS_VIEWS,
+    ROW_PART_SHAPES,
+    SHAPES,
+    assert_bound_catches_wrong_results,
+    assert_gram_within,
+    make_y,
+)
 from torch.library import opcheck
 
 import lowrank_kernels  # noqa: F401  (loads the compiled ops)
-from gram_cases import (NON_CONTIGUOUS_VIEWS, ROW_PART_SHAPES, SHAPES, assert_bound_catches_wrong_results,
-                        assert_gram_within, make_y)
 
 ops = torch.ops.lowrank_kernels
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from huber_cases import CASES, assert_matches_reference, assert_normal_equations_match, make_inputs
 from torch.library import opcheck
 
 import lowrank_kernels  # noqa: F401  (loads the compiled ops)
-from huber_cases import CASES, assert_matches_reference, assert_normal_equations_match, make_inputs
 
 ops = torch.ops.lowrank_kernels
 

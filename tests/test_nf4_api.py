@@ -5,11 +5,10 @@ import dataclasses
 
 import pytest
 import torch
+from nf4_cases import make_weight
 
 import lowrank_kernels as lk
 from lowrank_kernels import ops
-from nf4_cases import make_weight
-
 
 # ---- bad input --------------------------------------------------------------------------------
 

@@ -14,10 +14,11 @@ import torch
 
 bnb_functional = pytest.importorskip("bitsandbytes.functional", reason="bitsandbytes is a test dependency")
 
+from nf4_cases import BLOCKSIZES, CASES, SHAPES, make_weight  # noqa: E402
+
 import lowrank_kernels as lk  # noqa: E402
 from lowrank_kernels.codebooks import NF4_CODE, dynamic_code  # noqa: E402
 from lowrank_kernels.reference.nf4 import dequantize_blockwise8_ref, dequantize_nf4_ref  # noqa: E402
-from nf4_cases import BLOCKSIZES, CASES, SHAPES, make_weight  # noqa: E402
 
 
 def _cpu_flags() -> set[str]:

@@ -5,12 +5,12 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from nf4_cases import BLOCKSIZES, CASES, SHAPES, make_weight
 
 import lowrank_kernels as lk
 from lowrank_kernels import ops
 from lowrank_kernels.codebooks import NF4_CODE, dynamic_code
 from lowrank_kernels.reference import nf4 as ref
-from nf4_cases import BLOCKSIZES, CASES, SHAPES, make_weight
 
 CODE = torch.tensor(NF4_CODE, dtype=torch.float64)
 HALF_MAX_GAP = float((CODE[1:] - CODE[:-1]).max()) / 2

@@ -4,11 +4,20 @@ from __future__ import annotations
 
 import pytest
 import torch
+from norms_cases import (
+    BATCHED_SHAPES,
+    EMPTY_SHAPES,
+    LARGE_MAGNITUDES,
+    NON_CONTIGUOUS_VIEWS,
+    SHAPES,
+    check_empty_gives_zeros,
+    check_norms,
+    large_magnitudes,
+    randn,
+)
 from torch.library import opcheck
 
 import lowrank_kernels  # noqa: F401  (loads the compiled ops)
-from norms_cases import (BATCHED_SHAPES, EMPTY_SHAPES, LARGE_MAGNITUDES, NON_CONTIGUOUS_VIEWS, SHAPES,
-                         check_empty_gives_zeros, check_norms, large_magnitudes, randn)
 
 ops = torch.ops.lowrank_kernels
 

@@ -19,8 +19,13 @@ transformers = pytest.importorskip("transformers")
 
 from safetensors.torch import load_file  # noqa: E402
 
-from lowrank_kernels.adapters import INITS, init_peft_adapters, pissa_to_lora, use_fused_forward  # noqa: E402
-from lowrank_kernels.adapters import peft_bridge  # noqa: E402
+from lowrank_kernels.adapters import (  # noqa: E402
+    INITS,
+    init_peft_adapters,
+    peft_bridge,  # noqa: E402
+    pissa_to_lora,
+    use_fused_forward,
+)
 
 TARGETS = ["query", "value", "dense"]
 PREFIX = "base_model.model."

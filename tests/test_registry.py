@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from huber_cases import make_inputs as huber_inputs
 
 import lowrank_kernels as lk
-from huber_cases import make_inputs as huber_inputs
 from lowrank_kernels import _registry
 from lowrank_kernels.codebooks import dynamic_code
 from lowrank_kernels.reference import dequantize_nf4_ref

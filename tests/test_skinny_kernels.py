@@ -18,8 +18,8 @@ import lowrank_kernels  # noqa: F401  (loads the compiled ops)
 ops = torch.ops.lowrank_kernels
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
-# (leading dims, M, N, l): odd sizes off every block (64 rows, 24/192 columns, 128-row blocks,
-# 8-float vectors, 1-3 vector chunks), l = 1 .. 100, batched 3-D and 4-D.
+# (leading dims, M, N, width): odd sizes off every block (64 rows, 24/192 columns, 128-row blocks,
+# 8-float vectors, 1-3 vector chunks), width = 1 .. 100, batched 3-D and 4-D.
 SHAPES = [
     ((), 1, 1, 1),
     ((), 5, 7, 3),
@@ -35,10 +35,10 @@ SHAPES = [
 ]
 
 
-def make(lead, m, n, l, dtype, transpose_w, seed=0):
+def make(lead, m, n, width, dtype, transpose_w, seed=0):
     gen = torch.Generator().manual_seed(seed)
     w = torch.randn((*lead, m, n), generator=gen).to(dtype)
-    x = torch.randn((*lead, m if transpose_w else n, l), generator=gen)
+    x = torch.randn((*lead, m if transpose_w else n, width), generator=gen)
     return w, x
 
 
@@ -66,16 +66,16 @@ def assert_within(got, w, x, transpose_w):
 
 @pytest.mark.parametrize("transpose_w", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("lead, m, n, l", SHAPES, ids=str)
-def test_matches_reference(lead, m, n, l, dtype, transpose_w):
-    w, x = make(lead, m, n, l, dtype, transpose_w)
+@pytest.mark.parametrize("lead, m, n, width", SHAPES, ids=str)
+def test_matches_reference(lead, m, n, width, dtype, transpose_w):
+    w, x = make(lead, m, n, width, dtype, transpose_w)
     assert_within(ops.skinny_matmul(w, x, transpose_w), w, x, transpose_w)
 
 
 @pytest.mark.parametrize("transpose_w", [False, True])
-@pytest.mark.parametrize("l", [16, 24, 32, 48, 64, 128])
-def test_large(l, transpose_w):
-    w, x = make((), 700, 1500, l, torch.bfloat16, transpose_w, seed=l)
+@pytest.mark.parametrize("width", [16, 24, 32, 48, 64, 128])
+def test_large(width, transpose_w):
+    w, x = make((), 700, 1500, width, torch.bfloat16, transpose_w, seed=width)
     assert_within(ops.skinny_matmul(w, x, transpose_w), w, x, transpose_w)
 
 
@@ -123,14 +123,14 @@ def test_deterministic_and_thread_independent(transpose_w):
 
 @pytest.mark.parametrize("transpose_w", [False, True])
 @pytest.mark.parametrize(
-    "wshape, l",
+    "wshape, width",
     [((0, 5), 3), ((5, 0), 3), ((4, 6), 0), ((0, 4, 6), 2), ((2, 0, 0), 2)],
     ids=str,
 )
-def test_empty(wshape, l, transpose_w):
+def test_empty(wshape, width, transpose_w):
     w = torch.randn(wshape)
     k = wshape[-2] if transpose_w else wshape[-1]
-    x = torch.randn(*wshape[:-2], k, l)
+    x = torch.randn(*wshape[:-2], k, width)
     got = ops.skinny_matmul(w, x, transpose_w)
     ref = (w.mT if transpose_w else w) @ x
     assert got.shape == ref.shape and got.dtype == torch.float32

@@ -9,7 +9,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import TRITON_TESTS, triton_runs_in_this_process
 
 #: The interpreted suite takes minutes on 2 cores; this bounds a hang.

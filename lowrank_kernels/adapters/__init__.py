@@ -14,7 +14,6 @@ from lowrank_kernels.adapters.convert import ConversionReport, LayerReport, conv
 from lowrank_kernels.adapters.inits import INITS, init_factors
 from lowrank_kernels.adapters.peft_bridge import LayerInit, init_peft_adapters, pissa_to_lora, use_fused_forward
 from lowrank_kernels.adapters.pissa_linear import AdapterOptions, PiSSALinear, adapter_split
-from lowrank_kernels.adapters.streaming import convert_files
 from lowrank_kernels.adapters.qpissa import (
     QuantizedFactors,
     error_metrics,
@@ -25,6 +24,7 @@ from lowrank_kernels.adapters.qpissa import (
     quantization_error_reduction,
     reconstruction_error,
 )
+from lowrank_kernels.adapters.streaming import convert_files
 
 __all__ = [
     "INITS",

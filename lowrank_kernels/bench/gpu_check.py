@@ -29,8 +29,15 @@ from pathlib import Path
 import torch
 
 import lowrank_kernels as lk
-from lowrank_kernels.bench._harness import (bench_parser, default_results_dir, machine_description, markdown_table,
-                                            project_root, round_robin, write_atomic)
+from lowrank_kernels.bench._harness import (
+    bench_parser,
+    default_results_dir,
+    machine_description,
+    markdown_table,
+    project_root,
+    round_robin,
+    write_atomic,
+)
 from lowrank_kernels.bench.fused_linear import Layer, measure
 
 REPORT_NAME = "gpu_check.md"

@@ -17,8 +17,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from lowrank_kernels.bench import BENCHMARKS
-from lowrank_kernels.bench._harness import (SCHEMA, TARGET_HEADERS, default_results_dir, markdown_table,
-                                            project_root, write_atomic)
+from lowrank_kernels.bench._harness import (
+    SCHEMA,
+    TARGET_HEADERS,
+    default_results_dir,
+    markdown_table,
+    project_root,
+    write_atomic,
+)
 
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 MET = {True: "yes", False: "NO", None: "-"}

@@ -29,7 +29,6 @@ before the dot (DOT_TY = fp32).
 """
 from __future__ import annotations
 
-
 import torch
 import triton
 import triton.language as tl

@@ -11,8 +11,8 @@ import math
 
 import pytest
 import torch
-
 from gram_cases import NON_CONTIGUOUS_VIEWS, SHAPES, assert_bound_catches_wrong_results, assert_gram_within, make_y
+
 from lowrank_kernels.triton import gram as tgram
 
 #: 3xTF32 products are within 6 fp32 ulps (12 * 2^-24) of |y_i||y_j| each.

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from huber_cases import CASES, assert_matches_reference, make_inputs
+
 from lowrank_kernels.triton import huber as triton_huber
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]

@@ -5,11 +5,11 @@ import pytest
 import torch
 import triton
 import triton.language as tl
+from nf4_cases import BLOCKSIZES, CASES, make_weight
 
 from lowrank_kernels.reference import nf4 as ref
 from lowrank_kernels.triton import nf4 as triton_nf4
 from lowrank_kernels.triton._common import round_to
-from nf4_cases import BLOCKSIZES, CASES, make_weight
 
 # The interpreter runs kernels in numpy: keep to the small shapes of the case list.
 SHAPES = [(1,), (7,), (64,), (1, 1), (3, 5), (33, 77), (127, 129)]

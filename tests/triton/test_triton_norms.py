@@ -4,10 +4,20 @@ from __future__ import annotations
 
 import pytest
 import torch
+from norms_cases import (
+    BATCHED_SHAPES,
+    EMPTY_SHAPES,
+    LARGE_MAGNITUDES,
+    NON_CONTIGUOUS_VIEWS,
+    SHAPES,
+    U32,
+    check_empty_gives_zeros,
+    check_norms,
+    large_magnitudes,
+    randn,
+)
 
 from lowrank_kernels.triton import norms as triton_norms
-from norms_cases import (BATCHED_SHAPES, EMPTY_SHAPES, LARGE_MAGNITUDES, NON_CONTIGUOUS_VIEWS, SHAPES, U32,
-                         check_empty_gives_zeros, check_norms, large_magnitudes, randn)
 
 
 def check(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
