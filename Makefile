@@ -13,7 +13,7 @@ SOURCES := $(shell find csrc lowrank_kernels -name '*.cpp' -o -name '*.cu' -o -n
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export MAX_JOBS ?= 2
 
-.PHONY: demo test test-fast test-rounding test-isa bench info build clean gpu-check gpu-fit
+.PHONY: demo test test-fast test-rounding test-isa lint format bench info build clean gpu-check gpu-fit
 
 demo: $(BUILD_STAMP)
 	$(PY) -m lowrank_kernels demo
@@ -56,6 +56,19 @@ test-isa: $(BUILD_STAMP)
 		echo "== C++ kernel tests with LOWRANK_KERNELS_ISA=$$isa =="; \
 		LOWRANK_KERNELS_ISA=$$isa $(PY) -m pytest $(ISA_TEST_MODULES) -q -p no:cacheprovider || exit 1; \
 	done
+
+# Style gate (CI runs it first): ruff's lint and format check on the Python, clang-format on the
+# C++/CUDA sources, all pinned in requirements.txt. `make format` applies both formatters.
+CXX_SOURCES = $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
+lint: $(DEPS_STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/clang-format --dry-run -Werror $(CXX_SOURCES)
+
+format: $(DEPS_STAMP)
+	$(VENV)/bin/ruff check --fix --select I .
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/clang-format -i $(CXX_SOURCES)
 
 bench: $(BUILD_STAMP)
 	$(PY) -m lowrank_kernels bench

@@ -214,9 +214,12 @@ def test_hessian_vector_product_of_the_kernel_ops_is_exact(device):
         return g3
 
     lowrank = leaves["x"].detach() @ leaves["B"].detach().T
-    kernel = lambda x: torch.ops.lowrank_kernels.nf4_lowrank_linear(x, *args, 24, lowrank, leaves["A"].detach(),  # noqa: E731
-                                                                    0.5, None)
-    plain = lambda x: x @ w64.T + 0.5 * lowrank.double() @ leaves["A"].detach().double().T  # noqa: E731
+    def kernel(x):
+        return torch.ops.lowrank_kernels.nf4_lowrank_linear(x, *args, 24, lowrank, leaves["A"].detach(), 0.5, None)
+
+    def plain(x):
+        return x @ w64.T + 0.5 * lowrank.double() @ leaves["A"].detach().double().T
+
     got = third_derivative(kernel, leaves["x"].detach().clone().requires_grad_())
     want = third_derivative(plain, leaves["x"].detach().double().requires_grad_())
     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
