@@ -51,8 +51,9 @@ TORCH_LIBRARY(lowrank_kernels, m) {
   m.def("empty_output_cache() -> ()", &cpu::empty_output_cache);
   m.def("quantize_nf4(Tensor w, int blocksize) -> (Tensor packed, Tensor absmax)");
   m.def("dequantize_nf4(Tensor packed, Tensor absmax, int blocksize, int numel, ScalarType dtype) -> Tensor");
-  m.def("dequantize_nf4.out(Tensor packed, Tensor absmax, int blocksize, int numel, ScalarType dtype, *, "
-        "Tensor(a!) out) -> ()");
+  m.def(
+      "dequantize_nf4.out(Tensor packed, Tensor absmax, int blocksize, int numel, ScalarType dtype, *, "
+      "Tensor(a!) out) -> ()");
   m.def("quantize_blockwise8(Tensor x, Tensor code, int blocksize) -> (Tensor q, Tensor absmax)");
   m.def("dequantize_blockwise8(Tensor q, Tensor absmax, Tensor code, int blocksize) -> Tensor");
   // Fused QPiSSA linear, W = dequantize_nf4(packed, absmax) viewed [out_features, in_features]:
@@ -61,14 +62,18 @@ TORCH_LIBRARY(lowrank_kernels, m) {
   //   nf4_lowrank_linear_grad_input:
   //                        dx = grad_y @ W + scale * lowrank_grad @ down          [M, in_features]
   //   fused_pissa_linear_nf4: the autograd op, y = x @ W^T + scale * (x @ B^T) @ A^T (+ bias)
-  m.def("nf4_lowrank_linear(Tensor x, Tensor packed, Tensor absmax, int blocksize, int out_features, "
-        "Tensor lowrank_x, Tensor up, float scale, Tensor? bias) -> Tensor");
-  m.def("nf4_lowrank_gemv(Tensor x, Tensor packed, Tensor absmax, int blocksize, int out_features, "
-        "Tensor lowrank_x, Tensor up, float scale, Tensor? bias) -> Tensor");
-  m.def("nf4_lowrank_linear_grad_input(Tensor grad_y, Tensor packed, Tensor absmax, int blocksize, "
-        "int in_features, Tensor lowrank_grad, Tensor down, float scale) -> Tensor");
-  m.def("fused_pissa_linear_nf4(Tensor x, Tensor packed, Tensor absmax, int blocksize, Tensor A, Tensor B, "
-        "Tensor? bias, float scale) -> Tensor");
+  m.def(
+      "nf4_lowrank_linear(Tensor x, Tensor packed, Tensor absmax, int blocksize, int out_features, "
+      "Tensor lowrank_x, Tensor up, float scale, Tensor? bias) -> Tensor");
+  m.def(
+      "nf4_lowrank_gemv(Tensor x, Tensor packed, Tensor absmax, int blocksize, int out_features, "
+      "Tensor lowrank_x, Tensor up, float scale, Tensor? bias) -> Tensor");
+  m.def(
+      "nf4_lowrank_linear_grad_input(Tensor grad_y, Tensor packed, Tensor absmax, int blocksize, "
+      "int in_features, Tensor lowrank_grad, Tensor down, float scale) -> Tensor");
+  m.def(
+      "fused_pissa_linear_nf4(Tensor x, Tensor packed, Tensor absmax, int blocksize, Tensor A, Tensor B, "
+      "Tensor? bias, float scale) -> Tensor");
   // Decompositions, W / Y batched over leading dims, results in fp32:
   //   row_col_sq_norms: (sum_j W_ij^2 [..., m], sum_i W_ij^2 [..., n]) in one pass over W [..., m, n]
   //   gram:             Y^T Y [..., k, k] of a tall-skinny Y [..., m, k], accumulated in fp32
@@ -77,18 +82,22 @@ TORCH_LIBRARY(lowrank_kernels, m) {
   //   skinny_matmul:    W @ X or Wᵀ @ X [..., M|N, l] fp32 for W [..., M, N] (any float dtype), thin fp32 X
   m.def("skinny_matmul(Tensor w, Tensor x, bool transpose_w) -> Tensor");
   // Robust PiSSA (IRLS for min Σ huber(A B − W)), E = A B − W formed in registers, never stored:
-  //   huber_weights: (ω(E) [..., m, n], ψ(E) [..., m, n] at weight_delta, [Σ huber(E) at loss_delta, Σ |E|] [..., 2] fp64),
+  //   huber_weights: (ω(E) [..., m, n], ψ(E) [..., m, n] at weight_delta, [Σ huber(E) at loss_delta, Σ |E|] [..., 2]
+  //   fp64),
   //                  deltas: fp32 [...], one per matrix
-  m.def("huber_weights(Tensor w, Tensor a, Tensor b, Tensor weight_delta, Tensor loss_delta) -> "
-        "(Tensor omega, Tensor psi, Tensor stats)");
+  m.def(
+      "huber_weights(Tensor w, Tensor a, Tensor b, Tensor weight_delta, Tensor loss_delta) -> "
+      "(Tensor omega, Tensor psi, Tensor stats)");
   //   spd_solve: x = (G + λI)⁻¹ g for small symmetric PSD G [..., r, r], g [..., r] (fp32; fp64 inside;
   //              λ = 0 unless Cholesky fails, then a growing ridge)
   m.def("spd_solve(Tensor gram, Tensor rhs) -> Tensor");
   //   huber_normal_equations: the IRLS step's normal equations for every column j of W, in one read of W:
-  //                           (G [..., n, r, r] = Σ_i ω(E_ij) a_i a_iᵀ, g [..., n, r] = Σ_i ψ(E_ij) a_i, stats [..., 2])
+  //                           (G [..., n, r, r] = Σ_i ω(E_ij) a_i a_iᵀ, g [..., n, r] = Σ_i ψ(E_ij) a_i, stats [...,
+  //                           2])
   //   huber_loss:             stats only ([Σ huber(E) at loss_delta, Σ |E|] [..., 2] fp64)
-  m.def("huber_normal_equations(Tensor w, Tensor a, Tensor b, Tensor weight_delta, Tensor loss_delta) -> "
-        "(Tensor gram, Tensor grad, Tensor stats)");
+  m.def(
+      "huber_normal_equations(Tensor w, Tensor a, Tensor b, Tensor weight_delta, Tensor loss_delta) -> "
+      "(Tensor gram, Tensor grad, Tensor stats)");
   m.def("huber_loss(Tensor w, Tensor a, Tensor b, Tensor loss_delta) -> Tensor");
 }
 

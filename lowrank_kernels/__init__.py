@@ -7,6 +7,7 @@ adapters (PiSSALinear, convert_model, QPiSSA, checkpoints; more in lowrank_kerne
 build_info(); the CPU output cache (output_cache_info, set_output_cache_limit,
 empty_output_cache).
 """
+
 from lowrank_kernels._extension import ExtensionNotBuiltError
 from lowrank_kernels.adapters import (
     PiSSALinear,

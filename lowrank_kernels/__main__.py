@@ -11,6 +11,7 @@
 Bad input (missing path, unknown init, rank too large, targets matching nothing, corrupted
 file) prints one error line and exits with status 2.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,8 +27,9 @@ INPUT_ERRORS = (ValueError, TypeError, OSError, RuntimeError)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lowrank-kernels", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="lowrank-kernels", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="what the compiled core contains and which backend serves each op")
 
@@ -35,57 +37,95 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--rank", type=int, default=16, help="adapter rank (default 16)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--quick", action="store_true", help="only encoder layer 0's six linears, shorter timings")
-    demo.add_argument("--plot", default=None, help="PNG path (default bench/results/demo.png of the checkout, "
-                                                   "else of the working directory)")
-    demo.add_argument("--threads", type=int, default=1,
-                      help="intra-op threads (default 1: on a shared machine, more threads wait for each other in "
-                           "LAPACK's many small parallel regions and the demo can take 10x longer)")
+    demo.add_argument(
+        "--plot",
+        default=None,
+        help="PNG path (default bench/results/demo.png of the checkout, else of the working directory)",
+    )
+    demo.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="intra-op threads (default 1: on a shared machine, more threads wait for each other in "
+        "LAPACK's many small parallel regions and the demo can take 10x longer)",
+    )
 
-    convert = sub.add_parser("convert", help="model directory or safetensors file -> adapter checkpoint",
-                             description="Converts the linear layers of a Hugging Face model directory (config.json "
-                             "+ safetensors shards) or of a bare safetensors file (every 2-D <name>.weight but "
-                             "embeddings) into PiSSA-family adapters, streaming: one batch of layers is in memory "
-                             "at a time and each output shard is written as soon as it is done. --format lowrank "
-                             "writes this library's checked checkpoint (one file if OUTPUT ends in .safetensors, "
-                             "else a directory of shards; load it with lowrank_kernels.adapters.load_converted); "
-                             "--format peft writes OUTPUT/residual (a transformers model directory holding W_res) "
-                             "and OUTPUT/adapter (a PEFT LoRA adapter), loaded with PeftModel.from_pretrained. "
-                             "Under torchrun --nproc_per_node=N each process converts and writes its own shards.")
+    convert = sub.add_parser(
+        "convert",
+        help="model directory or safetensors file -> adapter checkpoint",
+        description="Converts the linear layers of a Hugging Face model directory (config.json "
+        "+ safetensors shards) or of a bare safetensors file (every 2-D <name>.weight but "
+        "embeddings) into PiSSA-family adapters, streaming: one batch of layers is in memory "
+        "at a time and each output shard is written as soon as it is done. --format lowrank "
+        "writes this library's checked checkpoint (one file if OUTPUT ends in .safetensors, "
+        "else a directory of shards; load it with lowrank_kernels.adapters.load_converted); "
+        "--format peft writes OUTPUT/residual (a transformers model directory holding W_res) "
+        "and OUTPUT/adapter (a PEFT LoRA adapter), loaded with PeftModel.from_pretrained. "
+        "Under torchrun --nproc_per_node=N each process converts and writes its own shards.",
+    )
     convert.add_argument("source", help="Hugging Face model directory or .safetensors file")
-    convert.add_argument("--output", "-o", required=True,
-                         help="output: a .safetensors file or a directory (--format lowrank), a directory (peft)")
-    convert.add_argument("--format", default="lowrank", choices=["lowrank", "peft"],
-                         help="lowrank: checked adapter checkpoint (default); peft: transformers residual model + "
-                              "PEFT adapter")
+    convert.add_argument(
+        "--output",
+        "-o",
+        required=True,
+        help="output: a .safetensors file or a directory (--format lowrank), a directory (peft)",
+    )
+    convert.add_argument(
+        "--format",
+        default="lowrank",
+        choices=["lowrank", "peft"],
+        help="lowrank: checked adapter checkpoint (default); peft: transformers residual model + PEFT adapter",
+    )
     convert.add_argument("--rank", type=int, default=16, help="adapter rank (default 16)")
     convert.add_argument("--init", default="rsvd", choices=list(INITS), help="PiSSA split (default rsvd)")
-    convert.add_argument("--quantize", default="none", choices=["nf4", "none"],
-                         help="residual storage: nf4 (QPiSSA) or none (dense PiSSA; default)")
-    convert.add_argument("--quant-iters", type=int, default=None,
-                         help="QPiSSA rounds, with --quantize nf4 only (default 1)")
+    convert.add_argument(
+        "--quantize",
+        default="none",
+        choices=["nf4", "none"],
+        help="residual storage: nf4 (QPiSSA) or none (dense PiSSA; default)",
+    )
+    convert.add_argument(
+        "--quant-iters", type=int, default=None, help="QPiSSA rounds, with --quantize nf4 only (default 1)"
+    )
     targets = convert.add_mutually_exclusive_group()
-    targets.add_argument("--target-modules", nargs="+", metavar="NAME",
-                         help="module names or name suffixes (e.g. query key value); default: every linear but "
-                              "the output embedding")
+    targets.add_argument(
+        "--target-modules",
+        nargs="+",
+        metavar="NAME",
+        help="module names or name suffixes (e.g. query key value); default: every linear but the output embedding",
+    )
     targets.add_argument("--target-regex", metavar="REGEX", help="regex that must match whole module names")
     convert.add_argument("--seed", type=int, default=0, help="layer NAME draws from a generator seeded by (seed, NAME)")
-    convert.add_argument("--metrics", action="store_true",
-                         help="report each layer's reconstruction error and (nf4) quantization error reduction "
-                              "(full nuclear norms: about as long as the conversion itself with nf4)")
-    convert.add_argument("--max-shard-size", default="2GB", metavar="SIZE",
-                         help="directory outputs: a shard holds at most SIZE of output, made from at most SIZE of "
-                              "source tensors, e.g. 500MB, 2GB (default 2GB); torchrun ranks share out whole shards")
-    convert.add_argument("--resume", action="store_true",
-                         help="continue an interrupted conversion into OUTPUT: finished shards whose digests "
-                              "check are kept")
+    convert.add_argument(
+        "--metrics",
+        action="store_true",
+        help="report each layer's reconstruction error and (nf4) quantization error reduction "
+        "(full nuclear norms: about as long as the conversion itself with nf4)",
+    )
+    convert.add_argument(
+        "--max-shard-size",
+        default="2GB",
+        metavar="SIZE",
+        help="directory outputs: a shard holds at most SIZE of output, made from at most SIZE of "
+        "source tensors, e.g. 500MB, 2GB (default 2GB); torchrun ranks share out whole shards",
+    )
+    convert.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted conversion into OUTPUT: finished shards whose digests check are kept",
+    )
     convert.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT")
-    convert.add_argument("--threads", type=int, default=None,
-                         help="intra-op threads per process (default: the available cores divided by the "
-                              "processes of this node)")
+    convert.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="intra-op threads per process (default: the available cores divided by the processes of this node)",
+    )
 
     bench = sub.add_parser("bench", help="run the benchmarks (lowrank_kernels.bench)")
-    bench.add_argument("names", nargs="*", metavar="NAME",
-                       help=f"benchmarks to run (default all): {', '.join(BENCHMARKS)}")
+    bench.add_argument(
+        "names", nargs="*", metavar="NAME", help=f"benchmarks to run (default all): {', '.join(BENCHMARKS)}"
+    )
     bench.add_argument("--quick", action="store_true", help="each benchmark's short variant")
     bench.add_argument("--out", default=None, help="results directory (default bench/results)")
     return parser
@@ -144,11 +184,21 @@ def _convert(args: argparse.Namespace) -> int:
         _init_process_group(ddist.default_backend())
     try:
         report = convert_files(
-            args.source, args.output, fmt=args.format, rank=args.rank, init=args.init,
+            args.source,
+            args.output,
+            fmt=args.format,
+            rank=args.rank,
+            init=args.init,
             target_modules=args.target_regex or args.target_modules,
-            quantize=None if args.quantize == "none" else args.quantize, quant_iters=1 if args.quant_iters is None else args.quant_iters,
-            seed=args.seed, metrics=args.metrics, max_shard_size=_size(args.max_shard_size), resume=args.resume,
-            overwrite=args.overwrite, progress=sys.stderr.isatty())
+            quantize=None if args.quantize == "none" else args.quantize,
+            quant_iters=1 if args.quant_iters is None else args.quant_iters,
+            seed=args.seed,
+            metrics=args.metrics,
+            max_shard_size=_size(args.max_shard_size),
+            resume=args.resume,
+            overwrite=args.overwrite,
+            progress=sys.stderr.isatty(),
+        )
         if report is not None:  # rank 0 (or the only process)
             print(report)
             print(f"wrote {args.output} ({_disk_size(args.output) / 2**20:.1f} MiB)")
@@ -168,8 +218,18 @@ def _threads(requested: int | None) -> int:
     return max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
-          "GIB": 2**30, "TIB": 2**40}
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
 
 
 def _size(text: str) -> int:
@@ -210,8 +270,13 @@ def _bench(args: argparse.Namespace) -> int:
         raise ValueError(f"unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}")
     failed = []
     for name in args.names or BENCHMARKS:
-        command = [sys.executable, "-m", f"lowrank_kernels.bench.{name}", *(["--quick"] if args.quick else []),
-                   *(["--out", args.out] if args.out else [])]
+        command = [
+            sys.executable,
+            "-m",
+            f"lowrank_kernels.bench.{name}",
+            *(["--quick"] if args.quick else []),
+            *(["--out", args.out] if args.out else []),
+        ]
         print(f"== {' '.join(command[1:])}", flush=True)
         if subprocess.run(command, env=env).returncode != 0:
             failed.append(name)

@@ -1,4 +1,5 @@
 """Argument checks shared by the Python APIs: each error names the argument, its shape and dtype."""
+
 from __future__ import annotations
 
 from typing import Any

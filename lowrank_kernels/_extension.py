@@ -6,6 +6,7 @@ is chosen when _C loads (csrc/cpu/isa_dispatch.cpp): the best this CPU runs, or 
 LOWRANK_KERNELS_ISA=scalar|avx2|avx512 forces; forcing one the CPU lacks makes the load fail
 with UnsupportedIsaError.
 """
+
 from __future__ import annotations
 
 import importlib

@@ -1,6 +1,7 @@
 """Random draws of the decompositions: one generator per matrix of a batch, drawn matrix by
 matrix on the generator's device, so a batch sees the draws of a loop over its matrices and a
 seed gives the same numbers whatever device W is on."""
+
 from __future__ import annotations
 
 import math
@@ -23,8 +24,10 @@ def matrix_generators(generator: Any, batch: tuple[int, ...]) -> list[torch.Gene
         return [generator] * count
     generators = list(generator) if isinstance(generator, Sequence) else None
     if generators is None or len(generators) != count or not all(isinstance(g, torch.Generator) for g in generators):
-        raise ValueError(f"generator must be a torch.Generator, None or a sequence of {count} torch.Generators "
-                         f"(one per matrix of batch {tuple(batch)}), got {generator!r}")
+        raise ValueError(
+            f"generator must be a torch.Generator, None or a sequence of {count} torch.Generators "
+            f"(one per matrix of batch {tuple(batch)}), got {generator!r}"
+        )
     return generators
 
 
@@ -45,7 +48,10 @@ def gaussian(shape: tuple[int, ...], generators: list[torch.Generator | None], l
 def uniforms(batch: tuple[int, ...], sizes: tuple[int, ...], generator: Generators, device) -> list[torch.Tensor]:
     """fp64 U(0, 1) draws ``[*batch, size]`` for each size, drawn matrix by matrix from its
     generator (a batch sees the same draws as a loop over its matrices with the same generator)."""
-    draws_of = [[torch.rand(size, generator=g, device=draw_device(g), dtype=torch.float64) for size in sizes]
-                for g in matrix_generators(generator, batch)]
-    return [torch.stack([draws[j] for draws in draws_of]).reshape(*batch, size).to(device)
-            for j, size in enumerate(sizes)]
+    draws_of = [
+        [torch.rand(size, generator=g, device=draw_device(g), dtype=torch.float64) for size in sizes]
+        for g in matrix_generators(generator, batch)
+    ]
+    return [
+        torch.stack([draws[j] for draws in draws_of]).reshape(*batch, size).to(device) for j, size in enumerate(sizes)
+    ]

@@ -14,6 +14,7 @@ kernels live in ``csrc/cuda``. Everything else an op needs is here, one `Op` per
   the extension was compiled without nvcc;
 * what serves it on each device, the table `backends()` that `build_info()` reports.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -108,6 +109,7 @@ def _gemm() -> str:
 
 # ---- Python CUDA kernels -------------------------------------------------------------------------
 
+
 def triton_or_reference(module: str, name: str, reference: Callable) -> Callable:
     """``lowrank_kernels.triton.<module>.<name>`` (imported on first call: Triton is heavy to
     import), or the PyTorch ``reference`` where Triton is missing."""
@@ -147,8 +149,9 @@ def triton_or_reference_gemm() -> tuple[Callable, Callable]:
 def nf4_lowrank_linear_cuda(x, packed, absmax, blocksize, out_features, lowrank_x, up, scale, bias):
     """Few tokens: the GEMV op (CUDA C++, or the GEMM kernel without nvcc); more: the GEMM kernel."""
     if x.shape[0] <= cuda_gemv_max_tokens():
-        return torch.ops.lowrank_kernels.nf4_lowrank_gemv(x, packed, absmax, blocksize, out_features, lowrank_x,
-                                                          up, scale, bias)
+        return torch.ops.lowrank_kernels.nf4_lowrank_gemv(
+            x, packed, absmax, blocksize, out_features, lowrank_x, up, scale, bias
+        )
     return triton_or_reference_gemm()[0](x, packed, absmax, blocksize, out_features, lowrank_x, up, scale, bias)
 
 
@@ -184,8 +187,9 @@ def spd_solve_batched(gram: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
     if gram.dtype != torch.float32 or rhs.dtype != torch.float32:
         raise RuntimeError(f"gram and rhs must be float32, got {gram.dtype} and {rhs.dtype}")
     if rhs.dim() < 1 or gram.shape != (*rhs.shape, rhs.shape[-1]):
-        raise RuntimeError(f"gram must be [..., r, r] and rhs [..., r], got shapes {list(gram.shape)} and "
-                           f"{list(rhs.shape)}")
+        raise RuntimeError(
+            f"gram must be [..., r, r] and rhs [..., r], got shapes {list(gram.shape)} and {list(rhs.shape)}"
+        )
     G = gram.double()
     scale = G.diagonal(dim1=-2, dim2=-1).mean(-1).clamp(min=1e-300)[..., None, None]
     eye = torch.eye(G.shape[-1], dtype=G.dtype, device=G.device)
@@ -206,18 +210,26 @@ def spd_solve_batched(gram: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
 # transpose in W_res, so each one's backward is the other (at rank 0) plus thin ATen GEMMs: both
 # are differentiable to any order, and so is fused_pissa_linear_nf4, whose backward uses them.
 
+
 def _times_residual(x, packed, absmax, blocksize, out_features):
     """``x [M, in] @ W_resᵀ`` by the fused kernel with no low-rank term."""
-    return torch.ops.lowrank_kernels.nf4_lowrank_linear(x, packed, absmax, blocksize, out_features,
-                                                        x.new_zeros(x.shape[0], 0), x.new_zeros(out_features, 0),
-                                                        1.0, None)
+    return torch.ops.lowrank_kernels.nf4_lowrank_linear(
+        x, packed, absmax, blocksize, out_features, x.new_zeros(x.shape[0], 0), x.new_zeros(out_features, 0), 1.0, None
+    )
 
 
 def _times_residual_t(grad_y, packed, absmax, blocksize, in_features):
     """``grad_y [M, out] @ W_res`` by the fused grad-input kernel with no low-rank term."""
     return torch.ops.lowrank_kernels.nf4_lowrank_linear_grad_input(
-        grad_y, packed, absmax, blocksize, in_features, grad_y.new_zeros(grad_y.shape[0], 0),
-        grad_y.new_zeros(0, in_features), 1.0)
+        grad_y,
+        packed,
+        absmax,
+        blocksize,
+        in_features,
+        grad_y.new_zeros(grad_y.shape[0], 0),
+        grad_y.new_zeros(0, in_features),
+        1.0,
+    )
 
 
 def _linear_setup_context(ctx, inputs, output):
@@ -253,8 +265,9 @@ def _grad_input_backward(ctx, grad_dx):
 
 def _fused_forward(x, packed, absmax, blocksize, A, B, bias, scale):
     """``x [M, in]`` -> ``[M, out]``: the fused kernel with the low-rank input ``x Bᵀ``."""
-    return torch.ops.lowrank_kernels.nf4_lowrank_linear(x, packed, absmax, blocksize, A.shape[0], x @ B.T, A,
-                                                        scale, bias)
+    return torch.ops.lowrank_kernels.nf4_lowrank_linear(
+        x, packed, absmax, blocksize, A.shape[0], x @ B.T, A, scale, bias
+    )
 
 
 def _fused_setup_context(ctx, inputs, output):
@@ -271,7 +284,8 @@ def _fused_backward(ctx, grad_y):
     grad_x = grad_A = grad_B = grad_bias = None
     if needs_x:
         grad_x = torch.ops.lowrank_kernels.nf4_lowrank_linear_grad_input(
-            grad_y, packed, absmax, ctx.blocksize, x.shape[1], grad_lowrank, B, ctx.scale)
+            grad_y, packed, absmax, ctx.blocksize, x.shape[1], grad_lowrank, B, ctx.scale
+        )
     if needs_A:
         grad_A = ctx.scale * (grad_y.T @ (x @ B.T))
     if needs_B:
@@ -282,6 +296,7 @@ def _fused_backward(ctx, grad_y):
 
 
 # ---- fake kernels --------------------------------------------------------------------------------
+
 
 def _nblocks(n: int, blocksize: int) -> int:
     return (n + blocksize - 1) // blocksize
@@ -302,8 +317,11 @@ def _huber_stats_fake(w):
 
 def _huber_normal_equations_fake(w, a, b, weight_delta, loss_delta):
     n, r = w.shape[-1], a.shape[-1]
-    return (w.new_empty((*w.shape[:-2], n, r, r), dtype=torch.float32),
-            w.new_empty((*w.shape[:-2], n, r), dtype=torch.float32), _huber_stats_fake(w))
+    return (
+        w.new_empty((*w.shape[:-2], n, r, r), dtype=torch.float32),
+        w.new_empty((*w.shape[:-2], n, r), dtype=torch.float32),
+        _huber_stats_fake(w),
+    )
 
 
 def _skinny_matmul_fake(w, x, transpose_w):
@@ -313,10 +331,12 @@ def _skinny_matmul_fake(w, x, transpose_w):
 
 # ---- the table -----------------------------------------------------------------------------------
 
+
 def _fused_linear_cpu(kernels: str) -> Callable[[], str]:
     m = cpu_decode_max_tokens
-    return {"decode": lambda: f"{_cxx()} decode",
-            "both": lambda: f"{_cxx()} decode (M<={m()}), panel GEMM (M>{m()})"}[kernels]
+    return {"decode": lambda: f"{_cxx()} decode", "both": lambda: f"{_cxx()} decode (M<={m()}), panel GEMM (M>{m()})"}[
+        kernels
+    ]
 
 
 def _gemv_label() -> str:
@@ -329,76 +349,176 @@ OPS_TABLE: tuple[Op, ...] = (
     # the extension itself
     Op("build_info", "build_info() -> str", "runtime", describe_cpu=lambda: "C++"),
     Op("output_cache_info", "output_cache_info() -> int[]", "runtime", describe_cpu=lambda: "C++"),
-    Op("set_output_cache_limit", "set_output_cache_limit(int max_bytes) -> ()", "runtime",
-       describe_cpu=lambda: "C++"),
+    Op("set_output_cache_limit", "set_output_cache_limit(int max_bytes) -> ()", "runtime", describe_cpu=lambda: "C++"),
     Op("empty_output_cache", "empty_output_cache() -> ()", "runtime", describe_cpu=lambda: "C++"),
     # NF4 storage
-    Op("quantize_nf4", "quantize_nf4(Tensor w, int blocksize) -> (Tensor packed, Tensor absmax)", "nf4",
-       fake=_quantize_nf4_fake, cuda=_quantize_nf4_cuda, cuda_cpp="CUDA C++", describe_cuda=_gemm),
-    Op("dequantize_nf4",
-       "dequantize_nf4(Tensor packed, Tensor absmax, int blocksize, int numel, ScalarType dtype) -> Tensor", "nf4",
-       fake=lambda packed, absmax, blocksize, numel, dtype: packed.new_empty(numel, dtype=dtype),
-       cuda=_dequantize_nf4_cuda, cuda_cpp="CUDA C++", describe_cuda=_gemm),
-    Op("dequantize_nf4.out", "dequantize_nf4.out(Tensor packed, Tensor absmax, int blocksize, int numel, "
-       "ScalarType dtype, *, Tensor(a!) out) -> ()", "nf4",
-       fake=lambda packed, absmax, blocksize, numel, dtype, *, out: None,
-       cuda=_dequantize_nf4_out_cuda, cuda_cpp="CUDA C++", describe_cuda=_gemm),
-    Op("quantize_blockwise8", "quantize_blockwise8(Tensor x, Tensor code, int blocksize) -> (Tensor q, Tensor absmax)",
-       "nf4", fake=lambda x, code, blocksize: (x.new_empty(x.numel(), dtype=torch.uint8),
-                                                x.new_empty(_nblocks(x.numel(), blocksize))),
-       cuda=nf4_ref.quantize_blockwise8_ref, cuda_cpp="CUDA C++", describe_cuda=lambda: "PyTorch reference"),
-    Op("dequantize_blockwise8", "dequantize_blockwise8(Tensor q, Tensor absmax, Tensor code, int blocksize) -> Tensor",
-       "nf4", fake=lambda q, absmax, code, blocksize: absmax.new_empty(q.numel()),
-       cuda=nf4_ref.dequantize_blockwise8_ref, cuda_cpp="CUDA C++", describe_cuda=lambda: "PyTorch reference"),
+    Op(
+        "quantize_nf4",
+        "quantize_nf4(Tensor w, int blocksize) -> (Tensor packed, Tensor absmax)",
+        "nf4",
+        fake=_quantize_nf4_fake,
+        cuda=_quantize_nf4_cuda,
+        cuda_cpp="CUDA C++",
+        describe_cuda=_gemm,
+    ),
+    Op(
+        "dequantize_nf4",
+        "dequantize_nf4(Tensor packed, Tensor absmax, int blocksize, int numel, ScalarType dtype) -> Tensor",
+        "nf4",
+        fake=lambda packed, absmax, blocksize, numel, dtype: packed.new_empty(numel, dtype=dtype),
+        cuda=_dequantize_nf4_cuda,
+        cuda_cpp="CUDA C++",
+        describe_cuda=_gemm,
+    ),
+    Op(
+        "dequantize_nf4.out",
+        "dequantize_nf4.out(Tensor packed, Tensor absmax, int blocksize, int numel, "
+        "ScalarType dtype, *, Tensor(a!) out) -> ()",
+        "nf4",
+        fake=lambda packed, absmax, blocksize, numel, dtype, *, out: None,
+        cuda=_dequantize_nf4_out_cuda,
+        cuda_cpp="CUDA C++",
+        describe_cuda=_gemm,
+    ),
+    Op(
+        "quantize_blockwise8",
+        "quantize_blockwise8(Tensor x, Tensor code, int blocksize) -> (Tensor q, Tensor absmax)",
+        "nf4",
+        fake=lambda x, code, blocksize: (
+            x.new_empty(x.numel(), dtype=torch.uint8),
+            x.new_empty(_nblocks(x.numel(), blocksize)),
+        ),
+        cuda=nf4_ref.quantize_blockwise8_ref,
+        cuda_cpp="CUDA C++",
+        describe_cuda=lambda: "PyTorch reference",
+    ),
+    Op(
+        "dequantize_blockwise8",
+        "dequantize_blockwise8(Tensor q, Tensor absmax, Tensor code, int blocksize) -> Tensor",
+        "nf4",
+        fake=lambda q, absmax, code, blocksize: absmax.new_empty(q.numel()),
+        cuda=nf4_ref.dequantize_blockwise8_ref,
+        cuda_cpp="CUDA C++",
+        describe_cuda=lambda: "PyTorch reference",
+    ),
     # the fused linear
-    Op("nf4_lowrank_linear", "nf4_lowrank_linear(Tensor x, Tensor packed, Tensor absmax, int blocksize, "
-       "int out_features, Tensor lowrank_x, Tensor up, float scale, Tensor? bias) -> Tensor", "fused_linear",
-       fake=_linear_fake, autograd=(_linear_backward, _linear_setup_context), cuda=nf4_lowrank_linear_cuda,
-       describe_cpu=_fused_linear_cpu("both"),
-       describe_cuda=lambda: f"{_gemv_label()} (M<={cuda_gemv_max_tokens()}), {_gemm()} GEMM "
-                             f"(M>{cuda_gemv_max_tokens()})"),
-    Op("nf4_lowrank_gemv", "nf4_lowrank_gemv(Tensor x, Tensor packed, Tensor absmax, int blocksize, "
-       "int out_features, Tensor lowrank_x, Tensor up, float scale, Tensor? bias) -> Tensor", "fused_linear",
-       fake=_linear_fake, autograd=(_linear_backward, _linear_setup_context), cuda=nf4_lowrank_gemv_cuda,
-       cuda_cpp="CUDA C++ GEMV", describe_cpu=_fused_linear_cpu("decode"), describe_cuda=_gemm),
-    Op("nf4_lowrank_linear_grad_input", "nf4_lowrank_linear_grad_input(Tensor grad_y, Tensor packed, "
-       "Tensor absmax, int blocksize, int in_features, Tensor lowrank_grad, Tensor down, float scale) -> Tensor",
-       "fused_linear",
-       fake=lambda grad_y, packed, absmax, blocksize, in_features, lowrank_grad, down, scale:
-           grad_y.new_empty(grad_y.shape[0], in_features),
-       autograd=(_grad_input_backward, _grad_input_setup_context), cuda=nf4_lowrank_grad_input_cuda,
-       describe_cpu=_fused_linear_cpu("both"), describe_cuda=lambda: f"{_gemm()} GEMM"),
-    Op("fused_pissa_linear_nf4", "fused_pissa_linear_nf4(Tensor x, Tensor packed, Tensor absmax, int blocksize, "
-       "Tensor A, Tensor B, Tensor? bias, float scale) -> Tensor", "fused_linear",
-       fake=lambda x, packed, absmax, blocksize, A, B, bias, scale: x.new_empty(x.shape[0], A.shape[0]),
-       autograd=(_fused_backward, _fused_setup_context), cuda=_fused_forward, cpu_python=_fused_forward,
-       describe_cpu=lambda: _COMPOSED, describe_cuda=lambda: _COMPOSED),
+    Op(
+        "nf4_lowrank_linear",
+        "nf4_lowrank_linear(Tensor x, Tensor packed, Tensor absmax, int blocksize, "
+        "int out_features, Tensor lowrank_x, Tensor up, float scale, Tensor? bias) -> Tensor",
+        "fused_linear",
+        fake=_linear_fake,
+        autograd=(_linear_backward, _linear_setup_context),
+        cuda=nf4_lowrank_linear_cuda,
+        describe_cpu=_fused_linear_cpu("both"),
+        describe_cuda=lambda: (
+            f"{_gemv_label()} (M<={cuda_gemv_max_tokens()}), {_gemm()} GEMM (M>{cuda_gemv_max_tokens()})"
+        ),
+    ),
+    Op(
+        "nf4_lowrank_gemv",
+        "nf4_lowrank_gemv(Tensor x, Tensor packed, Tensor absmax, int blocksize, "
+        "int out_features, Tensor lowrank_x, Tensor up, float scale, Tensor? bias) -> Tensor",
+        "fused_linear",
+        fake=_linear_fake,
+        autograd=(_linear_backward, _linear_setup_context),
+        cuda=nf4_lowrank_gemv_cuda,
+        cuda_cpp="CUDA C++ GEMV",
+        describe_cpu=_fused_linear_cpu("decode"),
+        describe_cuda=_gemm,
+    ),
+    Op(
+        "nf4_lowrank_linear_grad_input",
+        "nf4_lowrank_linear_grad_input(Tensor grad_y, Tensor packed, "
+        "Tensor absmax, int blocksize, int in_features, Tensor lowrank_grad, Tensor down, float scale) -> Tensor",
+        "fused_linear",
+        fake=lambda grad_y, packed, absmax, blocksize, in_features, lowrank_grad, down, scale: grad_y.new_empty(
+            grad_y.shape[0], in_features
+        ),
+        autograd=(_grad_input_backward, _grad_input_setup_context),
+        cuda=nf4_lowrank_grad_input_cuda,
+        describe_cpu=_fused_linear_cpu("both"),
+        describe_cuda=lambda: f"{_gemm()} GEMM",
+    ),
+    Op(
+        "fused_pissa_linear_nf4",
+        "fused_pissa_linear_nf4(Tensor x, Tensor packed, Tensor absmax, int blocksize, "
+        "Tensor A, Tensor B, Tensor? bias, float scale) -> Tensor",
+        "fused_linear",
+        fake=lambda x, packed, absmax, blocksize, A, B, bias, scale: x.new_empty(x.shape[0], A.shape[0]),
+        autograd=(_fused_backward, _fused_setup_context),
+        cuda=_fused_forward,
+        cpu_python=_fused_forward,
+        describe_cpu=lambda: _COMPOSED,
+        describe_cuda=lambda: _COMPOSED,
+    ),
     # decompositions
-    Op("row_col_sq_norms", "row_col_sq_norms(Tensor w) -> (Tensor row_norms, Tensor col_norms)", "decompose",
-       fake=lambda w: (w.new_empty(w.shape[:-1], dtype=torch.float32),
-                       w.new_empty((*w.shape[:-2], w.shape[-1]), dtype=torch.float32)),
-       cuda=_row_col_sq_norms_cuda, cuda_cpp="CUDA C++", describe_cuda=_gemm),
-    Op("gram", "gram(Tensor y) -> Tensor", "decompose",
-       fake=lambda y: y.new_empty((*y.shape[:-2], y.shape[-1], y.shape[-1]), dtype=torch.float32),
-       cuda=_gram_cuda, describe_cuda=_gemm),
-    Op("skinny_matmul", "skinny_matmul(Tensor w, Tensor x, bool transpose_w) -> Tensor", "decompose",
-       fake=_skinny_matmul_fake, describe_cuda=lambda: "unused (rsvd uses cuBLAS)"),
+    Op(
+        "row_col_sq_norms",
+        "row_col_sq_norms(Tensor w) -> (Tensor row_norms, Tensor col_norms)",
+        "decompose",
+        fake=lambda w: (
+            w.new_empty(w.shape[:-1], dtype=torch.float32),
+            w.new_empty((*w.shape[:-2], w.shape[-1]), dtype=torch.float32),
+        ),
+        cuda=_row_col_sq_norms_cuda,
+        cuda_cpp="CUDA C++",
+        describe_cuda=_gemm,
+    ),
+    Op(
+        "gram",
+        "gram(Tensor y) -> Tensor",
+        "decompose",
+        fake=lambda y: y.new_empty((*y.shape[:-2], y.shape[-1], y.shape[-1]), dtype=torch.float32),
+        cuda=_gram_cuda,
+        describe_cuda=_gemm,
+    ),
+    Op(
+        "skinny_matmul",
+        "skinny_matmul(Tensor w, Tensor x, bool transpose_w) -> Tensor",
+        "decompose",
+        fake=_skinny_matmul_fake,
+        describe_cuda=lambda: "unused (rsvd uses cuBLAS)",
+    ),
     # Robust PiSSA
-    Op("huber_weights", "huber_weights(Tensor w, Tensor a, Tensor b, Tensor weight_delta, Tensor loss_delta) -> "
-       "(Tensor omega, Tensor psi, Tensor stats)", "robust",
-       fake=lambda w, a, b, weight_delta, loss_delta: (torch.empty_like(w, dtype=torch.float32),
-                                                       torch.empty_like(w, dtype=torch.float32), _huber_stats_fake(w)),
-       cuda=huber_weights_cuda, describe_cuda=_gemm),
-    Op("spd_solve", "spd_solve(Tensor gram, Tensor rhs) -> Tensor", "robust",
-       fake=lambda gram, rhs: torch.empty_like(rhs), cuda=spd_solve_batched,
-       describe_cuda=lambda: "torch.linalg (batched Cholesky)"),
-    Op("huber_normal_equations", "huber_normal_equations(Tensor w, Tensor a, Tensor b, Tensor weight_delta, "
-       "Tensor loss_delta) -> (Tensor gram, Tensor grad, Tensor stats)", "robust",
-       fake=_huber_normal_equations_fake, cuda=huber_normal_equations_composed,
-       describe_cuda=lambda: f"huber_weights ({_gemm()}) + cuBLAS GEMMs"),
-    Op("huber_loss", "huber_loss(Tensor w, Tensor a, Tensor b, Tensor loss_delta) -> Tensor", "robust",
-       fake=lambda w, a, b, loss_delta: _huber_stats_fake(w), cuda=huber_loss_composed,
-       describe_cuda=lambda: f"huber_weights ({_gemm()}) + cuBLAS GEMMs"),
+    Op(
+        "huber_weights",
+        "huber_weights(Tensor w, Tensor a, Tensor b, Tensor weight_delta, Tensor loss_delta) -> "
+        "(Tensor omega, Tensor psi, Tensor stats)",
+        "robust",
+        fake=lambda w, a, b, weight_delta, loss_delta: (
+            torch.empty_like(w, dtype=torch.float32),
+            torch.empty_like(w, dtype=torch.float32),
+            _huber_stats_fake(w),
+        ),
+        cuda=huber_weights_cuda,
+        describe_cuda=_gemm,
+    ),
+    Op(
+        "spd_solve",
+        "spd_solve(Tensor gram, Tensor rhs) -> Tensor",
+        "robust",
+        fake=lambda gram, rhs: torch.empty_like(rhs),
+        cuda=spd_solve_batched,
+        describe_cuda=lambda: "torch.linalg (batched Cholesky)",
+    ),
+    Op(
+        "huber_normal_equations",
+        "huber_normal_equations(Tensor w, Tensor a, Tensor b, Tensor weight_delta, "
+        "Tensor loss_delta) -> (Tensor gram, Tensor grad, Tensor stats)",
+        "robust",
+        fake=_huber_normal_equations_fake,
+        cuda=huber_normal_equations_composed,
+        describe_cuda=lambda: f"huber_weights ({_gemm()}) + cuBLAS GEMMs",
+    ),
+    Op(
+        "huber_loss",
+        "huber_loss(Tensor w, Tensor a, Tensor b, Tensor loss_delta) -> Tensor",
+        "robust",
+        fake=lambda w, a, b, loss_delta: _huber_stats_fake(w),
+        cuda=huber_loss_composed,
+        describe_cuda=lambda: f"huber_weights ({_gemm()}) + cuBLAS GEMMs",
+    ),
 )
 REGISTRY: dict[str, Op] = {entry.name: entry for entry in OPS_TABLE}
 
@@ -411,6 +531,7 @@ def names(group: str | None = None) -> tuple[str, ...]:
 def backends() -> dict[str, dict[str, str]]:
     """op -> {device type -> kernel(s) serving it, with the token ranges of each}, for every op
     that computes on tensors."""
+
     def cuda(entry: Op) -> str:
         return entry.cuda_backend() if torch.version.cuda else "unavailable (CPU-only torch)"
 

@@ -19,6 +19,7 @@ MiniLM's 384×384 weights: `rsvd` at rank 3 gave 4 of 6 matrices other bits in a
 A matrix handed to a single call is dense (row- or column-major) and 64-byte aligned, as a new
 tensor is; matrices of a batch that are not get copied so (`_as_single`).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -105,10 +106,13 @@ def per_matrix(fn: Callable, x: torch.Tensor, *args, always: bool = False, **kwa
 
 # ---- helpers ------------------------------------------------------------------------------------------
 
+
 def _check_batches(*operands: torch.Tensor) -> None:
     if any(t.dim() != operands[0].dim() or t.shape[:-2] != operands[0].shape[:-2] for t in operands):
-        raise ValueError(f"batch_invariant: operands of shapes {[list(t.shape) for t in operands]} must share one "
-                         f"batch shape (or all be matrices)")
+        raise ValueError(
+            f"batch_invariant: operands of shapes {[list(t.shape) for t in operands]} must share one "
+            f"batch shape (or all be matrices)"
+        )
 
 
 def _product(fn: Callable, *operands: torch.Tensor) -> torch.Tensor:
@@ -143,7 +147,7 @@ def _no_matrices(x: torch.Tensor) -> bool:
 
 
 def matrix_layout(x: torch.Tensor) -> str | None:
-    """"row" or "column" if every matrix of ``x [..., m, n]`` is row- or column-major without
+    """ "row" or "column" if every matrix of ``x [..., m, n]`` is row- or column-major without
     gaps (whatever the batch strides: a batch expanded from one matrix or every other matrix of
     a larger batch qualifies), else None. Matrices with one row or column count as row-major."""
     m, n = x.shape[-2:]

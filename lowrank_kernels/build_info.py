@@ -1,4 +1,5 @@
 """What the compiled core contains and which backend serves each op on each device."""
+
 from __future__ import annotations
 
 import importlib.metadata

@@ -13,6 +13,7 @@ numbers of (a) are those of a conversion with the same options.
 Reuses the packaged benchmarks: lowrank_kernels.bench._harness (machine line, tables, plot
 writer), ._minilm (the weights) and .fused_linear (the timed methods).
 """
+
 from __future__ import annotations
 
 import functools
@@ -31,9 +32,14 @@ from lowrank_kernels.bench._harness import default_results_dir, machine_descript
 from lowrank_kernels.bench._minilm import minilm_linear_weights
 
 #: layer type -> module name suffix in BERT; "output" is the MLP's, matched after "attention.output".
-LAYER_TYPES = {"query": "attention.self.query", "key": "attention.self.key", "value": "attention.self.value",
-               "attention.output": "attention.output.dense", "intermediate": "intermediate.dense",
-               "output": "output.dense"}
+LAYER_TYPES = {
+    "query": "attention.self.query",
+    "key": "attention.self.key",
+    "value": "attention.self.value",
+    "attention.output": "attention.output.dense",
+    "intermediate": "intermediate.dense",
+    "output": "output.dense",
+}
 FUSED_SHAPE = (1536, 384)  # MiniLM's intermediate.dense [out, in]
 FUSED_TOKENS = (1, 512)
 
@@ -55,7 +61,7 @@ def default_plot() -> Path:
 
 
 def layer_type(name: str) -> str:
-    """"encoder.layer.3.attention.self.query" -> "query" (see LAYER_TYPES)."""
+    """ "encoder.layer.3.attention.self.query" -> "query" (see LAYER_TYPES)."""
     for kind, suffix in LAYER_TYPES.items():
         if name.endswith(suffix):
             return kind
@@ -65,8 +71,9 @@ def layer_type(name: str) -> str:
 def minilm_weights(quick: bool) -> dict[str, torch.Tensor]:
     """Layer name -> fp32 weight [out, in] of all-MiniLM-L6-v2's encoder linears (quick: layer 0's six)."""
     weights = minilm_linear_weights()
-    return {key.removesuffix(".weight"): w for key, w in weights.items()
-            if not quick or key.startswith("encoder.layer.0.")}
+    return {
+        key.removesuffix(".weight"): w for key, w in weights.items() if not quick or key.startswith("encoder.layer.0.")
+    }
 
 
 def shape_groups(weights: dict[str, torch.Tensor]) -> list[list[str]]:
@@ -78,6 +85,7 @@ def shape_groups(weights: dict[str, torch.Tensor]) -> list[list[str]]:
 
 
 # ---- (a) quantization error reduction ---------------------------------------------------------------
+
 
 def error_reductions(weights: dict[str, torch.Tensor], rank: int, seed: int) -> dict[str, dict[str, float]]:
     """Method label -> layer name -> quantization error reduction (fraction), NF4 blocksize 64."""
@@ -95,50 +103,67 @@ def reduction_means(reductions: dict[str, dict[str, float]]) -> dict[str, tuple[
     names = list(next(iter(reductions.values())))
     kinds = {kind: [n for n in names if layer_type(n) == kind] for kind in LAYER_TYPES}
     kinds["all layers"] = names
-    return {kind: (len(members), {label: statistics.mean(values[n] for n in members)
-                                  for label, values in reductions.items()})
-            for kind, members in kinds.items() if members}
+    return {
+        kind: (
+            len(members),
+            {label: statistics.mean(values[n] for n in members) for label, values in reductions.items()},
+        )
+        for kind, members in kinds.items()
+        if members
+    }
 
 
 def reduction_rows(reductions: dict[str, dict[str, float]]) -> list[list[str]]:
     """Table rows: layer type, layer count, QLoRA (0 by definition), each method's mean in %."""
-    return [[kind, str(count), "0.0 %"] + [f"{100 * v:.1f} %" for v in means.values()]
-            for kind, (count, means) in reduction_means(reductions).items()]
+    return [
+        [kind, str(count), "0.0 %"] + [f"{100 * v:.1f} %" for v in means.values()]
+        for kind, (count, means) in reduction_means(reductions).items()
+    ]
 
 
 # ---- (b) init times ---------------------------------------------------------------------------------
+
 
 def init_times(weights: dict[str, torch.Tensor], rank: int, seed: int) -> dict[str, float]:
     """Init name -> seconds to convert every layer (dense residual, no metrics) by `convert_model`."""
     tensors = {f"{name}.weight": w for name, w in weights.items()}
     times = {}
     for init in INITS:
-        report = convert_model(linear_modules(tensors), target_modules=".*", rank=rank, init=init, seed=seed,
-                               metrics=False, progress=False)
+        report = convert_model(
+            linear_modules(tensors), target_modules=".*", rank=rank, init=init, seed=seed, metrics=False, progress=False
+        )
         times[init] = report.seconds
     return times
 
 
 # ---- (c) fused op ---------------------------------------------------------------------------------
 
+
 def fused_times(rank: int, seconds: float) -> dict[tuple[int, bool], dict[str, float]]:
     """(tokens, backward) -> method -> median seconds, lowrank_kernels.bench.fused_linear's methods on a random
     MiniLM-shaped NF4 layer (fp32 activations)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     layer = fused_linear.Layer(*FUSED_SHAPE, rank, torch.float32, device)
-    return {(tokens, backward): fused_linear.measure(layer, tokens, backward, seconds=seconds)
-            for tokens in FUSED_TOKENS for backward in (False, True)}
+    return {
+        (tokens, backward): fused_linear.measure(layer, tokens, backward, seconds=seconds)
+        for tokens in FUSED_TOKENS
+        for backward in (False, True)
+    }
 
 
 def fused_rows(times: dict[tuple[int, bool], dict[str, float]]) -> list[list[str]]:
     rows = []
     for (tokens, backward), t in times.items():
-        rows.append([str(tokens), "fwd+bwd" if backward else "fwd"] + [f"{v * 1e3:.3f}" for v in t.values()]
-                    + [f"{t['dense+LoRA'] / t['fused']:.2f}x", f"{t['bnb+LoRA'] / t['fused']:.2f}x"])
+        rows.append(
+            [str(tokens), "fwd+bwd" if backward else "fwd"]
+            + [f"{v * 1e3:.3f}" for v in t.values()]
+            + [f"{t['dense+LoRA'] / t['fused']:.2f}x", f"{t['bnb+LoRA'] / t['fused']:.2f}x"]
+        )
     return rows
 
 
 # ---- the demo -------------------------------------------------------------------------------------
+
 
 def run(rank: int = 16, seed: int = 0, quick: bool = False, plot: str | Path | None = None) -> dict:
     """Prints the three tables and writes the plot (default bench/results/demo.png); returns the
@@ -150,8 +175,10 @@ def run(rank: int = 16, seed: int = 0, quick: bool = False, plot: str | Path | N
     print(f"all-MiniLM-L6-v2: {len(weights)} linear layers ({shapes}), rank {rank}, seed {seed}\n")
 
     reductions = error_reductions(weights, rank, seed)
-    print("(a) quantization error reduction, mean per layer type: 1 - |W - (nf4(W_res) + A B)|_* / |W - nf4(W)|_* "
-          "(higher is better; N = rounds, rsvd refits, NF4 blocksize 64)")
+    print(
+        "(a) quantization error reduction, mean per layer type: 1 - |W - (nf4(W_res) + A B)|_* / |W - nf4(W)|_* "
+        "(higher is better; N = rounds, rsvd refits, NF4 blocksize 64)"
+    )
     print_table(["layer type", "layers", "QLoRA", *reductions], reduction_rows(reductions))
 
     times = init_times(weights, rank, seed)
@@ -160,8 +187,10 @@ def run(rank: int = 16, seed: int = 0, quick: bool = False, plot: str | Path | N
 
     fused = fused_times(rank, seconds=0.5 if quick else 2.0)
     methods = list(next(iter(fused.values())))
-    print(f"\n(c) one {FUSED_SHAPE[0]}x{FUSED_SHAPE[1]} layer, NF4 residual, rank {rank}, fp32 activations: "
-          "median ms per call (speed-up = other / fused)")
+    print(
+        f"\n(c) one {FUSED_SHAPE[0]}x{FUSED_SHAPE[1]} layer, NF4 residual, rank {rank}, fp32 activations: "
+        "median ms per call (speed-up = other / fused)"
+    )
     print_table(["tokens", "pass", *methods, "vs dense", "vs bnb"], fused_rows(fused))
 
     print()
@@ -176,8 +205,9 @@ def draw(plt, reductions, times, fused, rank: int):
     means = reduction_means(reductions)
     width = 0.8 / len(reductions)
     for i, label in enumerate(reductions):
-        ax_a.bar([k + i * width for k in range(len(means))], [100 * m[label] for _, m in means.values()],
-                 width, label=label)
+        ax_a.bar(
+            [k + i * width for k in range(len(means))], [100 * m[label] for _, m in means.values()], width, label=label
+        )
     ax_a.set_xticks([k + 0.4 - width / 2 for k in range(len(means))], list(means), rotation=20)
     ax_a.set(ylabel="error reduction vs QLoRA (%)", title=f"(a) quantization error reduction, rank {rank}")
     ax_a.set_ylim(bottom=min(0.0, max(-50.0, ax_a.get_ylim()[0])))  # a diverging method does not squash the rest

@@ -15,6 +15,7 @@ tokens, C++ panel-GEMM kernel above; CUDA - CUDA C++ GEMV for few tokens, Triton
 
 Dense residual (plain PiSSA): an ATen composition (``addmm``), differentiable by autograd.
 """
+
 from __future__ import annotations
 
 import math
@@ -27,8 +28,14 @@ from lowrank_kernels._checks import FLOAT_DTYPES, describe
 from lowrank_kernels.nf4 import NF4Weight
 
 
-def fused_pissa_linear(x: torch.Tensor, w_res: NF4Weight | torch.Tensor, A: torch.Tensor, B: torch.Tensor,
-                       bias: torch.Tensor | None = None, scale: float = 1.0) -> torch.Tensor:
+def fused_pissa_linear(
+    x: torch.Tensor,
+    w_res: NF4Weight | torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    scale: float = 1.0,
+) -> torch.Tensor:
     """``y = x @ W_res.T + scale * (x @ B.T) @ A.T + bias``.
 
     x:     ``[..., in]`` fp32/bf16/fp16 activations (any leading dims, zero tokens allowed).
@@ -73,6 +80,7 @@ def _autocast(x, A, B, bias):
 
 # ---- argument checks -------------------------------------------------------------------------------
 
+
 def _check_tensor(t: Any, name: str) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -89,13 +97,16 @@ def _check_args(x, w_res, A, B, bias, scale) -> tuple[int, int]:
         raise ValueError(f"x must have shape [..., in_features], got {describe(x)}")
     out_features, in_features = _check_residual(w_res, x)
     if x.shape[-1] != in_features:
-        raise ValueError(f"x has {x.shape[-1]} input features but w_res is [{out_features}, {in_features}]: "
-                         f"x {describe(x)}")
+        raise ValueError(
+            f"x has {x.shape[-1]} input features but w_res is [{out_features}, {in_features}]: x {describe(x)}"
+        )
     for t, name, shape in ((A, "A", (out_features, None)), (B, "B", (None, in_features))):
         _check_tensor(t, name)
         if t.dim() != 2 or any(want is not None and got != want for got, want in zip(t.shape, shape)):
             want = ", ".join("r" if d is None else str(d) for d in shape)
-            raise ValueError(f"{name} must have shape [{want}] for w_res [{out_features}, {in_features}], got {describe(t)}")
+            raise ValueError(
+                f"{name} must have shape [{want}] for w_res [{out_features}, {in_features}], got {describe(t)}"
+            )
     if A.shape[1] != B.shape[0]:
         raise ValueError(f"A [out, r] and B [r, in] disagree on r: A {describe(A)}, B {describe(B)}")
     if bias is not None and (_check_tensor(bias, "bias").dim() != 1 or bias.shape[0] != out_features):
@@ -119,8 +130,10 @@ def _check_residual(w_res, x) -> tuple[int, int]:
         return tuple(w_res.shape)
     _check_tensor(w_res, "w_res")
     if not w_res.is_floating_point():
-        raise TypeError(f"w_res must be an NF4Weight (see quantize_nf4) or a float tensor; an integer tensor is "
-                        f"not NF4 storage: got {describe(w_res)}")
+        raise TypeError(
+            f"w_res must be an NF4Weight (see quantize_nf4) or a float tensor; an integer tensor is "
+            f"not NF4 storage: got {describe(w_res)}"
+        )
     if w_res.dim() != 2:
         raise ValueError(f"w_res must be [out, in], got {describe(w_res)}")
     if w_res.dtype != x.dtype:
@@ -128,6 +141,8 @@ def _check_residual(w_res, x) -> tuple[int, int]:
     if w_res.device != x.device:
         raise ValueError(f"w_res is on {w_res.device} but x is on {x.device}")
     if w_res.requires_grad:
-        raise ValueError("w_res is the frozen residual of PiSSA: fused_pissa_linear computes no gradient for it. "
-                         "Pass w_res.detach() (train A and B), or use F.linear to train the full weight.")
+        raise ValueError(
+            "w_res is the frozen residual of PiSSA: fused_pissa_linear computes no gradient for it. "
+            "Pass w_res.detach() (train A and B), or use F.linear to train the full weight."
+        )
     return tuple(w_res.shape)

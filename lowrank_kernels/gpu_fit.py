@@ -21,6 +21,7 @@ over the 64K register file. Results are cached by a hash of everything that dete
 compile (kernel source and its callees, signature, constexprs, options, target, tool version)
 under ``build/gpu_fit/``; compiles run in parallel (``--jobs``, default 2).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -68,6 +69,7 @@ NF4_BLOCKSIZE = 64
 @dataclasses.dataclass
 class Usage:
     """Resources ptxas reports for one entry function (bytes are per thread unless smem)."""
+
     registers: int = 0
     spill_stores: int = 0
     spill_loads: int = 0
@@ -108,6 +110,7 @@ def parse_ptxas_log(log: str) -> dict[str, Usage]:
 @dataclasses.dataclass
 class Row:
     """One compiled variant on one target, and why it fails (empty when it fits)."""
+
     kernel: str
     variant: str
     target: int
@@ -141,9 +144,17 @@ def check_row(row: Row) -> Row:
 
 
 def _row_from_usage(kernel: str, variant: str, target: int, threads: int, usage: Usage, dynamic_smem: int) -> Row:
-    return Row(kernel, variant, target, threads, registers=usage.registers,
-               spill_bytes=usage.spill_stores + usage.spill_loads, local_bytes=usage.stack_frame,
-               static_smem=usage.static_smem, dynamic_smem=dynamic_smem)
+    return Row(
+        kernel,
+        variant,
+        target,
+        threads,
+        registers=usage.registers,
+        spill_bytes=usage.spill_stores + usage.spill_loads,
+        local_bytes=usage.stack_frame,
+        static_smem=usage.static_smem,
+        dynamic_smem=dynamic_smem,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,6 +164,7 @@ def _row_from_usage(kernel: str, variant: str, target: int, threads: int, usage:
 @dataclasses.dataclass
 class Launch:
     """One kernel launch as recorded from its launcher."""
+
     module: str  # module of the kernel, e.g. "lowrank_kernels.triton.fused_linear"
     name: str  # the kernel's attribute in it
     variant: str
@@ -169,6 +181,7 @@ class _Recorder:
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
             self.sink.append(Launch(self.module, self.name, self.variant, args, kwargs))
+
         return launch
 
 
@@ -208,20 +221,39 @@ def triton_launches() -> list[Launch]:
             for r in RANKS:
                 for bias in (False, True) if (m, r) == (TOKENS[-1], RANKS[0]) else (False,):
                     v = f"{label} M={m} r={r}" + (" bias" if bias else "")
-                    record(fused_linear, "_nf4_lowrank_linear_kernel", v, lambda: fused_linear.nf4_lowrank_linear(
-                        e(m, k), packed, absmax, NF4_BLOCKSIZE, n, e(m, r), e(n, r), 1.0, e(n) if bias else None))
+                    record(
+                        fused_linear,
+                        "_nf4_lowrank_linear_kernel",
+                        v,
+                        lambda: fused_linear.nf4_lowrank_linear(
+                            e(m, k), packed, absmax, NF4_BLOCKSIZE, n, e(m, r), e(n, r), 1.0, e(n) if bias else None
+                        ),
+                    )
                     if not bias:
-                        record(fused_linear, "_nf4_lowrank_linear_grad_input_kernel", v,
-                               lambda: fused_linear.nf4_lowrank_linear_grad_input(
-                                   e(m, n), packed, absmax, NF4_BLOCKSIZE, k, e(m, r), e(r, k), 1.0))
-        record(nf4, "_dequantize_nf4_kernel", label,
-               lambda: nf4.dequantize_nf4(packed, absmax, NF4_BLOCKSIZE, numel, dtype))
+                        record(
+                            fused_linear,
+                            "_nf4_lowrank_linear_grad_input_kernel",
+                            v,
+                            lambda: fused_linear.nf4_lowrank_linear_grad_input(
+                                e(m, n), packed, absmax, NF4_BLOCKSIZE, k, e(m, r), e(r, k), 1.0
+                            ),
+                        )
+        record(
+            nf4,
+            "_dequantize_nf4_kernel",
+            label,
+            lambda: nf4.dequantize_nf4(packed, absmax, NF4_BLOCKSIZE, numel, dtype),
+        )
         record(nf4, "_quantize_nf4_kernel", label, lambda: nf4.quantize_nf4(e(n, k), NF4_BLOCKSIZE))
         record(norms, "_row_col_sq_norms_kernel", label, lambda: norms.row_col_sq_norms(e(n, k)))
         f32 = lambda *shape: torch.empty(shape, dtype=torch.float32)  # noqa: E731
         for r in HUBER_RANKS:
-            record(huber, "_huber_weights_kernel", f"{label} r={r}", lambda: huber.huber_weights(
-                e(n, k), f32(n, r), f32(r, k), f32(), f32()))
+            record(
+                huber,
+                "_huber_weights_kernel",
+                f"{label} r={r}",
+                lambda: huber.huber_weights(e(n, k), f32(n, r), f32(r, k), f32(), f32()),
+            )
         for r in RANKS:
             record(gram, "_gram_kernel", f"{label} k={r}", lambda: gram.gram(e(n, r)))
     return launches
@@ -230,6 +262,7 @@ def triton_launches() -> list[Launch]:
 @dataclasses.dataclass
 class TritonTask:
     """One compile: picklable, so a worker process can run it."""
+
     module: str
     name: str
     variant: str
@@ -243,6 +276,7 @@ class TritonTask:
 
 def _jit_function(module: str, name: str):
     import importlib
+
     kernel = getattr(importlib.import_module(module), name)
     return kernel.fn if hasattr(kernel, "configs") else kernel  # an Autotuner wraps the JITFunction
 
@@ -251,6 +285,7 @@ def _configs_for(kernel, launch: Launch, target: int) -> list:
     """The autotune configs the kernel may pick on ``target``: its early_config_prune, given the
     target's shared memory, applied to its configs (one empty config for a plain kernel)."""
     import triton
+
     if not hasattr(kernel, "configs"):
         return [triton.Config({})]
     if kernel.early_config_prune is None:
@@ -282,9 +317,17 @@ def triton_tasks(launches: Iterable[Launch]) -> list[TritonTask]:
                 launch_options = f"w{chosen['num_warps']} s{chosen['num_stages']}"
                 variant = f"{launch.variant} [{meta}{', ' if meta else ''}{launch_options}]"
                 task = TritonTask(launch.module, launch.name, variant, target, signature, constexprs, attrs, chosen)
-                task.key = _hash(fn.cache_key, sorted(signature.items()), sorted(constexprs.items(), key=str),
-                                 sorted(attrs.items(), key=str), sorted(chosen.items()), target,
-                                 triton.__version__, "triton", _ROW_FORMAT)
+                task.key = _hash(
+                    fn.cache_key,
+                    sorted(signature.items()),
+                    sorted(constexprs.items(), key=str),
+                    sorted(attrs.items(), key=str),
+                    sorted(chosen.items()),
+                    target,
+                    triton.__version__,
+                    "triton",
+                    _ROW_FORMAT,
+                )
                 tasks.setdefault(task.key, task)  # r=16 and r=17 etc. compile to the same kernel
     return list(tasks.values())
 
@@ -307,8 +350,11 @@ def compile_triton(task: TritonTask) -> dict:
         knobs.nvidia.dump_ptxas_log = True
         log = io.StringIO()
         with contextlib.redirect_stdout(log):
-            compiled = triton.compile(ASTSource(fn, task.signature, task.constexprs, task.attrs),
-                                      target=GPUTarget("cuda", task.target, 32), options=task.options)
+            compiled = triton.compile(
+                ASTSource(fn, task.signature, task.constexprs, task.attrs),
+                target=GPUTarget("cuda", task.target, 32),
+                options=task.options,
+            )
         usages = parse_ptxas_log(log.getvalue())
         if not usages:  # Triton's cache had the cubin, so ptxas did not run: run it on the PTX
             usages = parse_ptxas_log(_ptxas_log(compiled.asm["ptx"], task.target))
@@ -321,12 +367,25 @@ def compile_triton(task: TritonTask) -> dict:
 
 def _ptxas_log(ptx: str, target: int) -> str:
     from triton.backends.nvidia.compiler import get_ptxas
+
     arch = "sm_90a" if target == 90 else f"sm_{target}"
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "k.ptx"
         src.write_text(ptx)
-        out = subprocess.run([get_ptxas(target).path, "-v", "--regAllocOptLevel=2", f"--gpu-name={arch}", str(src),
-                              "-o", str(src.with_suffix(".cubin"))], capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [
+                get_ptxas(target).path,
+                "-v",
+                "--regAllocOptLevel=2",
+                f"--gpu-name={arch}",
+                str(src),
+                "-o",
+                str(src.with_suffix(".cubin")),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
     return out.stdout + out.stderr
 
 
@@ -346,8 +405,11 @@ def cuda_tasks() -> list[CudaTask]:
     if nvcc is None:
         return []
     version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
-    headers = sorted((ROOT / "csrc" / "include").rglob("*.h")) + sorted((ROOT / "csrc" / "cuda").glob("*.cuh")) \
+    headers = (
+        sorted((ROOT / "csrc" / "include").rglob("*.h"))
+        + sorted((ROOT / "csrc" / "cuda").glob("*.cuh"))
         + sorted((ROOT / "csrc" / "cuda").glob("*.h"))
+    )
     header_hash = _hash(*(p.read_bytes() for p in headers))
     tasks = []
     for source in sorted((ROOT / "csrc" / "cuda").glob("*.cu")):
@@ -367,13 +429,28 @@ def compile_cuda(task: CudaTask) -> list[dict]:
     """nvcc -Xptxas -v one .cu for one target -> one Row (as a dict) per kernel instance."""
     source = ROOT / task.source
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = ["nvcc", "-c", *NVCC_FLAGS, f"-I{ROOT / 'csrc' / 'include'}", f"-I{ROOT / 'csrc' / 'cuda'}",
-               f"-gencode=arch=compute_{task.target},code=sm_{task.target}", "-Xptxas", "-v",
-               str(source), "-o", str(Path(tmp) / "k.o")]
+        cmd = [
+            "nvcc",
+            "-c",
+            *NVCC_FLAGS,
+            f"-I{ROOT / 'csrc' / 'include'}",
+            f"-I{ROOT / 'csrc' / 'cuda'}",
+            f"-gencode=arch=compute_{task.target},code=sm_{task.target}",
+            "-Xptxas",
+            "-v",
+            str(source),
+            "-o",
+            str(Path(tmp) / "k.o"),
+        ]
         out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
-        return [dataclasses.asdict(Row(f"cuda:{source.name}", "(translation unit)", task.target, 0,
-                                       error=(out.stderr or out.stdout)[-400:]))]
+        return [
+            dataclasses.asdict(
+                Row(
+                    f"cuda:{source.name}", "(translation unit)", task.target, 0, error=(out.stderr or out.stdout)[-400:]
+                )
+            )
+        ]
     usages = parse_ptxas_log(out.stderr + out.stdout)
     names = _demangle(list(usages))
     rows = []
@@ -460,8 +537,10 @@ def summary_table(rows: list[Row]) -> str:
     """Per kernel and target: variants, worst registers, worst spill, worst local memory, worst
     shared memory (KB) against the limit, failures."""
     kernels = sorted({r.kernel for r in rows}, key=lambda k: [r.kernel for r in rows].index(k))
-    head = f"{'kernel':<44} {'target':<6} {'variants':>8} {'regs':>5} {'spill B':>8} {'local B':>8} " \
-           f"{'smem KB':>8} {'limit KB':>8}  failing"
+    head = (
+        f"{'kernel':<44} {'target':<6} {'variants':>8} {'regs':>5} {'spill B':>8} {'local B':>8} "
+        f"{'smem KB':>8} {'limit KB':>8}  failing"
+    )
     lines = [head, "-" * len(head)]
     for kernel in kernels:
         for target in TARGETS:
@@ -472,17 +551,25 @@ def summary_table(rows: list[Row]) -> str:
             lines.append(
                 f"{kernel:<44} sm_{target:<3} {len(mine):>8} {max(r.registers for r in mine):>5} "
                 f"{max(r.spill_bytes for r in mine):>8} {max(r.local_bytes for r in mine):>8} "
-                f"{max(r.smem for r in mine) / 1024:>8.1f} {SMEM_LIMIT[target] / 1024:>8.0f}  {failing or '-'}")
+                f"{max(r.smem for r in mine) / 1024:>8.1f} {SMEM_LIMIT[target] / 1024:>8.0f}  {failing or '-'}"
+            )
     return "\n".join(lines)
 
 
 def variant_table(rows: list[Row]) -> str:
     """Every compiled variant: registers, spills, local memory, static + dynamic shared memory."""
-    head = (f"{'kernel':<44} {'target':<6} {'regs':>4} {'spill B':>7} {'local B':>7} {'static B':>8} "
-            f"{'dynamic B':>9}  variant")
-    return "\n".join([head, "-" * len(head)] + [
-        f"{r.kernel:<44} sm_{r.target:<3} {r.registers:>4} {r.spill_bytes:>7} {r.local_bytes:>7} "
-        f"{r.static_smem:>8} {r.dynamic_smem:>9}  {r.variant}{'  FAIL' if r.failures else ''}" for r in rows])
+    head = (
+        f"{'kernel':<44} {'target':<6} {'regs':>4} {'spill B':>7} {'local B':>7} {'static B':>8} "
+        f"{'dynamic B':>9}  variant"
+    )
+    return "\n".join(
+        [head, "-" * len(head)]
+        + [
+            f"{r.kernel:<44} sm_{r.target:<3} {r.registers:>4} {r.spill_bytes:>7} {r.local_bytes:>7} "
+            f"{r.static_smem:>8} {r.dynamic_smem:>9}  {r.variant}{'  FAIL' if r.failures else ''}"
+            for r in rows
+        ]
+    )
 
 
 def failure_lines(rows: list[Row]) -> list[str]:
@@ -493,16 +580,24 @@ def write_report(rows: list[Row], counts: dict, seconds: float, out_dir: Path) -
     """JSON (every row) and text (summary, failures, every variant) under out_dir; returns the
     summary and failures (what main prints)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    text = "\n".join([
-        f"GPU-fit gate: {counts['compiles']} compiles ({counts['compiled_now']} now, {counts['cached']} cached) "
-        f"in {seconds:.0f} s; limits: smem/block {', '.join(f'sm_{t} {v // 1024} KB' for t, v in SMEM_LIMIT.items())}, "
-        f"spill tolerance {SPILL_TOLERANCE_BYTES} B",
-        summary_table(rows), *failure_lines(rows),
-        f"{'FAILED' if any(r.failures for r in rows) else 'PASSED'}: "
-        f"{sum(bool(r.failures) for r in rows)} of {len(rows)} kernel variants fail",
-    ])
-    payload = {"seconds": seconds, **counts, "smem_limit": SMEM_LIMIT, "spill_tolerance": SPILL_TOLERANCE_BYTES,
-               "rows": [dataclasses.asdict(r) | {"smem": r.smem} for r in rows]}
+    text = "\n".join(
+        [
+            f"GPU-fit gate: {counts['compiles']} compiles ({counts['compiled_now']} now, {counts['cached']} cached) "
+            f"in {seconds:.0f} s; limits: smem/block {', '.join(f'sm_{t} {v // 1024} KB' for t, v in SMEM_LIMIT.items())}, "
+            f"spill tolerance {SPILL_TOLERANCE_BYTES} B",
+            summary_table(rows),
+            *failure_lines(rows),
+            f"{'FAILED' if any(r.failures for r in rows) else 'PASSED'}: "
+            f"{sum(bool(r.failures) for r in rows)} of {len(rows)} kernel variants fail",
+        ]
+    )
+    payload = {
+        "seconds": seconds,
+        **counts,
+        "smem_limit": SMEM_LIMIT,
+        "spill_tolerance": SPILL_TOLERANCE_BYTES,
+        "rows": [dataclasses.asdict(r) | {"smem": r.smem} for r in rows],
+    }
     full = f"{text}\n\n{variant_table(rows)}\n"
     for name, content in (("gpu_fit.json", json.dumps(payload, indent=1)), ("gpu_fit.txt", full)):
         tmp = out_dir / f".{name}.tmp"

@@ -6,6 +6,7 @@ per byte, first element in the high nibble), per-block fp32 absmax (or, with dou
 `dequantize_nf4(q)` inverts it. Conversions to and from bitsandbytes' `QuantState` /
 `Params4bit`, a tensor-only `state_dict()` and safetensors files round-trip bit-exactly.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -95,12 +96,16 @@ class NF4Weight:
         if out is None:
             return ops.op("dequantize_nf4")(*args).view(self.shape)
         if out.shape != self.shape or out.dtype != self.dtype or not out.is_contiguous():
-            raise ValueError(f"out must be a contiguous {self.dtype} tensor of shape {tuple(self.shape)}, got {describe(out)}")
+            raise ValueError(
+                f"out must be a contiguous {self.dtype} tensor of shape {tuple(self.shape)}, got {describe(out)}"
+            )
         ops.op("dequantize_nf4").out(*args, out=out.view(-1))
         return out
 
     def to(self, device: torch.device | str) -> NF4Weight:
-        return dataclasses.replace(self, **{f: getattr(self, f).to(device) for f in _TENSOR_FIELDS if getattr(self, f) is not None})
+        return dataclasses.replace(
+            self, **{f: getattr(self, f).to(device) for f in _TENSOR_FIELDS if getattr(self, f) is not None}
+        )
 
     # ---- state dict / safetensors -------------------------------------------------------------
 
@@ -136,10 +141,18 @@ class NF4Weight:
 
         state2 = None
         if self.double_quant:
-            state2 = QuantState(absmax=self.absmax2, code=self.code2, blocksize=DOUBLE_QUANT_BLOCKSIZE, dtype=torch.float32)
+            state2 = QuantState(
+                absmax=self.absmax2, code=self.code2, blocksize=DOUBLE_QUANT_BLOCKSIZE, dtype=torch.float32
+            )
         state = QuantState(
-            absmax=self.absmax, shape=self.shape, code=nf4_code(self.device), blocksize=self.blocksize,
-            quant_type="nf4", dtype=self.dtype, offset=self.offset, state2=state2,
+            absmax=self.absmax,
+            shape=self.shape,
+            code=nf4_code(self.device),
+            blocksize=self.blocksize,
+            quant_type="nf4",
+            dtype=self.dtype,
+            offset=self.offset,
+            state2=state2,
         )
         return self.packed.view(-1, 1), state
 
@@ -151,8 +164,16 @@ class NF4Weight:
         packed = packed.view(torch.uint8).reshape(-1)
         if quant_state.nested:
             s2 = quant_state.state2
-            return cls(packed, quant_state.absmax.reshape(-1), quant_state.shape, quant_state.dtype, quant_state.blocksize,
-                       offset=quant_state.offset.float().reshape(()), absmax2=s2.absmax.reshape(-1), code2=s2.code)
+            return cls(
+                packed,
+                quant_state.absmax.reshape(-1),
+                quant_state.shape,
+                quant_state.dtype,
+                quant_state.blocksize,
+                offset=quant_state.offset.float().reshape(()),
+                absmax2=s2.absmax.reshape(-1),
+                code2=s2.code,
+            )
         return cls(packed, quant_state.absmax.reshape(-1), quant_state.shape, quant_state.dtype, quant_state.blocksize)
 
     def to_params4bit(self) -> Any:
@@ -160,8 +181,15 @@ class NF4Weight:
         from bitsandbytes.nn import Params4bit
 
         packed, state = self.to_bnb()
-        return Params4bit(packed, requires_grad=False, quant_state=state, blocksize=self.blocksize,
-                          compress_statistics=self.double_quant, quant_type="nf4", bnb_quantized=True)
+        return Params4bit(
+            packed,
+            requires_grad=False,
+            quant_state=state,
+            blocksize=self.blocksize,
+            compress_statistics=self.double_quant,
+            quant_type="nf4",
+            bnb_quantized=True,
+        )
 
     @classmethod
     def from_params4bit(cls, param: Any) -> NF4Weight:
@@ -210,14 +238,17 @@ def quantize_nf4(W: torch.Tensor, blocksize: int = 64, double_quant: bool = Fals
     packed, absmax = ops.op("quantize_nf4")(W, blocksize)
     bad = ~torch.isfinite(absmax)
     if bool(bad.any()):
-        raise ValueError(f"W contains NaN or Inf ({int(bad.sum())} of {absmax.numel()} blocks of {blocksize} affected); {describe(W)}")
+        raise ValueError(
+            f"W contains NaN or Inf ({int(bad.sum())} of {absmax.numel()} blocks of {blocksize} affected); {describe(W)}"
+        )
     if not double_quant:
         return NF4Weight(packed, absmax, W.shape, W.dtype, blocksize)
     offset = absmax.mean() if absmax.numel() else absmax.new_zeros(())
     if not bool(torch.isfinite(offset)):
         raise ValueError(
             f"double quant overflows: the fp32 mean of the block absmax is {float(offset)} "
-            f"(max |W| = {float(absmax.max()):.4g}); use double_quant=False for weights this large; {describe(W)}")
+            f"(max |W| = {float(absmax.max()):.4g}); use double_quant=False for weights this large; {describe(W)}"
+        )
     code2 = dynamic_code(W.device)
     qabsmax, absmax2 = ops.op("quantize_blockwise8")(absmax - offset, code2, DOUBLE_QUANT_BLOCKSIZE)
     return NF4Weight(packed, qabsmax, W.shape, W.dtype, blocksize, offset=offset, absmax2=absmax2, code2=code2)
@@ -238,8 +269,11 @@ def save_nf4(path: str | os.PathLike, weights: dict[str, NF4Weight], metadata: d
     tensors: dict[str, torch.Tensor] = {}
     for name, q in weights.items():
         tensors.update(q.to("cpu").state_dict(prefix=f"{name}."))
-    save_file({k: v.contiguous() for k, v in tensors.items()}, os.fspath(path),
-              metadata={"format": "lowrank_kernels.nf4", "version": str(FORMAT_VERSION), **(metadata or {})})
+    save_file(
+        {k: v.contiguous() for k, v in tensors.items()},
+        os.fspath(path),
+        metadata={"format": "lowrank_kernels.nf4", "version": str(FORMAT_VERSION), **(metadata or {})},
+    )
 
 
 def load_nf4(path: str | os.PathLike, device: torch.device | str = "cpu") -> dict[str, NF4Weight]:

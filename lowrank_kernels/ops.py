@@ -4,6 +4,7 @@
 and the dispatch thresholds are read from the registry (`lowrank_kernels._registry`), which
 holds each op's schema, fake kernel, autograd formula and Python CUDA kernel.
 """
+
 from __future__ import annotations
 
 from lowrank_kernels._registry import (
@@ -23,5 +24,16 @@ ROBUST_OPS = names("robust")
 #: Every op that computes on tensors (the rows of `backends()`).
 OPS = names()
 
-__all__ = ["NAMESPACE", "OPS", "NF4_OPS", "FUSED_LINEAR_OPS", "DECOMPOSE_OPS", "ROBUST_OPS", "backends",
-           "cpu_decode_max_tokens", "cuda_gemv_max_tokens", "op", "triton_available"]
+__all__ = [
+    "NAMESPACE",
+    "OPS",
+    "NF4_OPS",
+    "FUSED_LINEAR_OPS",
+    "DECOMPOSE_OPS",
+    "ROBUST_OPS",
+    "backends",
+    "cpu_decode_max_tokens",
+    "cuda_gemv_max_tokens",
+    "op",
+    "triton_available",
+]

@@ -12,6 +12,7 @@ The limit (idle bytes kept resident, per process) starts at ``LOWRANK_KERNELS_OU
 ``set_output_cache_limit(0)`` turns the cache off, ``empty_output_cache()`` returns idle blocks
 to the system.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple

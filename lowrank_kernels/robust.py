@@ -27,6 +27,7 @@ batch gives the per-matrix results) and is deterministic for a given ``torch.Gen
 `robust_pissa_factors` gives the PiSSA split ``A [..., m, r]``, ``B [..., r, n]``,
 ``W_res = W − A B`` (ARCHITECTURE.md, notation).
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -43,8 +44,8 @@ _INITS = ("svd", "random")
 #: Default δ of a matrix: this fraction of its mean |W_ij| (1e-3 on MiniLM's weights, the seed's δ).
 DEFAULT_RELATIVE_DELTA = 0.02
 _DEFAULT_ITERS = {"irls": 100, "adam": 2000}
-_ADAM_LR = 1e-2               # the seed's learning rate
-_CONTINUATION_RATE = 0.7      # δ_k+1 = max(δ, 0.7 δ_k)
+_ADAM_LR = 1e-2  # the seed's learning rate
+_CONTINUATION_RATE = 0.7  # δ_k+1 = max(δ, 0.7 δ_k)
 _EXTRAPOLATION_MAX = 8.0
 #: A gather of the active matrices (copies of W and Wᵀ) costs about this many sweeps of them
 #: (measured: 6-11 ms for 23 MiniLM 384² matrices against ~0.6 ms per matrix-sweep).
@@ -63,10 +64,18 @@ class HuberFactorization(NamedTuple):
     mae_history: torch.Tensor | None = None
 
 
-def huber_factorize(W: torch.Tensor, rank: int, *, delta: float | torch.Tensor | None = None,
-                    n_iter: int | None = None, method: str = "irls", init: str | None = None,
-                    tol: float = 1e-6, generator: Generators = None,
-                    return_history: bool = False) -> HuberFactorization:
+def huber_factorize(
+    W: torch.Tensor,
+    rank: int,
+    *,
+    delta: float | torch.Tensor | None = None,
+    n_iter: int | None = None,
+    method: str = "irls",
+    init: str | None = None,
+    tol: float = 1e-6,
+    generator: Generators = None,
+    return_history: bool = False,
+) -> HuberFactorization:
     """Rank-``rank`` factorization ``W [..., m, n] ≈ A [..., m, r] B [..., r, n]`` minimising the
     Huber loss Σ ρ_δ(A B − W) (ρ_δ(e) = e²/2 for |e| <= δ, δ(|e| − δ/2) beyond: ℓ1 up to the
     factor δ for residuals larger than δ).
@@ -109,6 +118,7 @@ def robust_pissa_factors(W: torch.Tensor, rank: int, **options) -> PiSSAFactors:
 
 # ---- arguments and starts --------------------------------------------------------------------------
 
+
 def _check_delta(delta, W: torch.Tensor) -> torch.Tensor:
     """Per-matrix δ, fp32 [...]."""
     batch = W.shape[:-2]
@@ -120,8 +130,9 @@ def _check_delta(delta, W: torch.Tensor) -> torch.Tensor:
         return torch.where(mean_abs > 0, DEFAULT_RELATIVE_DELTA * mean_abs, torch.ones_like(mean_abs))
     if isinstance(delta, torch.Tensor):
         if delta.shape not in (torch.Size([]), batch) or not delta.is_floating_point():
-            raise ValueError(f"delta must be a float or a float tensor of W's batch shape {tuple(batch)}, "
-                             f"got {describe(delta)}")
+            raise ValueError(
+                f"delta must be a float or a float tensor of W's batch shape {tuple(batch)}, got {describe(delta)}"
+            )
         value = delta.to(device=W.device, dtype=torch.float32).expand(batch).contiguous()
     elif is_real(delta):
         value = torch.full(batch, float(delta), dtype=torch.float32, device=W.device)
@@ -132,8 +143,9 @@ def _check_delta(delta, W: torch.Tensor) -> torch.Tensor:
     return value
 
 
-def _initial_factors(W: torch.Tensor, rank: int, init: str, delta: torch.Tensor, generator
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+def _initial_factors(
+    W: torch.Tensor, rank: int, init: str, delta: torch.Tensor, generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 ``A [..., m, r]``, ``B [..., r, n]``.
 
     "svd": per matrix, whichever split has the lower Huber loss of the truncated SVD of W and
@@ -149,8 +161,9 @@ def _initial_factors(W: torch.Tensor, rank: int, init: str, delta: torch.Tensor,
         # matrix's own by one draw (matrix after matrix): a batch draws what a loop over it does.
         generators = matrix_generators(generator, tuple(batch))
         seeds = [_fork_seed(g) for g in generators]
-        splits = [_svd_split(X, rank, [_new_generator(g, seed) for g, seed in zip(generators, seeds)])
-                  for X in (W, clipped)]
+        splits = [
+            _svd_split(X, rank, [_new_generator(g, seed) for g, seed in zip(generators, seeds)]) for X in (W, clipped)
+        ]
         losses = [_loss(W, A, B, delta).huber for A, B in splits]
         clipped_better = losses[1] < losses[0]
         return tuple(_pick(clipped_better, from_clipped, plain) for from_clipped, plain in zip(splits[1], splits[0]))
@@ -158,9 +171,13 @@ def _initial_factors(W: torch.Tensor, rank: int, init: str, delta: torch.Tensor,
     sigma = (rms.square() / rank).sqrt().sqrt()
     # Drawn matrix by matrix, A then B, each from its matrix's generator: a batch starts where a
     # loop over its matrices would.
-    draws = [(torch.randn(m, rank, generator=g, device=draw_device(g)),
-              torch.randn(rank, n, generator=g, device=draw_device(g)))
-             for g in matrix_generators(generator, tuple(batch))]
+    draws = [
+        (
+            torch.randn(m, rank, generator=g, device=draw_device(g)),
+            torch.randn(rank, n, generator=g, device=draw_device(g)),
+        )
+        for g in matrix_generators(generator, tuple(batch))
+    ]
     A = torch.stack([a for a, _ in draws]).reshape(*batch, m, rank).to(W.device)
     B = torch.stack([b for _, b in draws]).reshape(*batch, rank, n).to(W.device)
     return A * sigma, B * sigma
@@ -191,6 +208,7 @@ def _svd_split(W: torch.Tensor, rank: int, generator) -> tuple[torch.Tensor, tor
 
 
 # ---- IRLS --------------------------------------------------------------------------------------------
+
 
 class _Loss(NamedTuple):
     """Σ ρ_δ(A B − W) and Σ |A B − W| per matrix, fp64 ``[b]``."""
@@ -227,7 +245,12 @@ def _pick(mask: torch.Tensor, new, old):
 
 def _irls(W, A, B, delta, n_iter, tol, return_history):
     *batch, m, n = W.shape
-    W, A, B, delta = W.reshape(-1, m, n), A.reshape(-1, m, A.shape[-1]), B.reshape(-1, B.shape[-2], n), delta.reshape(-1)
+    W, A, B, delta = (
+        W.reshape(-1, m, n),
+        A.reshape(-1, m, A.shape[-1]),
+        B.reshape(-1, B.shape[-2], n),
+        delta.reshape(-1),
+    )
     Wt = W.mT.contiguous()  # the row step reads Wᵀ in the column kernel's order
     count = m * n
     loss = _loss(W, A, B, delta)
@@ -275,7 +298,8 @@ def _irls(W, A, B, delta, n_iter, tol, return_history):
             keep = active.nonzero().squeeze(1)
             Wt = None  # rebuilt from the gathered W: a smaller peak than gathering both
             live, W, A, B, delta, weight_delta, beta, active = (
-                t[keep] for t in (live, W, A, B, delta, weight_delta, beta, active))
+                t[keep] for t in (live, W, A, B, delta, weight_delta, beta, active)
+            )
             loss = _Loss(*(v[keep] for v in loss))
             Wt = W.mT.contiguous()
     A_out[live], B_out[live] = A, B
@@ -291,6 +315,7 @@ def _history(history, batch, count, wanted):
 
 
 # ---- the seed's Algorithm 1 ------------------------------------------------------------------------
+
 
 def _adam(W, A, B, delta, n_iter, return_history):
     """Algorithm 1 of the seed report: Adam (lr 1e-2) on ``torch.nn.functional.huber_loss`` (mean)

@@ -1,5 +1,6 @@
 """A small model with linears of three shapes (two repeated, one with and one without bias) and
 non-linear parameters, for the conversion and checkpoint tests; and model snapshots."""
+
 from __future__ import annotations
 
 import torch
@@ -35,22 +36,30 @@ class Toy(nn.Module):
 
 def snapshot(model: nn.Module) -> dict[str, object]:
     """Everything conversion may change: module types, tensors (cloned) and requires_grad flags."""
-    return {"types": {name: type(m) for name, m in model.named_modules()},
-            "state": {k: v.clone() for k, v in model.state_dict().items()},
-            "grad": {name: p.requires_grad for name, p in model.named_parameters()}}
+    return {
+        "types": {name: type(m) for name, m in model.named_modules()},
+        "state": {k: v.clone() for k, v in model.state_dict().items()},
+        "grad": {name: p.requires_grad for name, p in model.named_parameters()},
+    }
 
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Bit-identical (NaN included, unlike torch.equal)."""
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.reshape(-1).view(torch.uint8),
-                                                                     b.reshape(-1).view(torch.uint8))
+    return (
+        a.dtype == b.dtype
+        and a.shape == b.shape
+        and torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+    )
 
 
 def unchanged(model: nn.Module, before: dict[str, object]) -> bool:
     after = snapshot(model)
-    return (after["types"] == before["types"] and after["grad"] == before["grad"]
-            and after["state"].keys() == before["state"].keys()
-            and all(same_bits(after["state"][k], v) for k, v in before["state"].items()))
+    return (
+        after["types"] == before["types"]
+        and after["grad"] == before["grad"]
+        and after["state"].keys() == before["state"].keys()
+        and all(same_bits(after["state"][k], v) for k, v in before["state"].items())
+    )
 
 
 def residual64(m) -> torch.Tensor:
@@ -68,14 +77,30 @@ def effective_weight64(m) -> torch.Tensor:
     return residual64(m) + m.scale * m.A.double() @ m.B.double()
 
 
-def tiny_llama(path, *, dtype=torch.float32, layers: int = 2, max_shard_size: str = "60KB", seed: int = 0,
-               hidden: int = 32, intermediate: int = 48):
+def tiny_llama(
+    path,
+    *,
+    dtype=torch.float32,
+    layers: int = 2,
+    max_shard_size: str = "60KB",
+    seed: int = 0,
+    hidden: int = 32,
+    intermediate: int = 48,
+):
     """A small random Llama (4 heads / 2 KV heads, untied lm_head) saved offline with
     save_pretrained in several shards with an index; returns the model."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=64, max_position_embeddings=64, tie_word_embeddings=False)
+    config = LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=64,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config).to(dtype).eval()

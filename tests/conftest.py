@@ -5,6 +5,7 @@ skipped, with the reason, on a machine without a GPU, so a test that silently ne
 CUDA shows in every report. Tolerances that differ on a GPU (TF32 dots, FMA contraction,
 approximate division in Triton kernels) live beside the test that uses them, via `on_gpu`.
 """
+
 from __future__ import annotations
 
 import os
@@ -62,8 +63,9 @@ def pytest_collection_finish(session) -> None:
     uncovered = sorted({item.path for item in session.config.stash[_slow_deselected]} - selected)
     if uncovered:
         names = ", ".join(str(path.relative_to(session.config.rootpath)) for path in uncovered)
-        raise pytest.UsageError(f"the fast tier (-m {FAST_TIER!r}) runs no test of {names}: "
-                                "give each module a fast test covering its code")
+        raise pytest.UsageError(
+            f"the fast tier (-m {FAST_TIER!r}) runs no test of {names}: give each module a fast test covering its code"
+        )
 
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_GPU))]

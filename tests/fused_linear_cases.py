@@ -6,6 +6,7 @@ for the low-rank and bias terms) + eps(out dtype) * |ref|, gamma = (terms + 2) *
 A single wrong weight element, code or scale breaks it by orders of magnitude (see
 test_bound_catches_a_wrong_kernel).
 """
+
 from __future__ import annotations
 
 import torch
@@ -19,7 +20,7 @@ from lowrank_kernels.reference.nf4 import quantize_nf4_ref
 # of 64 or of any tile size.
 SHAPES = [(64, 128, 64), (24, 384, 128), (40, 96, 32), (37, 100, 64), (33, 77, 32), (130, 64, 128), (5, 257, 32)]
 RANKS = [1, 3, 16]
-FP32_UNIT_ROUNDOFF = 2.0 ** -24
+FP32_UNIT_ROUNDOFF = 2.0**-24
 
 
 def nf4_storage(n: int, k: int, blocksize: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -32,8 +33,13 @@ def randn(*shape: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
 
 
-def error_bound(terms: list[tuple[torch.Tensor, torch.Tensor]], ref: torch.Tensor, inner: int,
-                out_dtype: torch.dtype, bias: torch.Tensor | None = None) -> torch.Tensor:
+def error_bound(
+    terms: list[tuple[torch.Tensor, torch.Tensor]],
+    ref: torch.Tensor,
+    inner: int,
+    out_dtype: torch.dtype,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Bound on |kernel - ref| for ref = sum_i a_i @ b_i (+ bias) accumulated in fp32."""
     magnitude = sum(a.double().abs() @ b.double().abs() for a, b in terms)
     if bias is not None:
@@ -54,8 +60,17 @@ def forward_case(n, k, blocksize, m, r, dtype, with_bias, seed=0):
     """Operands of nf4_lowrank_linear: (x, packed, absmax, blocksize, n, lowrank_x, up, scale, bias)."""
     packed, absmax = nf4_storage(n, k, blocksize, seed)
     bias = randn(n, dtype=dtype, seed=seed + 4) if with_bias else None
-    return (randn(m, k, dtype=dtype, seed=seed + 1), packed, absmax, blocksize, n,
-            randn(m, r, dtype=dtype, seed=seed + 2), randn(n, r, dtype=dtype, seed=seed + 3), -0.75, bias)
+    return (
+        randn(m, k, dtype=dtype, seed=seed + 1),
+        packed,
+        absmax,
+        blocksize,
+        n,
+        randn(m, r, dtype=dtype, seed=seed + 2),
+        randn(n, r, dtype=dtype, seed=seed + 3),
+        -0.75,
+        bias,
+    )
 
 
 def forward_bound(args, ref):
@@ -68,8 +83,16 @@ def forward_bound(args, ref):
 def grad_input_case(n, k, blocksize, m, r, dtype, seed=0):
     """Operands of nf4_lowrank_linear_grad_input: (grad_y, packed, absmax, blocksize, k, lowrank_grad, down, scale)."""
     packed, absmax = nf4_storage(n, k, blocksize, seed)
-    return (randn(m, n, dtype=dtype, seed=seed + 1), packed, absmax, blocksize, k,
-            randn(m, r, dtype=dtype, seed=seed + 2), randn(r, k, dtype=dtype, seed=seed + 3), 1.5)
+    return (
+        randn(m, n, dtype=dtype, seed=seed + 1),
+        packed,
+        absmax,
+        blocksize,
+        k,
+        randn(m, r, dtype=dtype, seed=seed + 2),
+        randn(r, k, dtype=dtype, seed=seed + 3),
+        1.5,
+    )
 
 
 def grad_input_bound(args, ref):

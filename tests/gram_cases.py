@@ -11,6 +11,7 @@ where product_ulps bounds the rounding of each product when the products are not
 dots on a GPU: within 6 fp32 ulps = 12 * 2^-24 of |y_i||y_j|). `assert_bound_catches_wrong_results`
 checks that the bound fails a result with one element perturbed or the last row dropped.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -21,8 +22,17 @@ from lowrank_kernels.reference.decompose import gram_ref
 # (leading dims, m, k) for every implementation: k = 1, odd k, k on and off the C++ kernel's
 # 8-column panels and the Triton interpreter's 16-wide tile, a single row, m off every block size
 # (C++ row blocks, Triton's 16-row steps), batched 3-D and 4-D.
-SHAPES = [((), 1, 1), ((), 37, 3), ((), 100, 17), ((), 129, 8), ((), 1, 24), ((), 75, 33), ((3,), 29, 16),
-          ((5,), 77, 9), ((2, 3), 50, 18)]
+SHAPES = [
+    ((), 1, 1),
+    ((), 37, 3),
+    ((), 100, 17),
+    ((), 129, 8),
+    ((), 1, 24),
+    ((), 75, 33),
+    ((3,), 29, 16),
+    ((5,), 77, 9),
+    ((2, 3), 50, 18),
+]
 
 # Larger shapes for the C++ kernel: m up to 4099 (split into several row parts), k up to 144 (many
 # 8-column panels). The Triton tests reach their row chunks by lowering the chunk size instead.

@@ -1,5 +1,6 @@
 """Shared checks of a huber_weights implementation (C++ op or Triton) against the fp64 reference,
 under a rigorous bound for the fp32 residual."""
+
 from __future__ import annotations
 
 import torch
@@ -42,6 +43,7 @@ def assert_matches_reference(got, W, A, B, weight_delta, loss_delta):
     r = A.shape[-1]
     eps = (r + 2) * U32 * ((A.double().abs() @ B.double().abs()) + W.double().abs())
     dw = weight_delta.double()[..., None, None]
+
     def weight(e):
         return torch.where(e.abs() <= dw, torch.ones_like(e), dw / e.abs())
 

@@ -1,4 +1,5 @@
 """Test matrices for the NF4 kernels, shared by the C++/CUDA tests and the Triton tests."""
+
 from __future__ import annotations
 
 import torch
@@ -29,7 +30,7 @@ def make_weight(shape, dtype, case: str, seed: int = 0) -> torch.Tensor:
     elif case == "zero_blocks":
         w = torch.randn(n, generator=g)
         w[: min(n, 128)] = 0
-        w[-min(n, 40):] = 0
+        w[-min(n, 40) :] = 0
     elif case in ("large", "extreme"):
         limit = 6e4 if dtype == torch.float16 else (3e38 if case == "extreme" else 1e34)
         w = (torch.rand(n, generator=g) * 2 - 1) * limit

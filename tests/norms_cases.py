@@ -1,5 +1,6 @@
 """Test matrices and the rigorous error bound shared by the C++ and Triton row_col_sq_norms tests
 (tests/test_norms_kernels.py, tests/triton/test_triton_norms.py)."""
+
 from __future__ import annotations
 
 import torch

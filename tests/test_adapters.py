@@ -1,6 +1,7 @@
 """PiSSALinear against fp64 references: the original layer at init (dense, NF4 within the code
 book's error bound), the forward with the dequantized residual, gradients (A and B only), merge,
 bit-exact state_dict / safetensors round trips, and bad input."""
+
 from __future__ import annotations
 
 import math
@@ -46,11 +47,12 @@ def forward_bound(x, *terms):
     """fp32 error bound of a sum of GEMMs: (K + 4) u Σ |x| |M|ᵀ over the products' factors; on a
     GPU the NF4 GEMM kernels (Triton) also round both factors to TF32 (unit roundoff 2^-11)."""
     magnitude = sum(abs(x.double()) @ abs(t.double()).T for t in terms)
-    tf32 = 2 * 2.0 ** -11 * magnitude if on_gpu(x.device) else 0
+    tf32 = 2 * 2.0**-11 * magnitude if on_gpu(x.device) else 0
     return (IN + R + 4) * FP32_UNIT_ROUNDOFF * magnitude + tf32 + 1e-30
 
 
 # ---- the layer at init ------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("scale", [1.0, 0.25, 3.0])
 @pytest.mark.parametrize("init", ["svd", "rsvd", "cur", "random"])
@@ -62,10 +64,14 @@ def test_dense_layer_at_init_computes_the_original_layer(init, scale, device):
     # W_res = W − s A B is computed in fp32 from the stored A, B: a length-r dot product and one
     # subtraction, each rounded, so W_res + s A B reproduces W to (r + 2) u (|W| + s |A| |B|).
     split_error = abs(effective_weight64(m) - W)
-    assert (split_error <= (R + 2) * FP32_UNIT_ROUNDOFF * (abs(W) + m.scale * abs(m.A.double()) @ abs(m.B.double()))).all()
+    assert (
+        split_error <= (R + 2) * FP32_UNIT_ROUNDOFF * (abs(W) + m.scale * abs(m.A.double()) @ abs(m.B.double()))
+    ).all()
     want = x.double() @ W.T + linear.bias.double()
-    bound = forward_bound(x, W, m.residual, math.sqrt(m.scale) * m.A @ (math.sqrt(m.scale) * m.B)) \
+    bound = (
+        forward_bound(x, W, m.residual, math.sqrt(m.scale) * m.A @ (math.sqrt(m.scale) * m.B))
         + abs(x.double()) @ split_error.T
+    )
     assert (abs(m(x).double() - want) <= bound).all()
     assert m(x).shape == (3, 5, OUT)
 
@@ -92,15 +98,22 @@ def test_bf16_layer_at_init_within_bf16_rounding():
 @pytest.mark.parametrize("quant_iters", [1, 3])
 def test_nf4_layer_is_the_dense_forward_with_the_dequantized_residual(quant_iters, double_quant, device):
     linear = make_linear(device=device)
-    m = PiSSALinear.from_linear(linear, R, quantize="nf4", quant_iters=quant_iters, double_quant=double_quant,
-                                scale=0.5, generator=gen(1))
+    m = PiSSALinear.from_linear(
+        linear, R, quantize="nf4", quant_iters=quant_iters, double_quant=double_quant, scale=0.5, generator=gen(1)
+    )
     assert m.residual_weight().double_quant == double_quant
     x = torch.randn(7, IN, generator=gen(2)).to(device)
     want = x.double() @ residual64(m).T + m.scale * (x.double() @ m.B.double().T) @ m.A.double().T + m.bias.double()
     assert (abs(m(x).double() - want) <= forward_bound(x, residual64(m), m.A @ m.B)).all()
 
 
-NF4_INITS = {"svd": {}, "rsvd": {}, "random": {}, "cur-pinv": dict(init="cur", u="pinv"), "cur-optimal": dict(init="cur")}
+NF4_INITS = {
+    "svd": {},
+    "rsvd": {},
+    "random": {},
+    "cur-pinv": dict(init="cur", u="pinv"),
+    "cur-optimal": dict(init="cur"),
+}
 
 
 @pytest.mark.parametrize("init", sorted(NF4_INITS))
@@ -128,6 +141,7 @@ def test_nf4_layer_at_init_is_within_the_quantization_error_bound(init):
 
 # ---- training ----------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("quantize", [None, "nf4"])
 def test_only_A_and_B_are_trained_and_their_gradients_match_fp64(quantize, device):
     linear = make_linear(device=device)
@@ -142,10 +156,13 @@ def test_only_A_and_B_are_trained_and_their_gradients_match_fp64(quantize, devic
     ref.backward(grad_y.double())
     tol = 4e-3 if on_gpu(device) else 1e-4  # GPU: the NF4 kernels multiply fp32 in TF32
     for name, got in (("x", x.grad), ("A", m.A.grad), ("B", m.B.grad)):
-        torch.testing.assert_close(got.double(), leaves[name].grad, rtol=tol, atol=tol * leaves[name].grad.abs().max().item())
+        torch.testing.assert_close(
+            got.double(), leaves[name].grad, rtol=tol, atol=tol * leaves[name].grad.abs().max().item()
+        )
 
 
 # ---- merge -------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("quantize", [None, "nf4"])
 def test_merge_is_an_equivalent_linear(quantize, device):
@@ -157,8 +174,10 @@ def test_merge_is_an_equivalent_linear(quantize, device):
     assert type(merged) is nn.Linear and not any(p is m.A or p is m.B for p in merged.parameters())
     want = effective_weight64(m)
     # addmm in fp32: a length-r dot product plus the residual, rounded (r + 2) times at most.
-    assert (abs(merged.weight.double() - want) <= (R + 2) * FP32_UNIT_ROUNDOFF * (abs(residual64(m)) + m.scale
-            * abs(m.A.double()) @ abs(m.B.double()))).all()
+    assert (
+        abs(merged.weight.double() - want)
+        <= (R + 2) * FP32_UNIT_ROUNDOFF * (abs(residual64(m)) + m.scale * abs(m.A.double()) @ abs(m.B.double()))
+    ).all()
     assert torch.equal(merged.bias, m.bias)
     x = torch.randn(5, IN, generator=gen(2)).to(device)
     assert (abs(merged(x).double() - m(x).double()) <= 2 * forward_bound(x, residual64(m), m.A @ m.B)).all()
@@ -169,7 +188,9 @@ def test_layer_without_bias():
     m = PiSSALinear.from_linear(linear, R, quantize="nf4", generator=gen(1))
     assert m.bias is None and "bias" not in m.state_dict() and m.merge().bias is None
     x = torch.randn(4, IN, generator=gen(2))
-    assert (abs(m(x).double() - x.double() @ effective_weight64(m).T) <= forward_bound(x, residual64(m), m.A @ m.B)).all()
+    assert (
+        abs(m(x).double() - x.double() @ effective_weight64(m).T) <= forward_bound(x, residual64(m), m.A @ m.B)
+    ).all()
 
 
 # ---- state ----------------------------------------------------------------------------------------------
@@ -214,6 +235,7 @@ def test_casting_an_nf4_layer_keeps_its_codes_and_statistics():
 
 # ---- robust init (Huber factorization, when available) ------------------------------------------------
 
+
 def test_robust_init_layer_at_init_computes_the_original_layer():
     if not (Path(lowrank_kernels.__file__).parent / "robust.py").exists():  # not merged into this checkout yet
         pytest.skip("lowrank_kernels.robust is not in this checkout")
@@ -225,12 +247,21 @@ def test_robust_init_layer_at_init_computes_the_original_layer():
 
 # ---- bad input ------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize(
     "kwargs, error, message",
     [
-        (dict(rank=R, init="qr"), ValueError, r"init must be one of \['cur', 'random', 'robust', 'rsvd', 'svd'\], got 'qr'"),
+        (
+            dict(rank=R, init="qr"),
+            ValueError,
+            r"init must be one of \['cur', 'random', 'robust', 'rsvd', 'svd'\], got 'qr'",
+        ),
         (dict(rank=0), ValueError, "rank must be an int >= 1, got 0"),
-        (dict(rank=OUT + 1), ValueError, rf"rank {OUT + 1} exceeds min\(out_features, in_features\) = {OUT}.*\[{OUT}, {IN}\]"),
+        (
+            dict(rank=OUT + 1),
+            ValueError,
+            rf"rank {OUT + 1} exceeds min\(out_features, in_features\) = {OUT}.*\[{OUT}, {IN}\]",
+        ),
         (dict(rank=2.0), ValueError, "rank must be an int"),
         (dict(rank=R, quantize="int8"), ValueError, "quantize must be None .* or 'nf4', got 'int8'"),
         (dict(rank=R, quantize="nf4", quant_iters=0), ValueError, "quant_iters must be an int >= 1, got 0"),
@@ -249,7 +280,9 @@ def test_bad_from_linear_arguments_are_clear_errors(kwargs, error, message):
 def test_bad_layers_are_clear_errors():
     with pytest.raises(TypeError, match="linear must be a torch.nn.Linear, got Conv1d"):
         PiSSALinear.from_linear(nn.Conv1d(4, 4, 1), 2)
-    with pytest.raises(TypeError, match=r"weight must be float32, bfloat16 or float16, got shape \(96, 160\), dtype torch.float64"):
+    with pytest.raises(
+        TypeError, match=r"weight must be float32, bfloat16 or float16, got shape \(96, 160\), dtype torch.float64"
+    ):
         PiSSALinear.from_linear(make_linear().double(), 2)
     with pytest.raises(ValueError, match="NaN or Inf"):
         linear = make_linear()

@@ -1,6 +1,7 @@
 """save_converted / load_converted: bit-exact round trips into original and converted models,
 and refusal (with the model untouched) of truncated, corrupted, foreign, other-version and
 mismatched files."""
+
 from __future__ import annotations
 
 import json
@@ -30,7 +31,9 @@ OPTIONS = {"dense": {}, "nf4": dict(quantize="nf4", quant_iters=2), "nf4-dq": di
 
 def converted(seed=0, rank=4, **options) -> Toy:
     model = Toy(seed)
-    convert_model(model, target_modules=TARGETS, rank=rank, scale=0.5, init="rsvd", seed=seed, progress=False, **options)
+    convert_model(
+        model, target_modules=TARGETS, rank=rank, scale=0.5, init="rsvd", seed=seed, progress=False, **options
+    )
     return model
 
 
@@ -50,8 +53,14 @@ def assert_layers_bit_identical(model: nn.Module, reference: nn.Module) -> None:
     for name in LINEARS:
         got, want = model.get_submodule(name), reference.get_submodule(name)
         assert isinstance(got, PiSSALinear)
-        assert (got.rank, got.scale, got.init, got.quantize, got.blocksize, got.double_quant) == \
-               (want.rank, want.scale, want.init, want.quantize, want.blocksize, want.double_quant)
+        assert (got.rank, got.scale, got.init, got.quantize, got.blocksize, got.double_quant) == (
+            want.rank,
+            want.scale,
+            want.init,
+            want.quantize,
+            want.blocksize,
+            want.double_quant,
+        )
         got_state, want_state = got.state_dict(), want.state_dict()
         assert got_state.keys() == want_state.keys()
         for key, tensor in want_state.items():
@@ -59,6 +68,7 @@ def assert_layers_bit_identical(model: nn.Module, reference: nn.Module) -> None:
 
 
 # ---- round trips -------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("kind", sorted(OPTIONS))
 def test_round_trip_into_the_original_model_is_bit_exact(kind, saved):
@@ -90,8 +100,18 @@ def test_checkpoint_holds_the_tensors_config_and_version(saved):
         metadata = f.metadata()
     assert metadata["format"] == "lowrank_kernels.adapters" and metadata["format_version"] == "1"
     config = json.loads(metadata["layers"])["blocks.0.up"]
-    assert config == {"in_features": 32, "out_features": 48, "rank": 4, "scale": 0.5, "init": "rsvd", "quantize": "nf4",
-                      "blocksize": 64, "double_quant": True, "dtype": "float32", "bias": True}
+    assert config == {
+        "in_features": 32,
+        "out_features": 48,
+        "rank": 4,
+        "scale": 0.5,
+        "init": "rsvd",
+        "quantize": "nf4",
+        "blocksize": 64,
+        "double_quant": True,
+        "dtype": "float32",
+        "bias": True,
+    }
     tensors = load_file(str(path))
     assert tensors["blocks.0.up.residual_packed"].dtype == torch.uint8 and "blocks.0.down.bias" not in tensors
     assert set(read_converted(path)) == set(LINEARS)
@@ -103,6 +123,7 @@ def test_a_model_without_adapters_cannot_be_saved(tmp_path):
 
 
 # ---- refusal --------------------------------------------------------------------------------------------
+
 
 def refuses(path, message, target=None) -> None:
     """load_converted raises CheckpointError matching ``message`` and leaves ``target`` untouched."""
@@ -189,8 +210,10 @@ def test_tensors_that_do_not_fit_their_config_are_refused(saved, tmp_path):
     refuses(tmp_path / "rank.safetensors", r"layer 'head': tensor A has shape \(10, 4\).*needs \(10, 3\)")
     configs["head"].update(rank=4, quantize="nf4", blocksize=64)
     rewrite(source, tmp_path / "kind.safetensors", layers=json.dumps(configs), checksum=True)
-    refuses(tmp_path / "kind.safetensors",
-            r"missing \['head.residual_absmax', 'head.residual_packed'\], unexpected \['head.residual'\]")
+    refuses(
+        tmp_path / "kind.safetensors",
+        r"missing \['head.residual_absmax', 'head.residual_packed'\], unexpected \['head.residual'\]",
+    )
     configs["head"].update(quantize=None, blocksize=None, bias="yes")
     rewrite(source, tmp_path / "bias.safetensors", layers=json.dumps(configs), checksum=True)
     refuses(tmp_path / "bias.safetensors", "layer 'head': invalid config")
@@ -207,13 +230,19 @@ def load_metadata(path) -> dict[str, str]:
 
 def test_checkpoints_that_do_not_fit_the_model_are_refused(saved):
     path = saved["nf4"][1]
-    refuses(path, r"layer 'blocks.0.down': .*differs from the checkpoint's in rank \(model 8, checkpoint 4\)",
-            target=converted(rank=8, quantize="nf4"))
+    refuses(
+        path,
+        r"layer 'blocks.0.down': .*differs from the checkpoint's in rank \(model 8, checkpoint 4\)",
+        target=converted(rank=8, quantize="nf4"),
+    )
     refuses(path, r"quantize \(model None, checkpoint 'nf4'\)", target=converted())
     wide = Toy()
     wide.head = nn.Linear(32, 12)
-    refuses(path, r"layer 'head': the model's nn.Linear does not fit the checkpoint: out_features \(model 12, checkpoint 10\)",
-            target=wide)
+    refuses(
+        path,
+        r"layer 'head': the model's nn.Linear does not fit the checkpoint: out_features \(model 12, checkpoint 10\)",
+        target=wide,
+    )
     missing = Toy()
     del missing.head
     refuses(path, "the model has no module 'head'", target=missing)

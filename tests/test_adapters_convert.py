@@ -1,6 +1,7 @@
 """convert_model / merge_model: batched conversion equals converting each layer alone, per-layer
 seeds, target selection, validation before any modification, the report against references,
 and the acceptance test on a real transformers BertModel (all-MiniLM-L6-v2)."""
+
 from __future__ import annotations
 
 import copy
@@ -22,14 +23,24 @@ TARGETS = ["up", "down", "head"]
 
 # ---- batching and seeds ------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("quantize", [None, "nf4"])
 def test_batched_conversion_equals_converting_each_layer_alone(quantize, device):
     batched, alone = Toy().to(device), Toy().to(device)
-    convert_model(batched, target_modules=TARGETS, rank=4, quantize=quantize, quant_iters=2, scale=0.5, seed=3,
-                  progress=False)
+    convert_model(
+        batched, target_modules=TARGETS, rank=4, quantize=quantize, quant_iters=2, scale=0.5, seed=3, progress=False
+    )
     for name in reversed(LINEARS):  # another order, one layer per call
-        convert_model(alone, target_modules=re.escape(name), rank=4, quantize=quantize, quant_iters=2, scale=0.5,
-                      seed=3, progress=False)
+        convert_model(
+            alone,
+            target_modules=re.escape(name),
+            rank=4,
+            quantize=quantize,
+            quant_iters=2,
+            scale=0.5,
+            seed=3,
+            progress=False,
+        )
     for name in LINEARS:
         b, a = batched.get_submodule(name), alone.get_submodule(name)
         assert isinstance(b, PiSSALinear) and isinstance(a, PiSSALinear)
@@ -37,9 +48,11 @@ def test_batched_conversion_equals_converting_each_layer_alone(quantize, device)
         assert all(same_bits(t, a.state_dict()[k]) for k, t in b.state_dict().items()), name
 
 
-@pytest.mark.parametrize("init, quantize, dtype", [(init, q, torch.float32) for init in INITS for q in (None, "nf4")
-                                                   if (init, q) != ("robust", "nf4")]
-                         + [("rsvd", None, torch.bfloat16), ("rsvd", "nf4", torch.bfloat16)])
+@pytest.mark.parametrize(
+    "init, quantize, dtype",
+    [(init, q, torch.float32) for init in INITS for q in (None, "nf4") if (init, q) != ("robust", "nf4")]
+    + [("rsvd", None, torch.bfloat16), ("rsvd", "nf4", torch.bfloat16)],
+)
 def test_a_layers_split_does_not_depend_on_its_batch_companions_or_the_batch_size(init, quantize, dtype):
     """The same layer alone, second of a batch of 2 and fourth of a batch of 16 (other
     companions each time), bit for bit: what lets streaming conversion batch by memory and
@@ -71,6 +84,7 @@ def test_same_seed_same_result_and_another_seed_another_result(device):
 
 # ---- target selection and validation -----------------------------------------------------------------
 
+
 class Names(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -81,30 +95,40 @@ class Names(nn.Module):
         self.inner.conv = nn.Conv1d(4, 4, 1)
 
 
-@pytest.mark.parametrize("target_modules, names", [
-    (["up"], ["up", "inner.up"]),               # suffixes after a dot, or the whole name; not "setup"
-    (["inner.up", "setup"], ["setup", "inner.up"]),
-    (r"(inner\.)?up", ["up", "inner.up"]),      # a regex matches the whole name
-    (r"inner\..*", ["inner.up"]),               # only nn.Linear modules
-])
+@pytest.mark.parametrize(
+    "target_modules, names",
+    [
+        (["up"], ["up", "inner.up"]),  # suffixes after a dot, or the whole name; not "setup"
+        (["inner.up", "setup"], ["setup", "inner.up"]),
+        (r"(inner\.)?up", ["up", "inner.up"]),  # a regex matches the whole name
+        (r"inner\..*", ["inner.up"]),  # only nn.Linear modules
+    ],
+)
 def test_target_modules_are_suffixes_or_a_full_match_regex(target_modules, names):
     assert [name for name, _ in find_targets(Names(), target_modules)] == names
 
 
-@pytest.mark.parametrize("kwargs, error, message", [
-    (dict(target_modules=["gate"]), ValueError, r"matches no nn.Linear of the model \(7 linear layers, e.g. blocks.0.up"),
-    (dict(target_modules=r"head("), ValueError, "not a valid regex"),
-    (dict(target_modules=5), TypeError, "target_modules must be a regex string or a non-empty list"),
-    (dict(target_modules=[]), TypeError, "target_modules must be"),
-    (dict(init="qr"), ValueError, "init must be one of"),
-    (dict(rank=11), ValueError, r"head: rank 11 exceeds min\(out_features, in_features\) = 10"),
-    (dict(rank=0), ValueError, "rank must be an int >= 1"),
-    (dict(quantize="nf8"), ValueError, "quantize must be None"),
-    (dict(quantize="nf4", quant_iters=0), ValueError, "quant_iters must be an int >= 1"),
-    (dict(scale=-1.0), ValueError, "scale must be a finite number > 0"),
-    (dict(seed="x"), TypeError, "seed must be an int"),
-    (dict(oversample="many"), TypeError, "oversample must be an int"),  # an init option, checked by the first batch
-])
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        (
+            dict(target_modules=["gate"]),
+            ValueError,
+            r"matches no nn.Linear of the model \(7 linear layers, e.g. blocks.0.up",
+        ),
+        (dict(target_modules=r"head("), ValueError, "not a valid regex"),
+        (dict(target_modules=5), TypeError, "target_modules must be a regex string or a non-empty list"),
+        (dict(target_modules=[]), TypeError, "target_modules must be"),
+        (dict(init="qr"), ValueError, "init must be one of"),
+        (dict(rank=11), ValueError, r"head: rank 11 exceeds min\(out_features, in_features\) = 10"),
+        (dict(rank=0), ValueError, "rank must be an int >= 1"),
+        (dict(quantize="nf8"), ValueError, "quantize must be None"),
+        (dict(quantize="nf4", quant_iters=0), ValueError, "quant_iters must be an int >= 1"),
+        (dict(scale=-1.0), ValueError, "scale must be a finite number > 0"),
+        (dict(seed="x"), TypeError, "seed must be an int"),
+        (dict(oversample="many"), TypeError, "oversample must be an int"),  # an init option, checked by the first batch
+    ],
+)
 def test_bad_conversions_raise_and_leave_the_model_untouched(kwargs, error, message):
     model = Toy()
     before = snapshot(model)
@@ -125,6 +149,7 @@ def test_a_nan_weight_is_reported_before_any_layer_is_converted():
 
 # ---- the report, freezing, merging ----------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("quantize", [None, "nf4"])
 def test_report_holds_each_layer_and_its_errors(quantize, capsys, device):
     model, original = Toy().to(device), Toy().to(device)
@@ -137,8 +162,9 @@ def test_report_holds_each_layer_and_its_errors(quantize, capsys, device):
         recon = (torch.linalg.matrix_norm(W - effective_weight64(m)) / torch.linalg.matrix_norm(W)).item()
         assert layer.recon_error == pytest.approx(recon, rel=1e-9, abs=1e-12)
         if quantize:
-            qlora = dequantize_nf4_ref(*(lambda q: (q.packed, q.absmax, q.blocksize, q.numel))(quantize_nf4(W.float())),
-                                       torch.float64).view(W.shape)
+            qlora = dequantize_nf4_ref(
+                *(lambda q: (q.packed, q.absmax, q.blocksize, q.numel))(quantize_nf4(W.float())), torch.float64
+            ).view(W.shape)
             nuclear = lambda M: torch.linalg.svdvals(M).sum().item()  # noqa: E731
             want = 1 - nuclear(W - effective_weight64(m)) / nuclear(W - qlora)
             assert layer.error_reduction == pytest.approx(want, abs=1e-9)
@@ -179,6 +205,7 @@ def test_merge_model_replaces_adapters_by_equivalent_linears(quantize, device):
 
 
 # ---- acceptance: a real BertModel -----------------------------------------------------------------------
+
 
 def minilm() -> nn.Module:
     transformers = pytest.importorskip("transformers")

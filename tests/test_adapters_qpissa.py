@@ -1,6 +1,7 @@
 """QPiSSA / LoftQ and the quantization error metrics: metrics against fp64 SVD references, the
 alternation against a literal reference loop, batching with per-matrix generators, and the
 PiSSA paper's orderings on the real all-MiniLM-L6-v2 weights."""
+
 from __future__ import annotations
 
 import statistics
@@ -49,6 +50,7 @@ def reduction_reference(W, residual, A, B, scale=1.0):
 
 # ---- metrics ------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("shape", [(3, 40, 25), (2, 25, 40), (30, 30)], ids=str)
 def test_nuclear_norm_is_the_sum_of_singular_values(shape):
     M = torch.randn(shape, generator=gen(1))
@@ -67,7 +69,9 @@ def test_error_reduction_is_zero_for_qlora_and_matches_the_literal_formula():
     assert got.item() > 0.05
     recon, reduction = error_metrics(W, residual, A, B)  # both at once, from one error matrix
     torch.testing.assert_close(reduction, reduction_reference(W, residual[0], A, B), rtol=1e-10, atol=1e-12)
-    want = torch.linalg.matrix_norm(W.double() - deq64(residual[0]) - A.double() @ B.double()) / torch.linalg.matrix_norm(W.double())
+    want = torch.linalg.matrix_norm(
+        W.double() - deq64(residual[0]) - A.double() @ B.double()
+    ) / torch.linalg.matrix_norm(W.double())
     torch.testing.assert_close(recon, want, rtol=1e-12, atol=0)
     assert error_metrics(W, W - A @ B, A, B)[1] is None
 
@@ -75,13 +79,16 @@ def test_error_reduction_is_zero_for_qlora_and_matches_the_literal_formula():
 def test_reconstruction_error_matches_the_literal_formula():
     W = weights()
     A, B, residual = qpissa_factors(W, 8, generator=gen(1), double_quant=True)
-    want = torch.linalg.matrix_norm(W.double() - deq64(residual[0]) - A.double() @ B.double()) / torch.linalg.matrix_norm(W.double())
+    want = torch.linalg.matrix_norm(
+        W.double() - deq64(residual[0]) - A.double() @ B.double()
+    ) / torch.linalg.matrix_norm(W.double())
     torch.testing.assert_close(reconstruction_error(W, residual[0], A, B), want, rtol=1e-12, atol=0)
     dense = W - A @ B
     assert reconstruction_error(W, dense, A, B).item() < 1e-6
 
 
 # ---- the alternation ------------------------------------------------------------------------------
+
 
 def svd_split(M: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
     U, S, Vh = torch.linalg.svd(M.double(), full_matrices=False)
@@ -121,12 +128,16 @@ def test_per_matrix_generators_make_a_batch_equal_its_matrices_alone(factors):
     for i in range(3):
         A1, B1, (q1,) = run(W[i], 8, iters=2, generator=gen(10 + i))
         assert (residual[i].packed == q1.packed).double().mean().item() > 0.999
-        torch.testing.assert_close(deq64(residual[i]) + A[i].double() @ B[i].double(),
-                                   deq64(q1) + A1.double() @ B1.double(), rtol=0, atol=1e-3)
+        torch.testing.assert_close(
+            deq64(residual[i]) + A[i].double() @ B[i].double(), deq64(q1) + A1.double() @ B1.double(), rtol=0, atol=1e-3
+        )
 
 
-@pytest.mark.parametrize("init, options", [("svd", {}), ("rsvd", {}), ("random", {}), ("cur", {"u": "optimal"})],
-                         ids=["svd", "rsvd", "random", "cur"])
+@pytest.mark.parametrize(
+    "init, options",
+    [("svd", {}), ("rsvd", {}), ("random", {}), ("cur", {"u": "optimal"})],
+    ids=["svd", "rsvd", "random", "cur"],
+)
 def test_every_init_can_start_qpissa(init, options):
     W = weights()
     A, B, residual = qpissa_factors(W, 8, init=init, generator=gen(1), **options)
@@ -152,6 +163,7 @@ def test_bad_arguments_are_clear_errors():
 
 # ---- the PiSSA paper's orderings on real weights ------------------------------------------------------
 
+
 def test_qpissa_orderings_on_minilm_rank_16():
     """On all 36 MiniLM linears at rank 16 (rsvd, NF4, blocksize 64), per matrix: QPiSSA removes
     part of QLoRA's error; 5 rounds beat 1; QPiSSA beats LoftQ at the same number of rounds."""
@@ -159,8 +171,12 @@ def test_qpissa_orderings_on_minilm_rank_16():
     for _, w in sorted(minilm_linear_weights().items()):
         groups.setdefault(tuple(w.shape), []).append(w)
     results: dict[str, list[float]] = {}
-    for label, run, iters in [("qpissa-1", qpissa_factors, 1), ("qpissa-5", qpissa_factors, 5),
-                              ("loftq-1", loftq_factors, 1), ("loftq-5", loftq_factors, 5)]:
+    for label, run, iters in [
+        ("qpissa-1", qpissa_factors, 1),
+        ("qpissa-5", qpissa_factors, 5),
+        ("loftq-1", loftq_factors, 1),
+        ("loftq-5", loftq_factors, 5),
+    ]:
         values = []
         for ws in groups.values():
             W = torch.stack(ws)

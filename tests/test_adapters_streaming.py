@@ -3,6 +3,7 @@ transformers + PEFT and reproduces the original logits; the lowrank output equal
 conversion bit for bit, with the real module names; sources that do not cover their
 architecture are refused by key; outputs are never written over the source or an existing
 output, and an interrupted run resumes to the bytes of an uninterrupted one."""
+
 from __future__ import annotations
 
 import json
@@ -56,8 +57,9 @@ def test_peft_output_loads_in_transformers_and_peft_and_reproduces_the_logits(ll
     out = tmp_path / "out"
     report = convert_files(path, out, fmt="peft", rank=4, seed=1, max_shard_size=40_000)
     assert len(report) == 21  # 7 linears x 3 layers, lm_head excluded
-    assert len(json.loads((out / "residual" / "model.safetensors.index.json").read_text())["weight_map"]) == \
-        len(original.state_dict())
+    assert len(json.loads((out / "residual" / "model.safetensors.index.json").read_text())["weight_map"]) == len(
+        original.state_dict()
+    )
     assert not (out / ".resume").exists()
     base = transformers.AutoModelForCausalLM.from_pretrained(out / "residual", local_files_only=True)
     model = peft.PeftModel.from_pretrained(base, out / "adapter").eval()
@@ -85,8 +87,9 @@ def test_peft_nf4_output_loads_as_a_bitsandbytes_4bit_model_computing_our_qpissa
     assert isinstance(base.model.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)
     assert not isinstance(base.model.layers[0].self_attn.k_proj, bnb.nn.Linear4bit)
     model = peft.PeftModel.from_pretrained(base, tmp_path / "peft" / "adapter").eval()
-    ours = load_converted(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "src"),
-                          tmp_path / "ours.safetensors").eval()
+    ours = load_converted(
+        transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "src"), tmp_path / "ours.safetensors"
+    ).eval()
     with torch.no_grad():
         got, want, exact = model(IDS).logits.float(), ours(IDS).logits.float(), original(IDS).logits.float()
         with model.disable_adapter():
@@ -105,8 +108,13 @@ def test_lowrank_output_equals_in_memory_conversion_bit_for_bit(llama, tmp_path,
     convert_files(path, out, max_shard_size=8_000, batch_elements=3000, **options)  # small batches
     assert len(list(out.glob("adapters-*-of-*.safetensors"))) > 2
     model = transformers.AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
-    convert_model(model, target_modules=[n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
-                                         and n != "lm_head"], progress=False, metrics=False, **options)
+    convert_model(
+        model,
+        target_modules=[n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"],
+        progress=False,
+        metrics=False,
+        **options,
+    )
     layers = read_converted(out)
     assert sorted(layers) == sorted(n for n, m in model.named_modules() if isinstance(m, PiSSALinear))
     for name, layer in layers.items():
@@ -143,8 +151,11 @@ def test_weights_that_do_not_cover_the_architecture_are_refused_by_name(tmp_path
     del tensors["model.layers.0.mlp.up_proj.weight"]
     tensors["model.layers.0.extra.weight"] = torch.zeros(2, 2)
     save_file(tensors, file, metadata={"format": "pt"})
-    with pytest.raises(SourceError, match=r"missing 1: model\.layers\.0\.mlp\.up_proj\.weight; "
-                                          r"unexpected 1: model\.layers\.0\.extra\.weight"):
+    with pytest.raises(
+        SourceError,
+        match=r"missing 1: model\.layers\.0\.mlp\.up_proj\.weight; "
+        r"unexpected 1: model\.layers\.0\.extra\.weight",
+    ):
         open_source(tmp_path / "src")
 
 
@@ -207,14 +218,20 @@ def test_too_little_space_or_a_file_size_limit_is_refused_before_any_work(llama,
     import resource
 
     path, _ = llama
-    monkeypatch.setattr(streaming.shutil, "disk_usage", lambda d: collections.namedtuple("u", "total used free")(
-        10**6, 10**6 - 1000, 1000))
+    monkeypatch.setattr(
+        streaming.shutil,
+        "disk_usage",
+        lambda d: collections.namedtuple("u", "total used free")(10**6, 10**6 - 1000, 1000),
+    )
     with pytest.raises(OutputError, match="needs about .* GB free"):
         convert_files(path, tmp_path / "out", rank=2)
     monkeypatch.undo()
     real = resource.getrlimit
-    monkeypatch.setattr(streaming.resource, "getrlimit", lambda what: (1000, resource.RLIM_INFINITY)
-                        if what == resource.RLIMIT_FSIZE else real(what))
+    monkeypatch.setattr(
+        streaming.resource,
+        "getrlimit",
+        lambda what: (1000, resource.RLIM_INFINITY) if what == resource.RLIMIT_FSIZE else real(what),
+    )
     with pytest.raises(OutputError, match=r"file size limit \(ulimit -f\) is 1000 bytes"):
         convert_files(path, tmp_path / "out", rank=2)
     assert not any((tmp_path / "out").rglob("*.safetensors"))
@@ -246,13 +263,18 @@ def test_a_killed_run_leaves_no_temporary_file_and_resumes(llama, tmp_path):
 
     path, _ = llama
     repo = Path(__file__).resolve().parent.parent
-    result = subprocess.run([sys.executable, "-c", KILLED_IN_SECOND_COMMIT, str(path), str(tmp_path / "out")],
-                            env={**os.environ, "PYTHONPATH": str(repo)}, capture_output=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", KILLED_IN_SECOND_COMMIT, str(path), str(tmp_path / "out")],
+        env={**os.environ, "PYTHONPATH": str(repo)},
+        capture_output=True,
+        timeout=300,
+    )
     assert result.returncode == -9, result.stderr[-2000:]
     names = sorted(str(p.relative_to(tmp_path / "out")) for p in (tmp_path / "out").rglob("*") if p.is_file())
     # the first shard and its record; of the second nothing (its files were unnamed)
-    assert len(names) == 2 and names[0].startswith(".resume/shard-00001-") and names[1].startswith("adapters-00001-"), \
+    assert len(names) == 2 and names[0].startswith(".resume/shard-00001-") and names[1].startswith("adapters-00001-"), (
         names
+    )
     convert_files(path, tmp_path / "out", rank=2, max_shard_size=8000, resume=True)
     convert_files(path, tmp_path / "full", rank=2, max_shard_size=8000)
     assert tree(tmp_path / "out") == tree(tmp_path / "full")

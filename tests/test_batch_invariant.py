@@ -1,5 +1,6 @@
 """batch_invariant: each matrix of a batch gets bitwise what the same call gives it alone, and
 the products are right (against fp64 torch)."""
+
 from __future__ import annotations
 
 import itertools

@@ -1,6 +1,7 @@
 """The benchmark harness (lowrank_kernels.bench._harness): atomic writes, round-robin timing,
 the targets table, the results file; the README generator on hand-written results files; and
 each benchmark module's `main(["--quick", "--out", tmp])` (nf4 by default, the costly ones slow)."""
+
 from __future__ import annotations
 
 import argparse
@@ -18,6 +19,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 # ---- atomic writes ------------------------------------------------------------------------------
+
 
 def test_write_atomic_replaces_the_file_whole(tmp_path):
     path = tmp_path / "new" / "r.json"
@@ -42,6 +44,7 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
 
 # ---- timing -------------------------------------------------------------------------------------
 
+
 def test_round_robin_interleaves_the_calls_and_takes_each_ones_median(monkeypatch):
     """A fake clock that each call advances by its own duration: the order of the calls and the
     medians are known exactly."""
@@ -60,11 +63,21 @@ def test_round_robin_interleaves_the_calls_and_takes_each_ones_median(monkeypatc
 
 # ---- targets ------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("measured, op, required, met", [
-    (20.0, ">=", 20.0, True), (19.99, ">=", 20.0, False), (1.15, "<=", 1.15, True), (1.16, "<=", 1.15, False),
-    (1.0, ">", 1.0, False), (1.01, ">", 1.0, True), (0.5, "<", 0.5, False), (0.49, "<", 0.5, True),
-    (3.0, None, None, None),
-])
+
+@pytest.mark.parametrize(
+    "measured, op, required, met",
+    [
+        (20.0, ">=", 20.0, True),
+        (19.99, ">=", 20.0, False),
+        (1.15, "<=", 1.15, True),
+        (1.16, "<=", 1.15, False),
+        (1.0, ">", 1.0, False),
+        (1.01, ">", 1.0, True),
+        (0.5, "<", 0.5, False),
+        (0.49, "<", 0.5, True),
+        (3.0, None, None, None),
+    ],
+)
 def test_a_target_is_met_by_its_comparison(measured, op, required, met):
     assert Target("t", measured, op, required).met is met
 
@@ -91,32 +104,50 @@ def test_a_run_prints_and_records_its_tables_and_targets(tmp_path, capsys):
     assert run.finish() == 0
     out = capsys.readouterr().out
     assert out.startswith(f"machine: {harness.machine_description()}\n")
-    expected_tables = ("times\n"
-                       "operation    ms\n"
-                       "---------  ----\n"
-                       "ours        1.5\n"
-                       "theirs     30.0\n"
-                       "\n"
-                       "targets\n"
-                       "target      measured   required  met\n"
-                       "----------  --------  ---------  ---\n"
-                       "speed-up      20.00x  >= 20.00x  yes\n"
-                       "time ratio     1.20x   <= 1.15x   NO\n"
-                       "\n"
-                       f"results: {tmp_path / 'toy.json'}\n")
+    expected_tables = (
+        "times\n"
+        "operation    ms\n"
+        "---------  ----\n"
+        "ours        1.5\n"
+        "theirs     30.0\n"
+        "\n"
+        "targets\n"
+        "target      measured   required  met\n"
+        "----------  --------  ---------  ---\n"
+        "speed-up      20.00x  >= 20.00x  yes\n"
+        "time ratio     1.20x   <= 1.15x   NO\n"
+        "\n"
+        f"results: {tmp_path / 'toy.json'}\n"
+    )
     assert out.endswith(expected_tables)
 
     results = json.loads((tmp_path / "toy.json").read_text())
     assert results["schema"] == harness.SCHEMA and results["benchmark"] == "toy"
     assert results["argv"] == ["--quick"] and results["quick"] is True
     assert results["machine"] == harness.machine_description()
-    assert results["tables"] == [{"title": "times", "headers": ["operation", "ms"],
-                                  "rows": [["ours", "1.5"], ["theirs", "30.0"]]}]
+    assert results["tables"] == [
+        {"title": "times", "headers": ["operation", "ms"], "rows": [["ours", "1.5"], ["theirs", "30.0"]]}
+    ]
     assert results["targets"]["rows"] == [
-        {"target": "speed-up", "measured": "20.00x", "required": ">= 20.00x", "met": True, "value": 20.0, "op": ">=",
-         "bound": 20},
-        {"target": "time ratio", "measured": "1.20x", "required": "<= 1.15x", "met": False, "value": 1.2, "op": "<=",
-         "bound": 1.15}]
+        {
+            "target": "speed-up",
+            "measured": "20.00x",
+            "required": ">= 20.00x",
+            "met": True,
+            "value": 20.0,
+            "op": ">=",
+            "bound": 20,
+        },
+        {
+            "target": "time ratio",
+            "measured": "1.20x",
+            "required": "<= 1.15x",
+            "met": False,
+            "value": 1.2,
+            "op": "<=",
+            "bound": 1.15,
+        },
+    ]
     assert os.listdir(tmp_path) == ["toy.json"]
 
 
@@ -140,9 +171,19 @@ def test_without_matplotlib_the_plot_is_skipped_with_a_note(tmp_path, capsys, mo
 
 # ---- README generator ---------------------------------------------------------------------------
 
+
 def _results(name, created, argv, targets, machine="CPU X, 2 cores, lowrank_kernels CPU ISA avx2; torch 9"):
-    return {"schema": harness.SCHEMA, "benchmark": name, "created": created, "argv": argv, "quick": "--quick" in argv,
-            "machine": machine, "tables": [], "notes": [], "targets": targets}
+    return {
+        "schema": harness.SCHEMA,
+        "benchmark": name,
+        "created": created,
+        "argv": argv,
+        "quick": "--quick" in argv,
+        "machine": machine,
+        "tables": [],
+        "notes": [],
+        "targets": targets,
+    }
 
 
 README_BEFORE = """# project
@@ -207,15 +248,31 @@ def test_readme_section_is_regenerated_from_the_newest_results_of_each_benchmark
     results = tmp_path / "results"
     results.mkdir()
     old_nf4 = _results("nf4", "2029-12-31T00:00:00+00:00", ["--quick"], None)
-    new_nf4 = _results("nf4", "2030-01-02T00:00:00+00:00", [], {"title": "targets", "rows": [
-        {"target": "quantize speed-up", "measured": "31.4x", "required": ">= 20.0x", "met": True},
-        {"target": "a | b", "measured": "1.1x", "required": "(info)", "met": None}]},
-        machine="CPU Y, 2 cores, lowrank_kernels CPU ISA avx512; torch 9")
-    files = {"a.json": new_nf4, "b.json": old_nf4,  # the newer one sorts first: "created" decides, not the name
-             "robust.json": _results("robust", "2030-01-01T00:00:00+00:00", ["--quick"], None),
-             "zeta.json": _results("zeta", "2030-01-01T00:00:00+00:00", [], {"title": "t", "rows": [
-                 {"target": "slope", "measured": "0.40", "required": "<= 0.30", "met": False}]}),
-             "gpu_fit.json": {"kernels": []}}  # another tool's file
+    new_nf4 = _results(
+        "nf4",
+        "2030-01-02T00:00:00+00:00",
+        [],
+        {
+            "title": "targets",
+            "rows": [
+                {"target": "quantize speed-up", "measured": "31.4x", "required": ">= 20.0x", "met": True},
+                {"target": "a | b", "measured": "1.1x", "required": "(info)", "met": None},
+            ],
+        },
+        machine="CPU Y, 2 cores, lowrank_kernels CPU ISA avx512; torch 9",
+    )
+    files = {
+        "a.json": new_nf4,
+        "b.json": old_nf4,  # the newer one sorts first: "created" decides, not the name
+        "robust.json": _results("robust", "2030-01-01T00:00:00+00:00", ["--quick"], None),
+        "zeta.json": _results(
+            "zeta",
+            "2030-01-01T00:00:00+00:00",
+            [],
+            {"title": "t", "rows": [{"target": "slope", "measured": "0.40", "required": "<= 0.30", "met": False}]},
+        ),
+        "gpu_fit.json": {"kernels": []},
+    }  # another tool's file
     for name, content in files.items():
         (results / name).write_text(json.dumps(content))
     (results / "nf4.png").write_bytes(PNG_MAGIC)
@@ -228,8 +285,14 @@ def test_readme_section_is_regenerated_from_the_newest_results_of_each_benchmark
     assert path.read_text() == README_AFTER
 
 
-@pytest.mark.parametrize("text", ["no markers\n", "<!-- results:end -->\n<!-- results:begin -->\n",
-                                  "<!-- results:begin -->\n<!-- results:begin -->\n<!-- results:end -->\n"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "no markers\n",
+        "<!-- results:end -->\n<!-- results:begin -->\n",
+        "<!-- results:begin -->\n<!-- results:begin -->\n<!-- results:end -->\n",
+    ],
+)
 def test_readme_without_one_pair_of_markers_is_left_alone(tmp_path, capsys, text):
     results = tmp_path / "results"
     results.mkdir()
@@ -254,6 +317,7 @@ def test_the_checkouts_readme_has_the_markers():
 
 
 # ---- the benchmark modules ----------------------------------------------------------------------
+
 
 def _table(results: dict, title_start: str) -> dict[str, list[str]]:
     table = next(t for t in results["tables"] if t["title"].startswith(title_start))

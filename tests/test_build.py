@@ -1,4 +1,5 @@
 """The build: what was compiled, the op registry, and the error when the extension is missing."""
+
 from __future__ import annotations
 
 import os
@@ -55,7 +56,9 @@ def kernel_sources(op: str) -> dict[str, str]:
 
 
 def registered_ops() -> set[str]:
-    return {name.split("::")[1] for name in torch._C._dispatch_get_all_op_names() if name.startswith("lowrank_kernels::")}
+    return {
+        name.split("::")[1] for name in torch._C._dispatch_get_all_op_names() if name.startswith("lowrank_kernels::")
+    }
 
 
 def test_backends_are_the_registered_cpu_kernels():
@@ -71,7 +74,9 @@ def test_backends_are_the_registered_cpu_kernels():
         if per_device["cpu"].startswith("C++"):
             assert "/csrc/cpu/" in source, f"{op}: reported as {per_device['cpu']!r}, registered at {source}"
         else:
-            assert source.endswith("torch/library.py"), f"{op}: reported as {per_device['cpu']!r}, registered at {source}"
+            assert source.endswith("torch/library.py"), (
+                f"{op}: reported as {per_device['cpu']!r}, registered at {source}"
+            )
 
 
 @pytest.mark.skipif(not torch.version.cuda, reason="CPU-only torch: every cuda backend is reported unavailable")
@@ -123,7 +128,9 @@ def test_missing_extension_gives_clear_error():
 
 
 def test_cli_info_runs():
-    result = subprocess.run([sys.executable, "-m", "lowrank_kernels", "info"], capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "lowrank_kernels", "info"], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     assert "quantize_nf4" in result.stdout and "nf4_lowrank_linear" in result.stdout
 

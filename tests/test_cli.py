@@ -2,6 +2,7 @@
 convert (MiniLM model directory and bare safetensors files, round trips through load_converted,
 the printed report against metrics recomputed from the checkpoint), bad input (one error line,
 exit status 2, no traceback), bench (command lines)."""
+
 from __future__ import annotations
 
 import os
@@ -22,9 +23,14 @@ from lowrank_kernels.reference import dequantize_nf4_ref
 
 REPO = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-LAYER0 = {"query": "attention.self.query", "key": "attention.self.key", "value": "attention.self.value",
-          "attention.output": "attention.output.dense", "intermediate": "intermediate.dense",
-          "output": "output.dense"}
+LAYER0 = {
+    "query": "attention.self.query",
+    "key": "attention.self.key",
+    "value": "attention.self.value",
+    "attention.output": "attention.output.dense",
+    "intermediate": "intermediate.dense",
+    "output": "output.dense",
+}
 
 
 def minilm_dir() -> str:
@@ -33,8 +39,9 @@ def minilm_dir() -> str:
 
 
 def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lowrank_kernels", *args], env=ENV, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "lowrank_kernels", *args], env=ENV, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def table(stdout: str, header_start: str) -> list[list[str]]:
@@ -42,7 +49,7 @@ def table(stdout: str, header_start: str) -> list[list[str]]:
     lines = stdout.splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith(header_start))
     rows = []
-    for line in lines[start + 2:]:  # header, dashes
+    for line in lines[start + 2 :]:  # header, dashes
         if not line.strip():
             break
         rows.append(re.split(r"\s{2,}", line.strip()))
@@ -59,8 +66,10 @@ def residual64(layer: PiSSALinear) -> torch.Tensor:
 
 # ---- demo ------------------------------------------------------------------------------------------
 
-def assert_demo_tables_match_independent_references(stdout: str, weights_file: Path, rank: int, seed: int,
-                                                    tmp_path: Path, loftq_below_optimal: float | None) -> None:
+
+def assert_demo_tables_match_independent_references(
+    stdout: str, weights_file: Path, rank: int, seed: int, tmp_path: Path, loftq_below_optimal: float | None
+) -> None:
     """The demo's printed tables for encoder layer 0 of the BERT weights in ``weights_file``, run
     with ``rank`` and ``seed``: QPiSSA 1 is what `convert` writes with the same seed, LoftQ 1 is
     at most (and, given ``loftq_below_optimal``, within that many points of) the exact-SVD optimum,
@@ -70,15 +79,31 @@ def assert_demo_tables_match_independent_references(stdout: str, weights_file: P
     assert [row[0] for row in reductions] == [*LAYER0, "all layers"]
     assert [row[1] for row in reductions] == ["1"] * 6 + ["6"]
     columns = ["QLoRA", "LoftQ 1", "LoftQ 5", "QPiSSA 1", "QPiSSA 5", "CUR 1", "robust 1"]
-    percent = {row[0]: dict(zip(columns, (float(c.removesuffix(" %")) for c in row[2:]), strict=True))
-               for row in reductions}
+    percent = {
+        row[0]: dict(zip(columns, (float(c.removesuffix(" %")) for c in row[2:]), strict=True)) for row in reductions
+    }
     assert all(p["QLoRA"] == 0.0 for p in percent.values())
 
     # QPiSSA 1: what `convert` writes with the same seed, recomputed from the checkpoint
     ckpt = tmp_path / "layer0.safetensors"
-    convert = run_cli("convert", str(weights_file), "--target-regex", r"encoder\.layer\.0\..*", "--rank", str(rank),
-                      "--init", "rsvd", "--quantize", "nf4", "--quant-iters", "1", "--seed", str(seed),
-                      "--output", str(ckpt))
+    convert = run_cli(
+        "convert",
+        str(weights_file),
+        "--target-regex",
+        r"encoder\.layer\.0\..*",
+        "--rank",
+        str(rank),
+        "--init",
+        "rsvd",
+        "--quantize",
+        "nf4",
+        "--quant-iters",
+        "1",
+        "--seed",
+        str(seed),
+        "--output",
+        str(ckpt),
+    )
     assert convert.returncode == 0, convert.stderr[-3000:]
     layers = read_converted(ckpt)
     weights = load_file(weights_file)
@@ -119,9 +144,17 @@ def test_demo_on_a_small_bert_layer_prints_tables_that_match_independent_referen
     from lowrank_kernels import demo
 
     g = torch.Generator().manual_seed(0)
-    shapes = {"query": (32, 32), "key": (32, 32), "value": (32, 32), "attention.output": (32, 32),
-              "intermediate": (64, 32), "output": (32, 64)}
-    weights = {f"encoder.layer.0.{LAYER0[kind]}": 0.05 * torch.randn(shape, generator=g) for kind, shape in shapes.items()}
+    shapes = {
+        "query": (32, 32),
+        "key": (32, 32),
+        "value": (32, 32),
+        "attention.output": (32, 32),
+        "intermediate": (64, 32),
+        "output": (32, 64),
+    }
+    weights = {
+        f"encoder.layer.0.{LAYER0[kind]}": 0.05 * torch.randn(shape, generator=g) for kind, shape in shapes.items()
+    }
     weights_file = tmp_path / "bert.safetensors"
     save_file({f"{name}.weight": w for name, w in weights.items()}, str(weights_file))
     monkeypatch.setattr(demo, "minilm_weights", lambda quick: weights)
@@ -131,8 +164,9 @@ def test_demo_on_a_small_bert_layer_prints_tables_that_match_independent_referen
     plot = tmp_path / "demo.png"
     demo.run(rank=4, seed=4, quick=True, plot=plot)
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert_demo_tables_match_independent_references(capsys.readouterr().out, weights_file, 4, 4, tmp_path,
-                                                    loftq_below_optimal=None)
+    assert_demo_tables_match_independent_references(
+        capsys.readouterr().out, weights_file, 4, 4, tmp_path, loftq_below_optimal=None
+    )
 
 
 @pytest.mark.slow
@@ -150,17 +184,36 @@ def test_demo_quick_prints_tables_that_match_independent_references(tmp_path):
 
 # ---- convert ---------------------------------------------------------------------------------------
 
+
 def test_convert_minilm_directory_round_trips_and_reports_the_checkpoints_metrics(tmp_path):
     source = minilm_dir()
     ckpt = tmp_path / "minilm.safetensors"
-    result = run_cli("convert", source, "--target-modules", "query", "value", "--rank", "8", "--quantize", "nf4",
-                     "--quant-iters", "2", "--seed", "1", "--metrics", "--output", str(ckpt))
+    result = run_cli(
+        "convert",
+        source,
+        "--target-modules",
+        "query",
+        "value",
+        "--rank",
+        "8",
+        "--quantize",
+        "nf4",
+        "--quant-iters",
+        "2",
+        "--seed",
+        "1",
+        "--metrics",
+        "--output",
+        str(ckpt),
+    )
     assert result.returncode == 0, result.stderr[-3000:]
 
     original = load_model(source).eval()
     converted = load_converted(load_model(source), ckpt).eval()
     adapters = {n: m for n, m in converted.named_modules() if isinstance(m, PiSSALinear)}
-    assert sorted(adapters) == sorted(f"encoder.layer.{i}.attention.self.{k}" for i in range(6) for k in ("query", "value"))
+    assert sorted(adapters) == sorted(
+        f"encoder.layer.{i}.attention.self.{k}" for i in range(6) for k in ("query", "value")
+    )
     assert all(m.rank == 8 and m.quantize == "nf4" and m.init == "rsvd" for m in adapters.values())
     assert all(p.requires_grad == (n.endswith((".A", ".B"))) for n, p in converted.named_parameters())
 
@@ -169,8 +222,9 @@ def test_convert_minilm_directory_round_trips_and_reports_the_checkpoints_metric
     for name, layer in adapters.items():
         W = weights[name].weight.detach()
         reduction = quantization_error_reduction(W, layer.residual_weight(), layer.A.detach(), layer.B.detach())
-        recon = torch.linalg.matrix_norm(W.double() - residual64(layer) - layer.A.double() @ layer.B.double()) \
-            / torch.linalg.matrix_norm(W.double())
+        recon = torch.linalg.matrix_norm(
+            W.double() - residual64(layer) - layer.A.double() @ layer.B.double()
+        ) / torch.linalg.matrix_norm(W.double())
         assert report[name][6] == f"{reduction.item():.1%}", name
         assert float(report[name][5]) == pytest.approx(recon.item(), rel=6e-3), name
 
@@ -187,9 +241,9 @@ def test_convert_bare_safetensors_file_round_trips(tmp_path):
         "blocks.0.attn.bias": torch.randn(24, generator=g),
         "blocks.0.mlp.weight": torch.randn(16, 24, generator=g).to(torch.bfloat16),
         "blocks.1.attn.weight": torch.randn(24, 16, generator=g),
-        "blocks.0.norm.weight": torch.ones(16),                      # 1-D: not a linear
-        "tok_embeddings.weight": torch.randn(50, 16, generator=g),   # embedding table: skipped
-        "counts.weight": torch.arange(6).reshape(2, 3),              # integer: skipped
+        "blocks.0.norm.weight": torch.ones(16),  # 1-D: not a linear
+        "tok_embeddings.weight": torch.randn(50, 16, generator=g),  # embedding table: skipped
+        "counts.weight": torch.arange(6).reshape(2, 3),  # integer: skipped
     }
     source = tmp_path / "weights.safetensors"
     save_file(tensors, str(source))
@@ -208,8 +262,12 @@ def test_convert_bare_safetensors_file_round_trips(tmp_path):
         tol = 1e-2 if W.dtype == torch.bfloat16 else 1e-5
         torch.testing.assert_close(effective, W.double(), rtol=0, atol=tol * W.abs().max().item())
         S = torch.linalg.svdvals(W.double())  # the adapter is the principal rank-4 part
-        torch.testing.assert_close(torch.linalg.svdvals(layer.A.double() @ layer.B.double())[:4], S[:4],
-                                   rtol=2e-2 if W.dtype == torch.bfloat16 else 1e-4, atol=0)
+        torch.testing.assert_close(
+            torch.linalg.svdvals(layer.A.double() @ layer.B.double())[:4],
+            S[:4],
+            rtol=2e-2 if W.dtype == torch.bfloat16 else 1e-4,
+            atol=0,
+        )
 
     model = load_converted(load_model(source), ckpt)
     for name, layer in layers.items():
@@ -220,6 +278,7 @@ def test_convert_bare_safetensors_file_round_trips(tmp_path):
 
 # ---- bad input --------------------------------------------------------------------------------------
 
+
 def _bad_file(tmp_path: Path) -> str:
     good = tmp_path / "good.safetensors"
     save_file({"a.weight": torch.randn(8, 8)}, str(good))
@@ -228,31 +287,63 @@ def _bad_file(tmp_path: Path) -> str:
     return str(bad)
 
 
-@pytest.mark.parametrize("case, argv, message", [
-    ("missing path", ["convert", "{tmp}/nope.safetensors", "-o", "{tmp}/o.safetensors"], "does not exist"),
-    ("directory without config", ["convert", "{tmp}", "-o", "{tmp}/o.safetensors"], "without config.json"),
-    ("rank too large", ["convert", "{good}", "--rank", "9", "-o", "{tmp}/o.safetensors"],
-     "a: rank 9 exceeds min(out_features, in_features) = 8"),
-    ("rank zero", ["convert", "{good}", "--rank", "0", "-o", "{tmp}/o.safetensors"], "rank must be an int >= 1"),
-    ("targets match nothing", ["convert", "{good}", "--target-modules", "query", "-o", "{tmp}/o.safetensors"],
-     "target_modules ['query'] matches no nn.Linear"),
-    ("bad regex", ["convert", "{good}", "--target-regex", "(", "-o", "{tmp}/o.safetensors"], "not a valid regex"),
-    ("corrupted file", ["convert", "{bad}", "-o", "{tmp}/o.safetensors"], "cannot read safetensors file"),
-    ("output directory missing", ["convert", "{good}", "--rank", "2", "-o", "{tmp}/no/dir/o.safetensors"], "does not exist"),
-    ("quant iters", ["convert", "{good}", "--quantize", "nf4", "--quant-iters", "0", "-o", "{tmp}/o.safetensors"],
-     "quant_iters must be an int >= 1"),
-    ("quant iters without effect", ["convert", "{good}", "--quant-iters", "5", "-o", "{tmp}/o.safetensors"],
-     "--quant-iters has no effect with --quantize none"),
-    ("shard size without effect", ["convert", "{good}", "--max-shard-size", "1MB", "-o", "{tmp}/o.safetensors"],
-     "--max-shard-size has no effect on a one-file output"),
-    ("bad shard size", ["convert", "{good}", "--max-shard-size", "lots", "-o", "{tmp}/odir"],
-     "--max-shard-size must be a size like 500MB"),
-    ("threads", ["convert", "{good}", "--threads", "0", "-o", "{tmp}/o.safetensors"], "--threads must be >= 1"),
-    ("output is the source", ["convert", "{good}", "--rank", "2", "-o", "{good}"], "is, lies inside or contains the source"),
-    ("peft from a bare file", ["convert", "{good}", "--format", "peft", "-o", "{tmp}/odir"],
-     "format 'peft' needs a Hugging Face model directory"),
-    ("unknown benchmark", ["bench", "nope"], "unknown benchmark(s) nope"),
-])
+@pytest.mark.parametrize(
+    "case, argv, message",
+    [
+        ("missing path", ["convert", "{tmp}/nope.safetensors", "-o", "{tmp}/o.safetensors"], "does not exist"),
+        ("directory without config", ["convert", "{tmp}", "-o", "{tmp}/o.safetensors"], "without config.json"),
+        (
+            "rank too large",
+            ["convert", "{good}", "--rank", "9", "-o", "{tmp}/o.safetensors"],
+            "a: rank 9 exceeds min(out_features, in_features) = 8",
+        ),
+        ("rank zero", ["convert", "{good}", "--rank", "0", "-o", "{tmp}/o.safetensors"], "rank must be an int >= 1"),
+        (
+            "targets match nothing",
+            ["convert", "{good}", "--target-modules", "query", "-o", "{tmp}/o.safetensors"],
+            "target_modules ['query'] matches no nn.Linear",
+        ),
+        ("bad regex", ["convert", "{good}", "--target-regex", "(", "-o", "{tmp}/o.safetensors"], "not a valid regex"),
+        ("corrupted file", ["convert", "{bad}", "-o", "{tmp}/o.safetensors"], "cannot read safetensors file"),
+        (
+            "output directory missing",
+            ["convert", "{good}", "--rank", "2", "-o", "{tmp}/no/dir/o.safetensors"],
+            "does not exist",
+        ),
+        (
+            "quant iters",
+            ["convert", "{good}", "--quantize", "nf4", "--quant-iters", "0", "-o", "{tmp}/o.safetensors"],
+            "quant_iters must be an int >= 1",
+        ),
+        (
+            "quant iters without effect",
+            ["convert", "{good}", "--quant-iters", "5", "-o", "{tmp}/o.safetensors"],
+            "--quant-iters has no effect with --quantize none",
+        ),
+        (
+            "shard size without effect",
+            ["convert", "{good}", "--max-shard-size", "1MB", "-o", "{tmp}/o.safetensors"],
+            "--max-shard-size has no effect on a one-file output",
+        ),
+        (
+            "bad shard size",
+            ["convert", "{good}", "--max-shard-size", "lots", "-o", "{tmp}/odir"],
+            "--max-shard-size must be a size like 500MB",
+        ),
+        ("threads", ["convert", "{good}", "--threads", "0", "-o", "{tmp}/o.safetensors"], "--threads must be >= 1"),
+        (
+            "output is the source",
+            ["convert", "{good}", "--rank", "2", "-o", "{good}"],
+            "is, lies inside or contains the source",
+        ),
+        (
+            "peft from a bare file",
+            ["convert", "{good}", "--format", "peft", "-o", "{tmp}/odir"],
+            "format 'peft' needs a Hugging Face model directory",
+        ),
+        ("unknown benchmark", ["bench", "nope"], "unknown benchmark(s) nope"),
+    ],
+)
 def test_bad_input_gives_one_error_line_and_status_2(tmp_path, capsys, case, argv, message):
     good = tmp_path / "good.safetensors"
     save_file({"a.weight": torch.randn(8, 8)}, str(good))
@@ -290,26 +381,39 @@ def test_an_interrupt_prints_one_line_and_exits_130(tmp_path, capsys, monkeypatc
 
 
 def test_bad_input_through_the_interpreter_exits_2_without_traceback(tmp_path):
-    for argv, message in [(["convert", _bad_file(tmp_path), "-o", str(tmp_path / "o.safetensors")],
-                           "cannot read safetensors file"),
-                          (["convert", str(tmp_path), "--init", "magic", "-o", "o.safetensors"],
-                           "argument --init: invalid choice: 'magic'")]:
+    for argv, message in [
+        (["convert", _bad_file(tmp_path), "-o", str(tmp_path / "o.safetensors")], "cannot read safetensors file"),
+        (
+            ["convert", str(tmp_path), "--init", "magic", "-o", "o.safetensors"],
+            "argument --init: invalid choice: 'magic'",
+        ),
+    ]:
         result = run_cli(*argv)
         assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
 
 
 # ---- bench -------------------------------------------------------------------------------------------
 
+
 def test_bench_runs_each_benchmark_module_in_its_own_process(monkeypatch, tmp_path):
     import importlib.util
 
     calls = []
-    monkeypatch.setattr(cli.subprocess, "run", lambda command, env: calls.append((command, env))
-                        or subprocess.CompletedProcess(command, 1 if "lowrank_kernels.bench.robust" in command else 0))
-    assert cli.main(["bench", "--quick", "--out", str(tmp_path)]) == 1  # a failing one fails the command; the others run
+    monkeypatch.setattr(
+        cli.subprocess,
+        "run",
+        lambda command, env: (
+            calls.append((command, env))
+            or subprocess.CompletedProcess(command, 1 if "lowrank_kernels.bench.robust" in command else 0)
+        ),
+    )
+    assert (
+        cli.main(["bench", "--quick", "--out", str(tmp_path)]) == 1
+    )  # a failing one fails the command; the others run
     names = ["nf4", "fused_linear", "decompose", "robust", "adapters", "convert"]
-    assert [c for c, _ in calls] == [[sys.executable, "-m", f"lowrank_kernels.bench.{name}", "--quick", "--out",
-                                      str(tmp_path)] for name in names]
+    assert [c for c, _ in calls] == [
+        [sys.executable, "-m", f"lowrank_kernels.bench.{name}", "--quick", "--out", str(tmp_path)] for name in names
+    ]
     assert all(importlib.util.find_spec(f"lowrank_kernels.bench.{name}") for name in names)
     assert all(env["PYTHONPATH"].split(os.pathsep)[0] == str(REPO) for _, env in calls)
     calls.clear()

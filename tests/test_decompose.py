@@ -1,5 +1,6 @@
 """rsvd / pissa_factors / cur / random_pissa_factors: mathematical properties, exact recovery,
 comparison with the exact SVD, determinism, batching, sampling statistics, bad input."""
+
 from __future__ import annotations
 
 import itertools
@@ -49,6 +50,7 @@ def suboptimality(W, U, S, Vh, rank):
 
 # ---- rsvd ------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("shape", [(60, 40), (40, 60), (33, 33)], ids=str)
 def test_rsvd_recovers_low_rank_matrices_exactly(shape, method, device):
@@ -86,8 +88,9 @@ def test_krylov_space_stops_at_the_short_side_with_a_narrower_last_block(monkeyp
     R^12, so the result is the exact truncated SVD."""
     widths = []
     real_pass = randomized_svd._pass
-    monkeypatch.setattr(randomized_svd, "_pass",
-                        lambda A, X, transpose=False: widths.append(X.shape[-1]) or real_pass(A, X, transpose))
+    monkeypatch.setattr(
+        randomized_svd, "_pass", lambda A, X, transpose=False: widths.append(X.shape[-1]) or real_pass(A, X, transpose)
+    )
     W = decaying(40, 12)
     U, S, Vh, _ = D.rsvd(W, 10, block_size=5, n_iter=3, generator=gen())
     assert widths == [5, 5, 5, 5, 2, 2]  # sketch, then each block and its product with Aᵀ
@@ -125,7 +128,9 @@ def test_rsvd_approaches_the_optimal_rank_k_error(method, rank, device):
 def test_rsvd_error_estimate_is_the_actual_error(device):
     W = decaying(70, 50).to(device)
     U, S, Vh, error = D.rsvd(W, 6, error=True, generator=gen())
-    actual = torch.linalg.matrix_norm(W.double() - (U.double() * S.double()) @ Vh.double()) / torch.linalg.matrix_norm(W.double())
+    actual = torch.linalg.matrix_norm(W.double() - (U.double() * S.double()) @ Vh.double()) / torch.linalg.matrix_norm(
+        W.double()
+    )
     assert abs(error.item() - actual.item()) <= 1e-4
 
 
@@ -230,6 +235,7 @@ def test_orthonormalize_takes_each_batch_element_down_its_own_path():
 
 # ---- PiSSA factors ---------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("exact", [False, True])
 def test_pissa_factors_reconstruct_w(exact, dtype, device):
@@ -241,9 +247,13 @@ def test_pissa_factors_reconstruct_w(exact, dtype, device):
     eps = torch.finfo(dtype).eps
     assert ((W_res.float() + product - W.float()).abs() <= eps * (W.float() - product).abs() + 1e-7).all()
     # A = U√S, B = √S Vh: balanced factors, and A B is the best rank-8 approximation.
-    torch.testing.assert_close(A.float().norm(dim=0), B.float().norm(dim=1), rtol=1e-2 if dtype != torch.float32 else 1e-5, atol=0)
+    torch.testing.assert_close(
+        A.float().norm(dim=0), B.float().norm(dim=1), rtol=1e-2 if dtype != torch.float32 else 1e-5, atol=0
+    )
     S = torch.linalg.svdvals(W.float())
-    torch.testing.assert_close(torch.linalg.svdvals(product)[:8], S[:8], rtol=2e-2 if dtype != torch.float32 else 1e-3, atol=0)
+    torch.testing.assert_close(
+        torch.linalg.svdvals(product)[:8], S[:8], rtol=2e-2 if dtype != torch.float32 else 1e-3, atol=0
+    )
 
 
 def test_random_pissa_keeps_top_components_and_picks_minor_ones(device):
@@ -261,6 +271,7 @@ def test_random_pissa_keeps_top_components_and_picks_minor_ones(device):
 
 
 # ---- CUR -------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("u", ["pinv", "stable", "optimal"])
 def test_cur_recovers_low_rank_matrices_exactly(u, device):
@@ -359,6 +370,7 @@ def test_sampling_frequencies_match_the_norm_distribution(k):
 
 # ---- bad input -------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize(
     "call, error, message",
     [
@@ -368,8 +380,11 @@ def test_sampling_frequencies_match_the_norm_distribution(k):
         (lambda: D.rsvd(torch.randn(10, 8), 2, oversample=-1), ValueError, "oversample must be >= 0"),
         (lambda: D.rsvd(torch.randn(10, 8), 2, n_iter=-1), ValueError, "n_iter must be >= 0"),
         (lambda: D.rsvd(torch.randn(10, 8), 2, block_size=0), ValueError, "block_size must be >= 1, got 0"),
-        (lambda: D.rsvd(torch.randn(10, 8), 6, block_size=2, n_iter=1), ValueError,
-         "n_iter=1 and block_size=2.*must hold rank = 6"),
+        (
+            lambda: D.rsvd(torch.randn(10, 8), 6, block_size=2, n_iter=1),
+            ValueError,
+            "n_iter=1 and block_size=2.*must hold rank = 6",
+        ),
         (lambda: D.rsvd(torch.randn(10, 8), 2, block_size=1, n_iter=0), ValueError, "must hold rank = 2"),
         (lambda: D.rsvd(torch.randn(10, 8), 2, block_size=2, oversample=1), ValueError, "alternative to oversample"),
         (lambda: D.rsvd(torch.randn(10, 8), 2, block_size=2, method="subspace"), ValueError, "method='krylov'"),
@@ -386,7 +401,11 @@ def test_sampling_frequencies_match_the_norm_distribution(k):
         (lambda: D.cur(torch.tensor([[1.0, float("inf")]]), 1), ValueError, "NaN or Inf"),
         (lambda: D.pissa_factors(torch.randn(3, 3), 4), ValueError, "rank must be in"),
         (lambda: D.random_pissa_factors(torch.randn(6, 6), 4, n_random=5), ValueError, r"n_random must be in \[0, 4\]"),
-        (lambda: D.rsvd(torch.randn(3, 6, 5), 2, generator=[gen(1), gen(2)]), ValueError, r"sequence of 3 torch.Generators"),
+        (
+            lambda: D.rsvd(torch.randn(3, 6, 5), 2, generator=[gen(1), gen(2)]),
+            ValueError,
+            r"sequence of 3 torch.Generators",
+        ),
         (lambda: D.cur(torch.randn(2, 6, 5), 2, generator=[gen(1), 7]), ValueError, r"sequence of 2 torch.Generators"),
     ],
 )

@@ -1,6 +1,7 @@
 """Multi-process conversion and training: sharding, 2-process conversion bit-identical to one
 process (Python API and `torchrun ... convert`, file bytes), failures raised on every rank, and a
 DistributedDataParallel step through PiSSALinear layers equal to one process on the whole batch."""
+
 from __future__ import annotations
 
 import copy
@@ -42,9 +43,14 @@ def _init(rank: int, init_file: str) -> None:
 
 # ---- sharding -----------------------------------------------------------------------------------
 
+
 def test_shards_cover_every_layer_once_in_model_order_with_same_shape_batches():
-    layers = [(f"l{i}.q", (384, 384)) for i in range(24)] + [(f"l{i}.up", (1536, 384)) for i in range(6)] \
-        + [(f"l{i}.down", (384, 1536)) for i in range(6)] + [("head", (10, 384))]
+    layers = (
+        [(f"l{i}.q", (384, 384)) for i in range(24)]
+        + [(f"l{i}.up", (1536, 384)) for i in range(6)]
+        + [(f"l{i}.down", (384, 1536)) for i in range(6)]
+        + [("head", (10, 384))]
+    )
     shards = shard_layers(layers, 2)
     assert sorted(n for s in shards for n in s) == sorted(n for n, _ in layers)
     order = [n for n, _ in layers]
@@ -59,14 +65,20 @@ def test_shards_cover_every_layer_once_in_model_order_with_same_shape_batches():
 
 # ---- conversion: Python API ----------------------------------------------------------------------
 
+
 def _convert_worker(rank: int, init_file: str, out_file: str) -> None:
     _init(rank, init_file)
     model = Toy()
     report = convert_model_distributed(model, progress=False, **CONVERT)
     if rank == 0:
-        torch.save({"state": model.state_dict(), "report": [(entry.name, entry.shape, entry.recon_error, entry.error_reduction)
-                                                             for entry in report],
-                    "trainable": [n for n, p in model.named_parameters() if p.requires_grad]}, out_file)
+        torch.save(
+            {
+                "state": model.state_dict(),
+                "report": [(entry.name, entry.shape, entry.recon_error, entry.error_reduction) for entry in report],
+                "trainable": [n for n, p in model.named_parameters() if p.requires_grad],
+            },
+            out_file,
+        )
     else:
         assert report is None
     dist.destroy_process_group()
@@ -101,8 +113,11 @@ def test_a_failure_on_one_rank_raises_on_every_rank_without_hanging(tmp_path):
     _spawn(_failing_worker, str(tmp_path / "rdzv"), str(tmp_path))
     outcomes = [(tmp_path / f"rank{r}.txt").read_text() for r in range(WORLD)]
     toy = Toy()
-    owner = [i for i, s in enumerate(shard_layers([(n, tuple(toy.get_submodule(n).weight.shape)) for n in LINEARS],
-                                                  WORLD)) if "head" in s]
+    owner = [
+        i
+        for i, s in enumerate(shard_layers([(n, tuple(toy.get_submodule(n).weight.shape)) for n in LINEARS], WORLD))
+        if "head" in s
+    ]
     assert outcomes[owner[0]].startswith("ValueError: head: rank 12 exceeds"), outcomes
     other = outcomes[1 - owner[0]]
     assert other.startswith(f"RuntimeError: conversion failed on rank {owner[0]}: ValueError: head: rank 12"), outcomes
@@ -115,21 +130,43 @@ def test_outside_a_process_group_it_says_what_to_do():
 
 # ---- conversion: torchrun + CLI, file bytes ----------------------------------------------------------
 
-TORCHRUN_OPTIONS = {"rsvd-nf4-lowrank": ["--init", "rsvd", "--quantize", "nf4", "--quant-iters", "2"],
-                    "cur-dense-peft": ["--init", "cur", "--quantize", "none", "--format", "peft"]}
+TORCHRUN_OPTIONS = {
+    "rsvd-nf4-lowrank": ["--init", "rsvd", "--quantize", "nf4", "--quant-iters", "2"],
+    "cur-dense-peft": ["--init", "cur", "--quantize", "none", "--format", "peft"],
+}
 
 
 def assert_torchrun_convert_writes_the_single_process_files(tmp_path, common: list[str], layers: int) -> None:
     """`torchrun ... convert <common>` on WORLD ranks writes the bytes one process writes: each rank
     its own shards, rank 0 the index and configs; no layer crosses ranks."""
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}",
-                          "-m", "lowrank_kernels", *common, "--output", str(tmp_path / "two")],
-                         env=ENV, capture_output=True, text=True, timeout=300)
+    two = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={WORLD}",
+            "-m",
+            "lowrank_kernels",
+            *common,
+            "--output",
+            str(tmp_path / "two"),
+        ],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert two.returncode == 0, two.stderr[-3000:]
     # torchrun starts each worker with OMP_NUM_THREADS=1, and MKL/LAPACK round differently at other
     # thread counts (CUR's C⁺ W R⁺ core, exact SVDs): one process at the same thread count.
-    one = subprocess.run([sys.executable, "-m", "lowrank_kernels", *common, "--threads", "1",
-                          "--output", str(tmp_path / "one")], env=ENV, capture_output=True, text=True, timeout=300)
+    one = subprocess.run(
+        [sys.executable, "-m", "lowrank_kernels", *common, "--threads", "1", "--output", str(tmp_path / "one")],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert one.returncode == 0, one.stderr[-3000:]
     files = lambda root: {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}  # noqa: E731
     assert len([f for f in files(tmp_path / "one") if f.endswith(".safetensors")]) >= 3
@@ -142,8 +179,24 @@ def test_torchrun_convert_of_a_tiny_llama_writes_the_single_process_files_byte_f
     """The fast tier's torchrun run (its time is the processes' start-up): a 2-layer Llama of 14
     small linears, several shards, CUR + NF4 in the PEFT format (rank 0's configs and indexes)."""
     tiny_llama(tmp_path / "src", layers=2)
-    common = ["convert", str(tmp_path / "src"), "--rank", "4", "--seed", "3", "--max-shard-size", "12KB",
-              "--init", "cur", "--quantize", "nf4", "--quant-iters", "2", "--format", "peft"]
+    common = [
+        "convert",
+        str(tmp_path / "src"),
+        "--rank",
+        "4",
+        "--seed",
+        "3",
+        "--max-shard-size",
+        "12KB",
+        "--init",
+        "cur",
+        "--quantize",
+        "nf4",
+        "--quant-iters",
+        "2",
+        "--format",
+        "peft",
+    ]
     assert_torchrun_convert_writes_the_single_process_files(tmp_path, common, layers=14)
 
 
@@ -169,6 +222,7 @@ def test_saving_one_model_twice_gives_the_same_bytes(tmp_path):
 
 # ---- DistributedDataParallel ---------------------------------------------------------------------------
 
+
 def _adapted_model(quantize: str | None) -> nn.Module:
     model = Toy(seed=1)
     convert_model(model, target_modules=LINEARS, rank=4, quantize=quantize, seed=2, progress=False)
@@ -192,7 +246,7 @@ def _ddp_worker(rank: int, init_file: str, quantize: str | None, out_file: str) 
     ddp = nn.parallel.DistributedDataParallel(model)
     x, y = _batch()
     half = x.shape[0] // WORLD  # DDP averages the ranks' gradients: the mean loss of the whole batch
-    _step(ddp, x[rank * half:(rank + 1) * half], y[rank * half:(rank + 1) * half])
+    _step(ddp, x[rank * half : (rank + 1) * half], y[rank * half : (rank + 1) * half])
     torch.save({n: p.detach() for n, p in model.named_parameters() if p.requires_grad}, f"{out_file}.{rank}")
     dist.destroy_process_group()
 

@@ -1,5 +1,6 @@
 """fused_pissa_linear: values and gradients against fp64 references, gradcheck, torch.compile,
 autocast, a real training step, the memory bound, and bad input."""
+
 from __future__ import annotations
 
 import pytest
@@ -13,7 +14,7 @@ from lowrank_kernels.reference import dequantize_nf4_ref
 
 IN, OUT, R = 100, 37, 3
 #: fp32 on a GPU: the Triton GEMM kernels multiply in TF32 (10-bit mantissa, unit roundoff 2^-11).
-TF32_UNIT_ROUNDOFF = 2.0 ** -11
+TF32_UNIT_ROUNDOFF = 2.0**-11
 
 
 def make_operands(dtype, *, double_quant=False, leading=(6,), seed=0, requires_grad=True, device="cpu"):
@@ -21,8 +22,10 @@ def make_operands(dtype, *, double_quant=False, leading=(6,), seed=0, requires_g
     w = torch.randn(OUT, IN, generator=g).to(device)
     q = lk.quantize_nf4(w, blocksize=64, double_quant=double_quant)
     tensors = dict(
-        x=torch.randn(*leading, IN, generator=g), A=torch.randn(OUT, R, generator=g) / 2,
-        B=torch.randn(R, IN, generator=g) / 2, bias=torch.randn(OUT, generator=g),
+        x=torch.randn(*leading, IN, generator=g),
+        A=torch.randn(OUT, R, generator=g) / 2,
+        B=torch.randn(R, IN, generator=g) / 2,
+        bias=torch.randn(OUT, generator=g),
     )
     tensors = {k: v.to(device, dtype).requires_grad_(requires_grad) for k, v in tensors.items()}
     return q, tensors
@@ -88,13 +91,17 @@ def test_forward_and_gradients_match_fp64_reference(leading, residual, with_bias
 
 def test_dense_residual_gradcheck_fp64(device):
     g = torch.Generator().manual_seed(0)
-    w, x, A, B, bias = (torch.randn(*shape, dtype=torch.float64, generator=g).to(device)
-                        for shape in ((7, 5), (2, 3, 5), (7, 2), (2, 5), (7,)))
+    w, x, A, B, bias = (
+        torch.randn(*shape, dtype=torch.float64, generator=g).to(device)
+        for shape in ((7, 5), (2, 3, 5), (7, 2), (2, 5), (7,))
+    )
     x, A, B, bias = (t.requires_grad_() for t in (x, A, B, bias))
-    assert torch.autograd.gradcheck(lambda *a: lk.fused_pissa_linear(a[0], w, a[1], a[2], a[3], scale=0.7),
-                                    (x, A, B, bias))
-    assert torch.autograd.gradgradcheck(lambda *a: lk.fused_pissa_linear(a[0], w, a[1], a[2], None, scale=0.7),
-                                        (x, A, B))
+    assert torch.autograd.gradcheck(
+        lambda *a: lk.fused_pissa_linear(a[0], w, a[1], a[2], a[3], scale=0.7), (x, A, B, bias)
+    )
+    assert torch.autograd.gradgradcheck(
+        lambda *a: lk.fused_pissa_linear(a[0], w, a[1], a[2], None, scale=0.7), (x, A, B)
+    )
 
 
 @pytest.mark.parametrize("tokens", [3, 40])
@@ -193,6 +200,7 @@ def test_never_materialises_the_dequantized_residual(tokens, device):
 
 
 # ---- bad input --------------------------------------------------------------------------------
+
 
 def _call(**overrides):
     q, t = make_operands(torch.float32, requires_grad=False)

@@ -1,5 +1,6 @@
 """The fused NF4 linear kernel ops (C++ CPU) against the fp64 reference, both CPU paths
 (decode for few tokens, dequantized-panel GEMM for many), and opcheck on every op."""
+
 from __future__ import annotations
 
 import pytest
@@ -101,10 +102,19 @@ def test_opcheck_autograd_op(m, with_bias):
         (lambda a: (a["x"], a["packed"].int()), "packed must be uint8"),
         (lambda a: (a["x"], a["packed"], a["absmax"][:-1]), "absmax must hold"),
         (lambda a: (a["x"], a["packed"], a["absmax"], 48), "blocksize must be a power of two"),
-        (lambda a: (a["x"], a["packed"], a["absmax"], 64, 37, a["lx"][:-1]), r"lowrank_x must be a matrix of shape \[5"),
-        (lambda a: (a["x"], a["packed"], a["absmax"], 64, 37, a["lx"], a["up"][:, :2]), r"up must be a matrix of shape \[37, 3\]"),
+        (
+            lambda a: (a["x"], a["packed"], a["absmax"], 64, 37, a["lx"][:-1]),
+            r"lowrank_x must be a matrix of shape \[5",
+        ),
+        (
+            lambda a: (a["x"], a["packed"], a["absmax"], 64, 37, a["lx"], a["up"][:, :2]),
+            r"up must be a matrix of shape \[37, 3\]",
+        ),
         (lambda a: (a["x"], a["packed"], a["absmax"], 64, 37, a["lx"], a["up"].half()), "up must be Float"),
-        (lambda a: (a["x"], a["packed"], a["absmax"], 64, 37, a["lx"], a["up"], 1.0, a["bias"][:3]), "bias must be a Float vector of 37"),
+        (
+            lambda a: (a["x"], a["packed"], a["absmax"], 64, 37, a["lx"], a["up"], 1.0, a["bias"][:3]),
+            "bias must be a Float vector of 37",
+        ),
     ],
 )
 def test_kernel_op_rejects_bad_arguments(call, message):
@@ -112,7 +122,7 @@ def test_kernel_op_rejects_bad_arguments(call, message):
     named = dict(x=x, packed=packed, absmax=absmax, lx=lx, up=up, bias=bias)
     defaults = (x, packed, absmax, bs, n, lx, up, scale, bias)
     given = call(named)
-    args = given + defaults[len(given):]
+    args = given + defaults[len(given) :]
     for op in (ops.nf4_lowrank_linear, ops.nf4_lowrank_gemv):
         with pytest.raises(RuntimeError, match=message):
             op(*args)

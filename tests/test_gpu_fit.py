@@ -2,6 +2,7 @@
 its ptxas-log parser and limit checks, a real AOT compile of a tiny kernel, 64-bit address
 arithmetic in the generated TTIR at >= 2^31 elements and for strided inputs, and autotune keys
 that tell launches apart. Runs without a GPU (Triton compiles for sm_80 / sm_90 on the CPU)."""
+
 from __future__ import annotations
 
 import os
@@ -47,13 +48,17 @@ def test_parser_reads_entries_and_ignores_device_functions():
     assert (o.registers, o.spill_stores, o.stack_frame, o.static_smem) == (22, 0, 0, 0)
 
 
-@pytest.mark.parametrize("row, failing", [
-    (dict(registers=255, spill_bytes=0, dynamic_smem=163 * 1024), []),
-    (dict(registers=64, spill_bytes=4), ["spills"]),
-    (dict(registers=64, static_smem=1024, dynamic_smem=163 * 1024), ["smem"]),
-    (dict(registers=255, threads=512), ["registers"]),
-    (dict(error="ptxas SIGSEGV"), ["error:"]),
-], ids=["at-limits", "spill", "smem", "register-file", "error"])
+@pytest.mark.parametrize(
+    "row, failing",
+    [
+        (dict(registers=255, spill_bytes=0, dynamic_smem=163 * 1024), []),
+        (dict(registers=64, spill_bytes=4), ["spills"]),
+        (dict(registers=64, static_smem=1024, dynamic_smem=163 * 1024), ["smem"]),
+        (dict(registers=255, threads=512), ["registers"]),
+        (dict(error="ptxas SIGSEGV"), ["error:"]),
+    ],
+    ids=["at-limits", "spill", "smem", "register-file", "error"],
+)
 def test_limit_checks_on_sm_80(row, failing):
     checked = gpu_fit.check_row(gpu_fit.Row("k", "v", 80, row.pop("threads", 128), **row))
     assert [f.split()[0] for f in checked.failures] == failing
@@ -75,9 +80,16 @@ def test_compiles_a_tiny_kernel_for_both_targets(monkeypatch, tmp_path):
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))  # cold: ptxas runs, its log is parsed
     monkeypatch.setattr(gpu_fit, "_jit_function", lambda module, name: _copy_kernel)
     for target in gpu_fit.TARGETS:
-        task = gpu_fit.TritonTask(__name__, "_copy_kernel", "fp32", target,
-                                  {"x_ptr": "*fp32", "y_ptr": "*fp32", "n": "i32", "BLOCK": "constexpr"},
-                                  {"BLOCK": 1024}, {}, {"num_warps": 4})
+        task = gpu_fit.TritonTask(
+            __name__,
+            "_copy_kernel",
+            "fp32",
+            target,
+            {"x_ptr": "*fp32", "y_ptr": "*fp32", "n": "i32", "BLOCK": "constexpr"},
+            {"BLOCK": 1024},
+            {},
+            {"num_warps": 4},
+        )
         row = gpu_fit.check_row(gpu_fit.Row(**gpu_fit.compile_triton(task)))
         assert not row.error and not row.failures
         assert 0 < row.registers <= 255 and row.spill_bytes == 0 and row.threads == 128
@@ -87,8 +99,10 @@ def test_compiles_a_tiny_kernel_for_both_targets(monkeypatch, tmp_path):
 
 
 def test_summary_table_takes_the_worst_variant():
-    rows = [gpu_fit.check_row(gpu_fit.Row("k", v, 80, 128, registers=r, spill_bytes=s, dynamic_smem=m))
-            for v, r, s, m in (("a", 40, 0, 1024), ("b", 200, 8, 4096))]
+    rows = [
+        gpu_fit.check_row(gpu_fit.Row("k", v, 80, 128, registers=r, spill_bytes=s, dynamic_smem=m))
+        for v, r, s, m in (("a", 40, 0, 1024), ("b", 200, 8, 4096))
+    ]
     table = gpu_fit.summary_table(rows)
     line = next(ln for ln in table.splitlines() if ln.startswith("k "))
     assert line.split()[1:7] == ["sm_80", "2", "200", "8", "0", "4.0"] and line.split()[-1] == "1"
@@ -101,8 +115,11 @@ def test_summary_table_takes_the_worst_variant():
 
 def _ttir(task: gpu_fit.TritonTask) -> str:
     fn = gpu_fit._jit_function(task.module, task.name)
-    compiled = triton.compile(ASTSource(fn, task.signature, task.constexprs, task.attrs),
-                              target=GPUTarget("cuda", task.target, 32), options=task.options)
+    compiled = triton.compile(
+        ASTSource(fn, task.signature, task.constexprs, task.attrs),
+        target=GPUTarget("cuda", task.target, 32),
+        options=task.options,
+    )
     return compiled.asm["ttir"]
 
 
@@ -183,16 +200,21 @@ def test_autotune_key_changes_with_rank_bias_blocksize_and_strides():
     packed = torch.empty(n * k // 2, dtype=torch.uint8)
     e = lambda *s: torch.empty(s, dtype=torch.bfloat16)  # noqa: E731
     calls = {
-        "r16": lambda: fl.nf4_lowrank_linear(e(32, k), packed, torch.empty(n * k // 64), 64, n, e(32, 16),
-                                             e(n, 16), 1.0, None),
-        "r128": lambda: fl.nf4_lowrank_linear(e(32, k), packed, torch.empty(n * k // 64), 64, n, e(32, 128),
-                                              e(n, 128), 1.0, None),
-        "bias": lambda: fl.nf4_lowrank_linear(e(32, k), packed, torch.empty(n * k // 64), 64, n, e(32, 16),
-                                              e(n, 16), 1.0, e(n)),
-        "blocksize": lambda: fl.nf4_lowrank_linear(e(32, k), packed, torch.empty(n * k // 128), 128, n,
-                                                   e(32, 16), e(n, 16), 1.0, None),
-        "transposed": lambda: fl.nf4_lowrank_linear(e(k, 32).T, packed, torch.empty(n * k // 64), 64, n,
-                                                    e(32, 16), e(n, 16), 1.0, None),
+        "r16": lambda: fl.nf4_lowrank_linear(
+            e(32, k), packed, torch.empty(n * k // 64), 64, n, e(32, 16), e(n, 16), 1.0, None
+        ),
+        "r128": lambda: fl.nf4_lowrank_linear(
+            e(32, k), packed, torch.empty(n * k // 64), 64, n, e(32, 128), e(n, 128), 1.0, None
+        ),
+        "bias": lambda: fl.nf4_lowrank_linear(
+            e(32, k), packed, torch.empty(n * k // 64), 64, n, e(32, 16), e(n, 16), 1.0, e(n)
+        ),
+        "blocksize": lambda: fl.nf4_lowrank_linear(
+            e(32, k), packed, torch.empty(n * k // 128), 128, n, e(32, 16), e(n, 16), 1.0, None
+        ),
+        "transposed": lambda: fl.nf4_lowrank_linear(
+            e(k, 32).T, packed, torch.empty(n * k // 64), 64, n, e(32, 16), e(n, 16), 1.0, None
+        ),
     }
     keys = {}
     for name, call in calls.items():

@@ -2,6 +2,7 @@
 worst-case elementwise bound of tests/gram_cases.py (FMA chains: the products are exact), checked
 there to fail a result with one element perturbed or the last row of y dropped.
 """
+
 from __future__ import annotations
 
 import pytest

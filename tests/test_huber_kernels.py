@@ -1,5 +1,6 @@
 """The huber_weights C++ CPU kernel (Robust PiSSA's fused residual / weight / loss pass) against
 the fp64 reference: dtypes, odd shapes, batches with per-matrix deltas, determinism, errors, opcheck."""
+
 from __future__ import annotations
 
 import pytest
@@ -50,8 +51,9 @@ def test_thread_count_does_not_change_bits():
 
 
 def test_empty_matrix_gives_zero_sums():
-    omega, psi, stats = ops.huber_weights(torch.empty(2, 0, 5), torch.empty(2, 0, 3), torch.empty(2, 3, 5),
-                                          torch.ones(2), torch.ones(2))
+    omega, psi, stats = ops.huber_weights(
+        torch.empty(2, 0, 5), torch.empty(2, 0, 3), torch.empty(2, 3, 5), torch.ones(2), torch.ones(2)
+    )
     assert omega.shape == (2, 0, 5) and stats.shape == (2, 2) and not stats.any()
 
 
@@ -81,6 +83,7 @@ def test_opcheck():
 
 
 # ---- huber_normal_equations / huber_loss: the fused IRLS half-step -----------------------------------
+
 
 @pytest.mark.parametrize("case", CASES + [((2,), 130, 37, 8)], ids=str)
 def test_normal_equations_match_reference(case, dtype):
@@ -134,6 +137,7 @@ def test_normal_equations_errors_and_opcheck():
 
 # ---- spd_solve ----------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("shape, r", [((), 1), ((5,), 3), ((2, 7), 8), ((40,), 17)], ids=str)
 def test_spd_solve_matches_fp64_solve(shape, r):
     g = torch.Generator().manual_seed(r)
@@ -175,9 +179,11 @@ def test_spd_solve_gives_each_system_the_bits_it_gets_alone():
 
 
 def test_spd_solve_returns_nan_for_a_nan_system_instead_of_hanging():
-    code = ("import torch, lowrank_kernels; G = torch.eye(3).repeat(5, 1, 1); G[2, 1, 1] = float('nan'); "
-            "x = torch.ops.lowrank_kernels.spd_solve(G, torch.ones(5, 3)); "
-            "print(x[2].isnan().all().item(), torch.equal(x[[0, 1, 3, 4]], torch.ones(4, 3)))")
+    code = (
+        "import torch, lowrank_kernels; G = torch.eye(3).repeat(5, 1, 1); G[2, 1, 1] = float('nan'); "
+        "x = torch.ops.lowrank_kernels.spd_solve(G, torch.ones(5, 3)); "
+        "print(x[2].isnan().all().item(), torch.equal(x[[0, 1, 3, 4]], torch.ones(4, 3)))"
+    )
     import subprocess
     import sys
 

@@ -1,4 +1,5 @@
 """NF4 public API: bad input, serialisation round trips, torch.compile."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -11,6 +12,7 @@ import lowrank_kernels as lk
 from lowrank_kernels import ops
 
 # ---- bad input --------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
 def test_rejects_non_finite(bad):
@@ -78,6 +80,7 @@ def test_dequantize_rejects_wrong_out_and_wrong_type():
 
 # ---- serialisation ----------------------------------------------------------------------------
 
+
 def assert_identical(a: lk.NF4Weight, b: lk.NF4Weight):
     assert (a.shape, a.dtype, a.blocksize, a.double_quant) == (b.shape, b.dtype, b.blocksize, b.double_quant)
     for f in ("packed", "absmax", "offset", "absmax2", "code2"):
@@ -134,6 +137,7 @@ def test_from_state_dict_refuses_unknown_version():
 
 
 # ---- torch.compile (opcheck of every op: tests/test_registry.py) ---------------------------------
+
 
 def test_compiled_quantize_dequantize_equals_eager(device):
     def roundtrip(w):

@@ -4,6 +4,7 @@ The storage (packed codes, absmax, double-quant statistics) is the contract. Val
 against the pure reference ``code[q] · absmax``; bitsandbytes' own CPU dequantize is compared
 too where it computes that, and its known defect is reported, not trusted (see below).
 """
+
 from __future__ import annotations
 
 from importlib.metadata import version
@@ -36,9 +37,10 @@ BNB_VERSION = version("bitsandbytes")
 #: 0.032 off on N(0, 0.02) weights, a round-trip error of 1.65 where code[q]·absmax gives 0.44).
 #: Its quantize, and so its storage, are right.
 BNB_AVX512_DEQUANTIZE_DEFECT = BNB_VERSION == "0.50.2" and "avx512f" in _cpu_flags()
-PEER_DEFECT_REASON = (f"bitsandbytes {BNB_VERSION} CPU dequantize_4bit, AVX-512 path (this CPU has avx512f): "
-                      "values other than code[q]·absmax on 2-D weights whose rows are not whole blocks")
-
+PEER_DEFECT_REASON = (
+    f"bitsandbytes {BNB_VERSION} CPU dequantize_4bit, AVX-512 path (this CPU has avx512f): "
+    "values other than code[q]·absmax on 2-D weights whose rows are not whole blocks"
+)
 
 
 @pytest.fixture(autouse=True)
@@ -126,8 +128,13 @@ def reference_dequantize(q: lk.NF4Weight) -> torch.Tensor:
 
 #: Weights on which the peer's AVX-512 dequantize was seen wrong, and one it gets right on every
 #: CPU (rows of whole blocks).
-PEER_PROBES = [((4, 96), 64, True), ((64, 64), 128, True), ((8, 192), 128, True), ((256, 384), 256, True),
-               ((256, 384), 128, False)]
+PEER_PROBES = [
+    ((4, 96), 64, True),
+    ((64, 64), 128, True),
+    ((8, 192), 128, True),
+    ((256, 384), 256, True),
+    ((256, 384), 128, False),
+]
 
 
 @pytest.mark.parametrize("shape,blocksize,defect_applies", PEER_PROBES, ids=str)

@@ -1,4 +1,5 @@
 """The compiled NF4 / blockwise-8-bit kernels against the PyTorch reference, and properties."""
+
 from __future__ import annotations
 
 import pytest
@@ -36,9 +37,11 @@ def test_reference_decodes_nibbles_in_documented_order():
 
 
 @given(
-    rows=st.integers(1, 40), cols=st.integers(1, 300),
+    rows=st.integers(1, 40),
+    cols=st.integers(1, 300),
     blocksize=st.sampled_from([32, 64, 128, 256, 512, 4096]),
-    scale=st.floats(1e-30, 1e30), seed=st.integers(0, 2**31 - 1),
+    scale=st.floats(1e-30, 1e30),
+    seed=st.integers(0, 2**31 - 1),
 )
 def test_error_bound_property(rows, cols, blocksize, scale, seed):
     """|W - deq(q(W))| <= half the largest code gap x block absmax, elementwise (fp32)."""

@@ -1,5 +1,6 @@
 """The row_col_sq_norms C++ CPU kernel against the fp64 reference: dtypes, odd and empty
 shapes, batches, non-contiguous input, large magnitudes, NaN/Inf, determinism, errors, opcheck."""
+
 from __future__ import annotations
 
 import pytest

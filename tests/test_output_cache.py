@@ -1,5 +1,6 @@
 """The CPU output cache: recycled outputs hold the right values, never alias a live tensor,
 respect the limit, and behave as ordinary tensors (resize, exit with live outputs)."""
+
 from __future__ import annotations
 
 import subprocess
@@ -166,8 +167,9 @@ def test_rejects_bad_limits():
 def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
     import os
 
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, **env})
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env={**os.environ, **env}
+    )
 
 
 def test_the_environment_sets_the_limit_and_bad_values_are_named():
@@ -178,13 +180,17 @@ def test_the_environment_sets_the_limit_and_bad_values_are_named():
     assert "'lots'" in bad.stderr
     huge = run_python(code, LOWRANK_KERNELS_OUTPUT_CACHE_MB=str(1 << 43))
     assert huge.returncode != 0 and "below 2^43" in huge.stderr
-    off = "import torch, lowrank_kernels as lk; q = lk.quantize_nf4(torch.randn(1024, 1024)); out = q.dequantize(); " \
-          "del out; print(lk.output_cache_info().idle_bytes)"
+    off = (
+        "import torch, lowrank_kernels as lk; q = lk.quantize_nf4(torch.randn(1024, 1024)); out = q.dequantize(); "
+        "del out; print(lk.output_cache_info().idle_bytes)"
+    )
     assert run_python(off, LOWRANK_KERNELS_OUTPUT_CACHE_MB="0").stdout.strip() == "0"
 
 
 def test_outputs_alive_at_interpreter_exit_are_released_without_error():
-    code = ("import torch, lowrank_kernels as lk; q = lk.quantize_nf4(torch.randn(1024, 1024)); "
-            "kept = [q.dequantize() for _ in range(3)]; del kept[0]; print('ok')")
+    code = (
+        "import torch, lowrank_kernels as lk; q = lk.quantize_nf4(torch.randn(1024, 1024)); "
+        "kept = [q.dequantize() for _ in range(3)]; del kept[0]; print('ok')"
+    )
     done = run_python(code)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr

@@ -4,6 +4,7 @@ Every check compares with PEFT's own behaviour (its forward, its pissa init, its
 save_pretrained(path_initial_model_for_weight_conversion=...) conversion, its loader) or with the
 original model's weights and outputs, never with our own output.
 """
+
 from __future__ import annotations
 
 import copy
@@ -41,16 +42,23 @@ def minilm() -> torch.nn.Module:
 def tiny_bert(seed: int = 0) -> torch.nn.Module:
     """2 layers; weights [32, 32] (query, value, attention/pooler dense), [48, 32], [32, 48]."""
     torch.manual_seed(seed)
-    config = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                     intermediate_size=48, max_position_embeddings=32)
+    config = transformers.BertConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=48,
+        max_position_embeddings=32,
+    )
     return transformers.BertModel(config).eval()
 
 
 def lora(model: torch.nn.Module, autocast_adapter_dtype: bool = True, **config) -> torch.nn.Module:
     """A PEFT LoRA model over a copy of ``model`` (r=4, alpha=8 unless given)."""
     config = {"r": 4, "lora_alpha": 8, "target_modules": TARGETS, **config}
-    return peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(**config),
-                               autocast_adapter_dtype=autocast_adapter_dtype)
+    return peft.get_peft_model(
+        copy.deepcopy(model), peft.LoraConfig(**config), autocast_adapter_dtype=autocast_adapter_dtype
+    )
 
 
 def tokens(seed: int = 0, vocab: int = 64) -> torch.Tensor:
@@ -99,8 +107,10 @@ def train(peft_model, vocab: int, steps: int = 3) -> None:
     targets = [torch.randn(t.shape, generator=g) for t in (out.last_hidden_state, out.pooler_output)]
     for _ in range(steps):
         out = peft_model(input_ids=ids)
-        loss = sum(torch.nn.functional.mse_loss(t, target)
-                   for t, target in zip((out.last_hidden_state, out.pooler_output), targets))
+        loss = sum(
+            torch.nn.functional.mse_loss(t, target)
+            for t, target in zip((out.last_hidden_state, out.pooler_output), targets)
+        )
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -163,19 +173,24 @@ def test_init_train_convert_load_with_vanilla_peft(tmp_path, model_name):
 
 # ---- init_peft_adapters ------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("init", sorted(INITS))
 def test_every_init_keeps_the_model_and_splits_every_layer(init):
     if init == "robust":
         pytest.importorskip("lowrank_kernels.robust")
     original = tiny_bert()
     model = lora(original)
-    lora_dtypes = {name: (m.lora_A["default"].weight.dtype, m.lora_B["default"].weight.shape)
-                   for name, m in lora_layers(model).items()}
+    lora_dtypes = {
+        name: (m.lora_A["default"].weight.dtype, m.lora_B["default"].weight.shape)
+        for name, m in lora_layers(model).items()
+    }
     report = init_peft_adapters(model, init)
     assert [r.name for r in report] == list(lora_layers(model))
     assert all(r.rank == 4 and r.seconds >= 0 for r in report)
-    assert {name: (m.lora_A["default"].weight.dtype, m.lora_B["default"].weight.shape)
-            for name, m in lora_layers(model).items()} == lora_dtypes
+    assert {
+        name: (m.lora_A["default"].weight.dtype, m.lora_B["default"].weight.shape)
+        for name, m in lora_layers(model).items()
+    } == lora_dtypes
     torch.testing.assert_close(hidden(model, tokens()), hidden(original, tokens()), rtol=1e-5, atol=1e-5)
     assert_splits_original(model, original)
 
@@ -188,8 +203,9 @@ def test_svd_init_matches_peft_pissa_init():
     layers_theirs = lora_layers(theirs)
     for name, layer in lora_layers(ours).items():
         other = layers_theirs[name]
-        torch.testing.assert_close(layer.get_base_layer().weight, other.get_base_layer().weight,
-                                   rtol=1e-5, atol=1e-5, msg=name)
+        torch.testing.assert_close(
+            layer.get_base_layer().weight, other.get_base_layer().weight, rtol=1e-5, atol=1e-5, msg=name
+        )
         for factors in ("lora_A", "lora_B"):  # singular vectors up to sign
             mine, peft_s = getattr(layer, factors)["default"].weight, getattr(other, factors)["default"].weight
             torch.testing.assert_close(mine.abs(), peft_s.abs(), rtol=1e-4, atol=1e-4, msg=f"{name} {factors}")
@@ -275,8 +291,12 @@ BAD_INPUTS = {
     "not LoRA": (lambda m: ia3(), {}, TypeError, "IA3 adapter, not LoRA"),
     "generator option": (lambda m: m, dict(generator=torch.Generator()), TypeError, "seed="),
     "bad option": (lambda m: m, dict(init="cur", n_iter=3), TypeError, "n_iter"),
-    "embedding layer": (lambda m: lora(tiny_bert(), target_modules=["query", "word_embeddings"]), {},
-                        ValueError, "Embedding"),
+    "embedding layer": (
+        lambda m: lora(tiny_bert(), target_modules=["query", "word_embeddings"]),
+        {},
+        ValueError,
+        "Embedding",
+    ),
     "merged": (_merged, {}, ValueError, "merged"),
     "shared layer": (_two_adapters, {}, ValueError, r"also holds adapters \['other'\]"),
     "DoRA": (lambda m: lora(tiny_bert(), use_dora=True), {}, ValueError, "DoraLinearVariant"),
@@ -295,6 +315,7 @@ def test_bad_input_raises_and_leaves_the_model_untouched(case):
 
 
 # ---- use_fused_forward -------------------------------------------------------------------------------
+
 
 @pytest.fixture
 def fused_calls(monkeypatch):
@@ -315,8 +336,9 @@ def outputs_and_grads(model, ids):
     model.zero_grad()
     out = model(input_ids=ids)
     g = torch.Generator().manual_seed(5)
-    loss = sum((t.float() * torch.randn(t.shape, generator=g)).sum()
-               for t in (out.last_hidden_state, out.pooler_output))
+    loss = sum(
+        (t.float() * torch.randn(t.shape, generator=g)).sum() for t in (out.last_hidden_state, out.pooler_output)
+    )
     loss.backward()
     grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
     return out.last_hidden_state.detach(), grads
@@ -405,8 +427,9 @@ def test_fused_forward_falls_back_under_autocast_and_mixed_adapter_batches(fused
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         torch.testing.assert_close(model(input_ids=ids).last_hidden_state, expected_autocast, rtol=0, atol=0)
     with torch.no_grad():
-        torch.testing.assert_close(model(input_ids=ids, adapter_names=names).last_hidden_state, expected_mixed,
-                                   rtol=0, atol=0)
+        torch.testing.assert_close(
+            model(input_ids=ids, adapter_names=names).last_hidden_state, expected_mixed, rtol=0, atol=0
+        )
     assert not fused_calls
 
 
@@ -434,6 +457,7 @@ def test_fused_forward_refuses_models_it_cannot_serve():
 
 # ---- pissa_to_lora -----------------------------------------------------------------------------------
 
+
 def perturb_trainable(model, seed: int = 0) -> None:
     """Stands in for training: moves every trainable tensor."""
     g = torch.Generator().manual_seed(seed)
@@ -452,9 +476,10 @@ def test_rslora_and_modules_to_save_convert_and_load_onto_the_original(tmp_path)
     initial = {k: v.clone() for k, v in peft.get_peft_model_state_dict(model).items()}
     perturb_trainable(model)
 
-    state, config = pissa_to_lora(peft.get_peft_model_state_dict(model), initial, tmp_path,
-                                  config=model.peft_config["default"])
-    assert config.r == 8 and config.lora_alpha == pytest.approx(8 * 2 ** 0.5) and config.use_rslora
+    state, config = pissa_to_lora(
+        peft.get_peft_model_state_dict(model), initial, tmp_path, config=model.peft_config["default"]
+    )
+    assert config.r == 8 and config.lora_alpha == pytest.approx(8 * 2**0.5) and config.use_rslora
     assert PREFIX + "pooler.dense.weight" in state
     loaded = peft.PeftModel.from_pretrained(copy.deepcopy(original), tmp_path).eval()
     query = PREFIX + "encoder.layer.0.attention.self.query"

@@ -1,6 +1,7 @@
 """The op registry: it matches the compiled ops, every op passes torch.library.opcheck on every
 device, a missing extension raises ExtensionNotBuiltError however an op is reached, and double
 backward through the fused NF4 linear equals plain torch autograd on the dequantized W_res."""
+
 from __future__ import annotations
 
 import re
@@ -53,6 +54,7 @@ def test_every_tensor_op_has_a_fake_kernel_and_runtime_ops_take_no_tensors():
 
 # ---- opcheck over the whole registry, per device --------------------------------------------------
 
+
 def _nf4(device, out_features=24, in_features=64, blocksize=64):
     w = torch.randn(out_features, in_features, generator=torch.Generator().manual_seed(1)).to(device)
     return torch.ops.lowrank_kernels.quantize_nf4(w, blocksize)
@@ -65,8 +67,17 @@ def _randn(*shape, device, grad=False, seed=0):
 
 def _linear_args(device, m):
     packed, absmax = _nf4(device)
-    return (_randn(m, 64, device=device, grad=True), packed, absmax, 64, 24, _randn(m, 3, device=device, grad=True),
-            _randn(24, 3, device=device, grad=True), 0.5, _randn(24, device=device, grad=True))
+    return (
+        _randn(m, 64, device=device, grad=True),
+        packed,
+        absmax,
+        64,
+        24,
+        _randn(m, 3, device=device, grad=True),
+        _randn(24, 3, device=device, grad=True),
+        0.5,
+        _randn(24, device=device, grad=True),
+    )
 
 
 def _blockwise8_args(device):
@@ -84,23 +95,49 @@ def _huber(d, n_args=5):
 
 #: op -> sample inputs (args, kwargs) for opcheck, each a function of the device.
 SAMPLES = {
-    "quantize_nf4": [lambda d: ((_randn(8, 64, device=d), 64), {}),
-                     lambda d: ((_randn(30, 70, device=d).bfloat16(), 128), {})],
-    "dequantize_nf4": [lambda d: ((*_nf4(d), 64, 24 * 64, torch.float32), {}),
-                       lambda d: ((*_nf4(d), 64, 24 * 64, torch.float16), {})],
-    "dequantize_nf4.out": [lambda d: ((*_nf4(d), 64, 24 * 64, torch.float32),
-                                      {"out": torch.empty(24 * 64, device=d)})],
+    "quantize_nf4": [
+        lambda d: ((_randn(8, 64, device=d), 64), {}),
+        lambda d: ((_randn(30, 70, device=d).bfloat16(), 128), {}),
+    ],
+    "dequantize_nf4": [
+        lambda d: ((*_nf4(d), 64, 24 * 64, torch.float32), {}),
+        lambda d: ((*_nf4(d), 64, 24 * 64, torch.float16), {}),
+    ],
+    "dequantize_nf4.out": [lambda d: ((*_nf4(d), 64, 24 * 64, torch.float32), {"out": torch.empty(24 * 64, device=d)})],
     "quantize_blockwise8": [lambda d: (_blockwise8_args(d), {})],
-    "dequantize_blockwise8": [lambda d: ((*torch.ops.lowrank_kernels.quantize_blockwise8(*_blockwise8_args(d)),
-                                          dynamic_code(d), 256), {})],
+    "dequantize_blockwise8": [
+        lambda d: ((*torch.ops.lowrank_kernels.quantize_blockwise8(*_blockwise8_args(d)), dynamic_code(d), 256), {})
+    ],
     "nf4_lowrank_linear": [lambda d: (_linear_args(d, 9), {})],
     "nf4_lowrank_gemv": [lambda d: (_linear_args(d, 2), {})],
-    "nf4_lowrank_linear_grad_input": [lambda d: (
-        (_randn(5, 24, device=d, grad=True), *_nf4(d), 64, 64, _randn(5, 3, device=d, grad=True),
-         _randn(3, 64, device=d, grad=True), 0.5), {})],
-    "fused_pissa_linear_nf4": [lambda d: (
-        (_randn(5, 64, device=d, grad=True), *_nf4(d), 64, _randn(24, 3, device=d, grad=True),
-         _randn(3, 64, device=d, grad=True), _randn(24, device=d, grad=True), 0.5), {})],
+    "nf4_lowrank_linear_grad_input": [
+        lambda d: (
+            (
+                _randn(5, 24, device=d, grad=True),
+                *_nf4(d),
+                64,
+                64,
+                _randn(5, 3, device=d, grad=True),
+                _randn(3, 64, device=d, grad=True),
+                0.5,
+            ),
+            {},
+        )
+    ],
+    "fused_pissa_linear_nf4": [
+        lambda d: (
+            (
+                _randn(5, 64, device=d, grad=True),
+                *_nf4(d),
+                64,
+                _randn(24, 3, device=d, grad=True),
+                _randn(3, 64, device=d, grad=True),
+                _randn(24, device=d, grad=True),
+                0.5,
+            ),
+            {},
+        )
+    ],
     "row_col_sq_norms": [lambda d: ((_randn(2, 9, 17, device=d),), {})],
     "gram": [lambda d: ((_randn(2, 30, 6, device=d),), {})],
     "skinny_matmul": [lambda d: ((_randn(40, 30, device=d), _randn(30, 4, device=d), False), {})],
@@ -115,7 +152,9 @@ def test_opcheck_samples_cover_every_tensor_op():
     assert set(SAMPLES) == set(_registry.names())
 
 
-@pytest.mark.parametrize("name, case", [(name, i) for name in _registry.names() for i in range(len(SAMPLES.get(name, ())))])
+@pytest.mark.parametrize(
+    "name, case", [(name, i) for name in _registry.names() for i in range(len(SAMPLES.get(name, ())))]
+)
 def test_opcheck(name, case, device):
     """Schema, fake kernel (torch.compile), autograd registration and AOT dispatch of every op."""
     entry = _registry.REGISTRY[name]
@@ -127,6 +166,7 @@ def test_opcheck(name, case, device):
 
 
 # ---- a missing extension --------------------------------------------------------------------------
+
 
 def test_every_entry_point_raises_extension_not_built_without_the_extension():
     """With lowrank_kernels._C unimportable, public calls and direct torch.ops calls alike raise
@@ -156,18 +196,33 @@ for name, call in calls.items():
 """
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split("\n")[:-1] == [f"ok {name}" for name in (
-        "cur", "rsvd", "huber_factorize", "quantize_nf4", "output_cache_info", "torch.ops gram",
-        "torch.ops row_col_sq_norms", "torch.ops build_info")], result.stdout + result.stderr
+    assert result.stdout.split("\n")[:-1] == [
+        f"ok {name}"
+        for name in (
+            "cur",
+            "rsvd",
+            "huber_factorize",
+            "quantize_nf4",
+            "output_cache_info",
+            "torch.ops gram",
+            "torch.ops row_col_sq_norms",
+            "torch.ops build_info",
+        )
+    ], result.stdout + result.stderr
 
 
 # ---- double backward ------------------------------------------------------------------------------
 
+
 def _double_backward_operands(device, seed=0):
     g = torch.Generator().manual_seed(seed)
     q = lk.quantize_nf4(torch.randn(24, 128, generator=g), blocksize=64).to(device)
-    leaves = dict(x=torch.randn(7, 128, generator=g), A=torch.randn(24, 4, generator=g) / 2,
-                  B=torch.randn(4, 128, generator=g) / 2, bias=torch.randn(24, generator=g))
+    leaves = dict(
+        x=torch.randn(7, 128, generator=g),
+        A=torch.randn(24, 4, generator=g) / 2,
+        B=torch.randn(4, 128, generator=g) / 2,
+        bias=torch.randn(24, generator=g),
+    )
     return q, {k: v.to(device).requires_grad_() for k, v in leaves.items()}
 
 
@@ -188,11 +243,13 @@ def test_double_backward_through_nf4_fused_linear_equals_plain_torch(device):
     q, leaves = _double_backward_operands(device)
     w64 = dequantize_nf4_ref(q.packed, q.block_absmax(), q.blocksize, q.numel, torch.float64).view(q.shape)
     probe = torch.randn(7, 24, generator=torch.Generator().manual_seed(3)).to(device)
-    got = _gradient_penalty_grads(lambda x, A, B, bias: lk.fused_pissa_linear(x, q, A, B, bias, scale=0.75),
-                                  leaves, probe)
+    got = _gradient_penalty_grads(
+        lambda x, A, B, bias: lk.fused_pissa_linear(x, q, A, B, bias, scale=0.75), leaves, probe
+    )
     leaves64 = {k: v.detach().double().requires_grad_() for k, v in leaves.items()}
-    want = _gradient_penalty_grads(lambda x, A, B, bias: x @ w64.T + 0.75 * (x @ B.T) @ A.T + bias,
-                                   leaves64, probe.double())
+    want = _gradient_penalty_grads(
+        lambda x, A, B, bias: x @ w64.T + 0.75 * (x @ B.T) @ A.T + bias, leaves64, probe.double()
+    )
     for name, g, w in zip(leaves, got, want):
         assert g is not None, name
         # fp32 products of length <= 128 + 24, chained three deep: a few hundred units of roundoff.
@@ -208,12 +265,13 @@ def test_hessian_vector_product_of_the_kernel_ops_is_exact(device):
 
     def third_derivative(linear, x):
         y = linear(x)
-        (g1,) = torch.autograd.grad((y ** 3).sum(), x, create_graph=True)
+        (g1,) = torch.autograd.grad((y**3).sum(), x, create_graph=True)
         (g2,) = torch.autograd.grad((g1 * x).sum(), x, create_graph=True)
         (g3,) = torch.autograd.grad(g2.sum(), x)
         return g3
 
     lowrank = leaves["x"].detach() @ leaves["B"].detach().T
+
     def kernel(x):
         return torch.ops.lowrank_kernels.nf4_lowrank_linear(x, *args, 24, lowrank, leaves["A"].detach(), 0.5, None)
 
@@ -227,17 +285,37 @@ def test_hessian_vector_product_of_the_kernel_ops_is_exact(device):
 
 # ---- every capability test module runs per device -------------------------------------------------
 
-CAPABILITY_MODULES = ("test_nf4_kernels.py", "test_nf4_api.py", "test_fused_linear_api.py", "test_decompose.py",
-                      "test_robust.py", "test_adapters.py", "test_adapters_convert.py")
+CAPABILITY_MODULES = (
+    "test_nf4_kernels.py",
+    "test_nf4_api.py",
+    "test_fused_linear_api.py",
+    "test_decompose.py",
+    "test_robust.py",
+    "test_adapters.py",
+    "test_adapters_convert.py",
+)
 
 
 def test_cuda_parametrisations_are_collected_on_every_machine():
     """Each capability module has tests parametrised on cuda, collected here too (and skipped
     without a GPU), so none of them can silently lose its GPU run."""
     tests = Path(__file__).parent
-    result = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
-                             *(str(tests / m) for m in CAPABILITY_MODULES)],
-                            capture_output=True, text=True, timeout=600, cwd=tests.parent)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "--collect-only",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            *(str(tests / m) for m in CAPABILITY_MODULES),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tests.parent,
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     ids = result.stdout.splitlines()
     for module in CAPABILITY_MODULES:

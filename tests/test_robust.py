@@ -1,6 +1,7 @@
 """Robust PiSSA (huber_factorize, robust_pissa_factors): recovery under sparse outliers, ℓ1 beats
 the truncated SVD on the textbook examples (checked against a brute-force ℓ1 search), batched ==
 per-matrix, determinism, bf16, monotone IRLS loss, the seed's Algorithm 1 reproduced, bad input."""
+
 from __future__ import annotations
 
 import math
@@ -56,6 +57,7 @@ def brute_force_rank1_l1(W, steps=241):
 
 # ---- recovery and ℓ1 quality ------------------------------------------------------------------------
 
+
 def test_recovers_low_rank_part_under_sparse_outliers(device):
     L, W = low_rank_plus_outliers(device=device)
     A, B, _, _ = lk.huber_factorize(W, 4, delta=1e-3, n_iter=200, generator=gen())
@@ -88,12 +90,15 @@ def test_rank1_l1_beats_truncated_svd_and_reaches_the_brute_force_optimum(W, dev
 
 def test_heavy_tailed_matrix_mae_below_svd(device):
     g = gen(3)
-    W = torch.distributions.StudentT(2.0).sample((96, 64)) + torch.randn(96, 3, generator=g) @ torch.randn(3, 64, generator=g)
+    W = torch.distributions.StudentT(2.0).sample((96, 64)) + torch.randn(96, 3, generator=g) @ torch.randn(
+        3, 64, generator=g
+    )
     A, B, _, _ = lk.huber_factorize(W.to(device), 3, generator=gen())
     assert (W - (A @ B).cpu()).abs().mean() < 0.97 * (W.double() - truncated_svd(W, 3)).abs().mean()
 
 
 # ---- the IRLS method's properties ---------------------------------------------------------------------
+
 
 def test_irls_loss_history_is_non_increasing_and_decreases(device):
     _, W = low_rank_plus_outliers(seed=1, device=device)
@@ -124,11 +129,12 @@ def test_batched_equals_per_matrix(method):
     A, B, loss, _ = lk.huber_factorize(W, 3, method=method, n_iter=n_iter, return_history=True, generator=gen())
     loop_generator = gen()  # a batch draws what a loop over its matrices draws from one generator
     for i in range(3):
-        Ai, Bi, loss_i, _ = lk.huber_factorize(W[i], 3, method=method, n_iter=n_iter, return_history=True,
-                                               generator=loop_generator)
+        Ai, Bi, loss_i, _ = lk.huber_factorize(
+            W[i], 3, method=method, n_iter=n_iter, return_history=True, generator=loop_generator
+        )
         if method == "irls":
             assert torch.equal(A[i], Ai) and torch.equal(B[i], Bi)
-            assert torch.equal(loss[:len(loss_i), i], loss_i) and (loss[len(loss_i):, i] == loss_i[-1]).all()
+            assert torch.equal(loss[: len(loss_i), i], loss_i) and (loss[len(loss_i) :, i] == loss_i[-1]).all()
             continue
         scale = W[i].abs().max()
         assert torch.allclose(A[i] @ B[i], Ai @ Bi, atol=1e-3 * scale, rtol=0)
@@ -146,8 +152,7 @@ def test_irls_batch_gives_each_matrix_the_bits_of_its_own_call():
     W[3] = W[3] + torch.randn(50, 40, generator=gen(9))  # noisier: converges later
     W = W.reshape(2, 2, 50, 40)
     seeds = (1, 2, 1, 3)
-    A, B, loss, mae = lk.huber_factorize(W, 3, n_iter=60, return_history=True,
-                                         generator=[gen(s) for s in seeds])
+    A, B, loss, mae = lk.huber_factorize(W, 3, n_iter=60, return_history=True, generator=[gen(s) for s in seeds])
     assert A.shape == (2, 2, 50, 3) and B.shape == (2, 2, 3, 40) and loss.shape[1:] == (2, 2)
     lengths = []
     for (i, j), seed in zip(((0, 0), (0, 1), (1, 0), (1, 1)), seeds):
@@ -250,14 +255,40 @@ def test_all_zero_matrix_gives_zero_fit(device):
         (lambda W: lk.huber_factorize(W, 2, init="cur"), ValueError, "init"),
         (lambda W: lk.huber_factorize(W[0], 1), ValueError, "matrix"),
         (lambda W: lk.huber_factorize(W.int(), 2), TypeError, "float32"),
-        (lambda W: lk.huber_factorize(W.index_put((torch.tensor(1), torch.tensor(2)), torch.tensor(float("nan"))), 2),
-         ValueError, "NaN or Inf"),
-        (lambda W: lk.huber_factorize(W.index_put((torch.tensor(0), torch.tensor(0)), torch.tensor(float("inf"))), 2),
-         ValueError, "NaN or Inf"),
+        (
+            lambda W: lk.huber_factorize(
+                W.index_put((torch.tensor(1), torch.tensor(2)), torch.tensor(float("nan"))), 2
+            ),
+            ValueError,
+            "NaN or Inf",
+        ),
+        (
+            lambda W: lk.huber_factorize(
+                W.index_put((torch.tensor(0), torch.tensor(0)), torch.tensor(float("inf"))), 2
+            ),
+            ValueError,
+            "NaN or Inf",
+        ),
         (lambda W: lk.huber_factorize(W.expand(0, 30, 20), 2), ValueError, "batch holds no matrices"),
     ],
-    ids=["rank-0", "rank-too-large", "delta-0", "delta-negative", "delta-shape", "delta-type", "delta-bool", "n_iter",
-         "tol", "method", "init", "1-D", "int", "nan", "inf", "empty-batch"],
+    ids=[
+        "rank-0",
+        "rank-too-large",
+        "delta-0",
+        "delta-negative",
+        "delta-shape",
+        "delta-type",
+        "delta-bool",
+        "n_iter",
+        "tol",
+        "method",
+        "init",
+        "1-D",
+        "int",
+        "nan",
+        "inf",
+        "empty-batch",
+    ],
 )
 def test_bad_input_raises_clear_errors(call, error, match):
     W = torch.randn(30, 20, generator=gen())

@@ -6,6 +6,7 @@ the exact singular values, exact reconstruction when rank(W) <= rank, W = W_res 
 The sweep below is the one that found the bug on an AVX-512 Xeon (|UᵀU − I| up to 0.93 in
 8-47 % of the calls at n_iter 4); hypothesis then draws shapes, ranks and scales beyond it.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -52,7 +53,9 @@ def assert_exact_rsvd(W: torch.Tensor, rank: int, exact: torch.Tensor | None = N
     where = f"W {tuple(W.shape)} max|W| {W.abs().max().item():.3g}, rank {rank}, {options}"
     assert torch.isfinite(U).all() and torch.isfinite(S).all() and torch.isfinite(Vh).all(), where
     assert orthonormality_error(U) <= ORTHONORMAL_TOL, f"U not orthonormal: {orthonormality_error(U):.3g}; {where}"
-    assert orthonormality_error(Vh.mT) <= ORTHONORMAL_TOL, f"V not orthonormal: {orthonormality_error(Vh.mT):.3g}; {where}"
+    assert orthonormality_error(Vh.mT) <= ORTHONORMAL_TOL, (
+        f"V not orthonormal: {orthonormality_error(Vh.mT):.3g}; {where}"
+    )
     error = relative_reconstruction_error(W, U, S, Vh)
     assert error <= RECONSTRUCTION_TOL, f"relative reconstruction error {error:.3g}; {where}"
     exact = (torch.linalg.svdvals(W.double()) if exact is None else exact)[..., :rank]
@@ -80,16 +83,26 @@ SWEEP_CASES = [  # (m, n, true rank, requested ranks, seeds)
 # The tall case takes ~3 s at n_iter 4 and ~17 s at n_iter 8 on 2 cores (the others 0.3-1.2 s):
 # those two are the slow tier; the tall case at n_iter 2 and every n_iter on the other shapes stay
 # in the fast tier.
-SWEEP_PARAMS = [pytest.param(*case, n_iter, id=f"{case}-{n_iter}",
-                             marks=[pytest.mark.slow] if case[:2] == (120, 90) and n_iter > 2 else [])
-                for n_iter in (2, 4, 8) for case in SWEEP_CASES]
+SWEEP_PARAMS = [
+    pytest.param(
+        *case, n_iter, id=f"{case}-{n_iter}", marks=[pytest.mark.slow] if case[:2] == (120, 90) and n_iter > 2 else []
+    )
+    for n_iter in (2, 4, 8)
+    for case in SWEEP_CASES
+]
 
 
 @pytest.mark.parametrize("m,n,k,ranks,seeds,n_iter", SWEEP_PARAMS)
 def test_krylov_is_exact_on_exactly_low_rank_matrices(m, n, k, ranks, seeds, n_iter):
     for seed in range(seeds):
-        sweep(exactly_low_rank(m, n, k, seed=seed), ranks, method=["krylov"], n_iter=[n_iter],
-              oversample=[0, 3, 10, None], seed=[seed])
+        sweep(
+            exactly_low_rank(m, n, k, seed=seed),
+            ranks,
+            method=["krylov"],
+            n_iter=[n_iter],
+            oversample=[0, 3, 10, None],
+            seed=[seed],
+        )
 
 
 def test_tall_rank_16_layer_is_exact_at_rank_16():
@@ -99,8 +112,13 @@ def test_tall_rank_16_layer_is_exact_at_rank_16():
 @pytest.mark.parametrize("n_iter", [3, 6, 10])
 def test_krylov_blocks_narrower_than_the_rank_are_exact(n_iter):
     for seed, k in itertools.product(range(3), (2, 5)):
-        sweep(exactly_low_rank(70, 50, k, seed=seed), [5], block_size=[b for b in (1, 2, 3, 7) if (n_iter + 1) * b >= 5],
-              n_iter=[n_iter], seed=[seed])
+        sweep(
+            exactly_low_rank(70, 50, k, seed=seed),
+            [5],
+            block_size=[b for b in (1, 2, 3, 7) if (n_iter + 1) * b >= 5],
+            n_iter=[n_iter],
+            seed=[seed],
+        )
 
 
 @pytest.mark.parametrize("method", ["krylov", "subspace"])
@@ -117,7 +135,9 @@ def test_batches_of_mixed_rank_are_exact_and_match_their_matrices_alone(method):
     W[1] *= 1e-25
     for n_iter in (2, 4):
         assert_exact_rsvd(W, 9, method=method, n_iter=n_iter)
-        batched = D.rsvd(W, 9, method=method, n_iter=n_iter, generator=[torch.Generator().manual_seed(i) for i in range(4)])
+        batched = D.rsvd(
+            W, 9, method=method, n_iter=n_iter, generator=[torch.Generator().manual_seed(i) for i in range(4)]
+        )
         for i in range(4):
             alone = D.rsvd(W[i].clone(), 9, method=method, n_iter=n_iter, generator=torch.Generator().manual_seed(i))
             for part, single in zip(batched[:3], alone[:3]):
@@ -134,6 +154,7 @@ def test_pissa_factors_of_low_rank_matrices_leave_no_residual(n_iter):
 
 
 # ---- beyond the sweep ----------------------------------------------------------------------------
+
 
 @st.composite
 def rsvd_problems(draw):

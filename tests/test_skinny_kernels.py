@@ -8,6 +8,7 @@ over the K = N (w @ x) or K = M (wᵀ @ x) products (bf16/fp16 widen exactly), s
 elementwise. It is checked to be discriminative: one element perturbed, or the last term of
 the reduction dropped, fails it.
 """
+
 from __future__ import annotations
 
 import pytest

@@ -2,6 +2,7 @@
 TRITON_INTERPRET=1, on CPU tensors: plain `pytest`, `make test` and `pytest -m "not slow"` run
 them whatever the environment of the calling process (conftest.py leaves the directory out of
 this process's collection)."""
+
 from __future__ import annotations
 
 import os

@@ -24,8 +24,14 @@ void dispatch_float(at::ScalarType dtype, const char* name, F&& f) {
 
 // Element loads/stores in fp32, exactly as torch converts (bf16/fp16 -> fp32 is exact;
 // fp32 -> bf16/fp16 rounds to nearest even).
-template <typename T> inline float to_float(T v) { return static_cast<float>(v); }
-template <typename T> inline T from_float(float v) { return static_cast<T>(v); }
+template <typename T>
+inline float to_float(T v) {
+  return static_cast<float>(v);
+}
+template <typename T>
+inline T from_float(float v) {
+  return static_cast<T>(v);
+}
 
 #ifdef LK_HAVE_AVX2
 // 8 16-bit floats (raw bits) widened exactly to fp32 (F16C).
@@ -45,8 +51,7 @@ inline __m256 load8(const T* p) {
 // 8 fp32 lanes stored as 8 consecutive elements.
 inline void store8(float* out, __m256 v) { _mm256_storeu_ps(out, v); }
 inline void store8(c10::Half* out, __m256 v) {
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(out),
-                   _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(out), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 }
 inline void store8(c10::BFloat16* out, __m256 v) {
   // Round to nearest even on the bit pattern (values are finite: inputs were checked).
@@ -54,8 +59,7 @@ inline void store8(c10::BFloat16* out, __m256 v) {
   const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
   bits = _mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF)));
   bits = _mm256_srli_epi32(bits, 16);
-  const __m128i packed16 =
-      _mm_packus_epi32(_mm256_castsi256_si128(bits), _mm256_extracti128_si256(bits, 1));
+  const __m128i packed16 = _mm_packus_epi32(_mm256_castsi256_si128(bits), _mm256_extracti128_si256(bits, 1));
   _mm_storeu_si128(reinterpret_cast<__m128i*>(out), packed16);
 }
 #endif
@@ -74,7 +78,8 @@ inline __m512 load16(const c10::BFloat16* p) {
 // 16 consecutive fp32 values stored as T (the same roundings as store8).
 inline void store16(float* out, __m512 v) { _mm512_storeu_ps(out, v); }
 inline void store16(c10::Half* out, __m512 v) {
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out),
+                      _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 }
 inline void store16(c10::BFloat16* out, __m512 v) {
   __m512i bits = _mm512_castps_si512(v);

@@ -27,11 +27,11 @@
 namespace lowrank_kernels {
 namespace {
 
-constexpr int64_t kPanel = 8;                       // columns per packed panel (one AVX2 vector)
+constexpr int64_t kPanel = 8;                      // columns per packed panel (one AVX2 vector)
 constexpr int64_t kPackBytes = int64_t{64} << 10;  // packed row block, L2-resident
 constexpr int64_t kMinBlockRows = 64, kMaxBlockRows = 512;
-constexpr int64_t kMaxParts = 8;                // row parts per matrix: bounds the partial buffers
-constexpr int64_t kTargetItems = 16;            // work items that balance common thread counts
+constexpr int64_t kMaxParts = 8;                    // row parts per matrix: bounds the partial buffers
+constexpr int64_t kTargetItems = 16;                // work items that balance common thread counts
 constexpr int64_t kMinItemWork = int64_t{1} << 21;  // multiply-adds per task (~tens of µs)
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -54,8 +54,8 @@ Plan make_plan(int64_t batch, int64_t m, int64_t k) {
   // A part costs O(k²) to clear, store and sum besides its O(rows k²) multiply-adds: parts get
   // at least a packed block and k / 2 rows (m ~ k would otherwise drown in that overhead).
   const int64_t min_part_rows = std::max(plan.block_rows, k / 2);
-  const int64_t parts = std::min({ceil_div(work, kMinItemWork), ceil_div(kTargetItems, batch), kMaxParts,
-                                  m / min_part_rows});
+  const int64_t parts =
+      std::min({ceil_div(work, kMinItemWork), ceil_div(kTargetItems, batch), kMaxParts, m / min_part_rows});
   // A power of two: splits evenly over the common thread counts.
   plan.parts = 1;
   while (plan.parts * 2 <= parts) plan.parts *= 2;
@@ -217,8 +217,8 @@ void gram_kernel(const at::Tensor& y, int64_t batch, int64_t m, int64_t k, float
       const int64_t b = item / plan.parts, part = item % plan.parts;
       const int64_t row_begin = m * part / plan.parts, row_end = m * (part + 1) / plan.parts;
       std::fill(acc, acc + plan.padded * plan.padded, 0.0f);
-      accumulate_rows(data + b * batch_stride + row_begin * row_stride, row_stride, col_stride, row_end - row_begin,
-                      k, plan, pack, acc);
+      accumulate_rows(data + b * batch_stride + row_begin * row_stride, row_stride, col_stride, row_end - row_begin, k,
+                      plan, pack, acc);
       if (plan.parts > 1) {
         float* dst = partials.data_ptr<float>() + item * kk;
         for (int64_t i = 0; i < k; ++i)
@@ -250,8 +250,8 @@ void gram_kernel(const at::Tensor& y, int64_t batch, int64_t m, int64_t k, float
 }
 
 at::Tensor gram_cpu(const at::Tensor& y) {
-  TORCH_CHECK(y.dim() >= 2, "gram: y must have at least 2 dimensions [..., m, k], got shape ", y.sizes(),
-              " and dtype ", y.scalar_type());
+  TORCH_CHECK(y.dim() >= 2, "gram: y must have at least 2 dimensions [..., m, k], got shape ", y.sizes(), " and dtype ",
+              y.scalar_type());
   check_float_input(y, "gram: y");
   const int64_t m = y.size(-2), k = y.size(-1);
   std::vector<int64_t> out_shape(y.sizes().begin(), y.sizes().end() - 2);
@@ -261,9 +261,8 @@ at::Tensor gram_cpu(const at::Tensor& y) {
   at::Tensor out = at::empty(out_shape, y.options().dtype(at::kFloat));
   if (batch == 0 || k == 0) return out;
   const at::Tensor y3 = y.reshape({batch, m, k});  // a view unless the leading dims do not merge
-  cpu::dispatch_float(y.scalar_type(), "gram", [&](auto tag) {
-    gram_kernel<decltype(tag)>(y3, batch, m, k, out.data_ptr<float>());
-  });
+  cpu::dispatch_float(y.scalar_type(), "gram",
+                      [&](auto tag) { gram_kernel<decltype(tag)>(y3, batch, m, k, out.data_ptr<float>()); });
   return out;
 }
 

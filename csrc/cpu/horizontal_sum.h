@@ -18,8 +18,8 @@ inline float horizontal_sum(__m256 v) {
 
 // The 8 lanes' sum, added in fp64.
 inline double sum_as_double(__m256 v) {
-  const __m256d wide = _mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(v)),
-                                     _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)));
+  const __m256d wide =
+      _mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(v)), _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)));
   const __m128d pair = _mm_add_pd(_mm256_castpd256_pd128(wide), _mm256_extractf128_pd(wide, 1));
   return _mm_cvtsd_f64(_mm_add_sd(pair, _mm_unpackhi_pd(pair, pair)));
 }

@@ -37,8 +37,8 @@ constexpr int64_t kTaskElements = int64_t{1} << 15;
 
 // Scalar path for columns [begin, n) of ROWS rows (all of them without AVX2).
 template <int ROWS, typename T>
-void rows_tail(const T* w, const float* a, const float* b, int64_t n, int64_t r, int64_t begin,
-               HuberDeltas delta, float* omega, float* psi, double* stats) {
+void rows_tail(const T* w, const float* a, const float* b, int64_t n, int64_t r, int64_t begin, HuberDeltas delta,
+               float* omega, float* psi, double* stats) {
   for (int64_t j = begin; j < n; ++j) {
     for (int q = 0; q < ROWS; ++q) {
       float dot = 0.0f;
@@ -57,8 +57,8 @@ using cpu::sum_as_double;
 
 // Columns [0, n - n % 8) of ROWS rows; returns the first column left for rows_tail.
 template <int ROWS, typename T>
-int64_t rows_avx2(const T* w, const float* a, const float* b, int64_t n, int64_t r, HuberDeltas delta,
-                  float* omega, float* psi, double* stats) {
+int64_t rows_avx2(const T* w, const float* a, const float* b, int64_t n, int64_t r, HuberDeltas delta, float* omega,
+                  float* psi, double* stats) {
   const cpu::HuberLanes huber(delta);
   __m256 loss[ROWS], absum[ROWS];
   for (int q = 0; q < ROWS; ++q) loss[q] = absum[q] = _mm256_setzero_ps();
@@ -95,8 +95,8 @@ int64_t rows_avx2(const T* w, const float* a, const float* b, int64_t n, int64_t
 #endif
 
 template <int ROWS, typename T>
-void huber_rows(const T* w, const float* a, const float* b, int64_t n, int64_t r, HuberDeltas delta,
-                float* omega, float* psi, double* stats) {
+void huber_rows(const T* w, const float* a, const float* b, int64_t n, int64_t r, HuberDeltas delta, float* omega,
+                float* psi, double* stats) {
   std::fill(stats, stats + 2 * ROWS, 0.0);
   int64_t done = 0;
 #ifdef LK_HAVE_AVX2
@@ -107,18 +107,17 @@ void huber_rows(const T* w, const float* a, const float* b, int64_t n, int64_t r
 
 // Rows [first, first + count) of one matrix (all offsets already applied to the pointers).
 template <typename T>
-void huber_row_range(const T* w, const float* a, const float* b, int64_t count, int64_t n, int64_t r,
-                     HuberDeltas delta, float* omega, float* psi, double* stats) {
+void huber_row_range(const T* w, const float* a, const float* b, int64_t count, int64_t n, int64_t r, HuberDeltas delta,
+                     float* omega, float* psi, double* stats) {
   int64_t i = 0;
   for (; i + kRowGroup <= count; i += kRowGroup)
     huber_rows<kRowGroup>(w + i * n, a + i * r, b, n, r, delta, omega + i * n, psi + i * n, stats + 2 * i);
-  for (; i < count; ++i)
-    huber_rows<1>(w + i * n, a + i * r, b, n, r, delta, omega + i * n, psi + i * n, stats + 2 * i);
+  for (; i < count; ++i) huber_rows<1>(w + i * n, a + i * r, b, n, r, delta, omega + i * n, psi + i * n, stats + 2 * i);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> huber_weights_cpu(const at::Tensor& w, const at::Tensor& a,
-                                                                  const at::Tensor& b, const at::Tensor& weight_delta,
-                                                                  const at::Tensor& loss_delta) {
+                                                                 const at::Tensor& b, const at::Tensor& weight_delta,
+                                                                 const at::Tensor& loss_delta) {
   const std::vector<int64_t> stats_shape = check_huber_weights_args(w, a, b, weight_delta, loss_delta);
   const at::Tensor wc = w.contiguous(), ac = a.contiguous(), bc = b.contiguous();
   const int64_t m = w.size(-2), n = w.size(-1), r = a.size(-1);
@@ -146,8 +145,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> huber_weights_cpu(const at::Tenso
         const int64_t mat = task / tasks_per_matrix, first = task % tasks_per_matrix * task_rows;
         const int64_t row = mat * m + first;
         huber_row_range(wp + row * n, ap + row * r, bp + mat * r * n, std::min(task_rows, m - first), n, r,
-                        HuberDeltas{wd[mat], ld[mat]},
-                        op + row * n, pp + row * n, sp + 2 * row);
+                        HuberDeltas{wd[mat], ld[mat]}, op + row * n, pp + row * n, sp + 2 * row);
       }
     });
   });

@@ -47,11 +47,11 @@ constexpr int64_t kChunk = 64;
 
 using Column = std::array<float, kColumns>;
 
-// Step 1 for rows [i0, i0 + rows) (portable; AVX2 builds use it for the ragged last block): ω, ψ [rows][kColumns] (zero in padding columns >= width) and
-// the chunk's loss / |E| sums added to stats (fp64, per chunk).
+// Step 1 for rows [i0, i0 + rows) (portable; AVX2 builds use it for the ragged last block): ω, ψ [rows][kColumns] (zero
+// in padding columns >= width) and the chunk's loss / |E| sums added to stats (fp64, per chunk).
 template <typename T, bool kWeights>
-void residual_chunk(const T* w, const float* a, const float* b, int64_t n, int64_t r, int64_t j0, int width,
-                    int64_t i0, int64_t rows, HuberDeltas delta, Column* omega, Column* psi, double* stats) {
+void residual_chunk(const T* w, const float* a, const float* b, int64_t n, int64_t r, int64_t j0, int width, int64_t i0,
+                    int64_t rows, HuberDeltas delta, Column* omega, Column* psi, double* stats) {
   float loss = 0.0f, magnitude_sum = 0.0f;
   for (int64_t q = 0; q < rows; ++q) {
     const int64_t i = i0 + q;
@@ -195,8 +195,8 @@ at::Tensor pair_products(const float* a, int64_t m, int64_t r) {
 }
 
 struct Outputs {
-  float* gram;  // [n, r, r] of this matrix, or null (huber_loss)
-  float* grad;  // [n, r]
+  float* gram;    // [n, r, r] of this matrix, or null (huber_loss)
+  float* grad;    // [n, r]
   double* stats;  // [2] of this task
 };
 
@@ -233,8 +233,8 @@ void column_block(const T* w, const float* a, const float* pairs, const float* b
 }
 
 template <bool kWeights>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> huber_pass(const at::Tensor& w, const at::Tensor& a,
-                                                          const at::Tensor& b, const at::Tensor& weight_delta,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> huber_pass(const at::Tensor& w, const at::Tensor& a, const at::Tensor& b,
+                                                          const at::Tensor& weight_delta,
                                                           const at::Tensor& loss_delta) {
   const std::vector<int64_t> stats_shape = check_huber_weights_args(w, a, b, weight_delta, loss_delta);
   const at::Tensor wc = w.contiguous(), ac = a.contiguous(), bc = b.contiguous();
@@ -268,8 +268,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> huber_pass(const at::Tensor& w, c
         const int64_t mat = task / blocks, j0 = task % blocks * kColumns;
         Outputs out{kWeights ? gram.data_ptr<float>() + mat * n * r * r : nullptr,
                     kWeights ? grad.data_ptr<float>() + mat * n * r : nullptr, sp + 2 * task};
-        column_block<T, kWeights>(wp + mat * m * n, ap + mat * m * r, kWeights ? pairs.data_ptr<float>() + mat * m * terms : nullptr,
-                                  bp + mat * r * n, m, n, r, j0, HuberDeltas{wdp[mat], ldp[mat]}, out);
+        column_block<T, kWeights>(wp + mat * m * n, ap + mat * m * r,
+                                  kWeights ? pairs.data_ptr<float>() + mat * m * terms : nullptr, bp + mat * r * n, m,
+                                  n, r, j0, HuberDeltas{wdp[mat], ldp[mat]}, out);
       }
     });
   });
@@ -281,9 +282,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> huber_pass(const at::Tensor& w, c
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> huber_normal_equations_cpu(const at::Tensor& w, const at::Tensor& a,
-                                                                           const at::Tensor& b,
-                                                                           const at::Tensor& weight_delta,
-                                                                           const at::Tensor& loss_delta) {
+                                                                          const at::Tensor& b,
+                                                                          const at::Tensor& weight_delta,
+                                                                          const at::Tensor& loss_delta) {
   return huber_pass<true>(w, a, b, weight_delta, loss_delta);
 }
 

@@ -21,8 +21,10 @@ struct HuberLanes {
   __m256 weight_delta, neg_weight_delta, loss_delta, half_loss_delta;
 
   explicit HuberLanes(HuberDeltas delta)
-      : weight_delta(_mm256_set1_ps(delta.weight)), neg_weight_delta(_mm256_set1_ps(-delta.weight)),
-        loss_delta(_mm256_set1_ps(delta.loss)), half_loss_delta(_mm256_set1_ps(0.5f * delta.loss)) {}
+      : weight_delta(_mm256_set1_ps(delta.weight)),
+        neg_weight_delta(_mm256_set1_ps(-delta.weight)),
+        loss_delta(_mm256_set1_ps(delta.loss)),
+        half_loss_delta(_mm256_set1_ps(0.5f * delta.loss)) {}
 
   __m256 magnitude(__m256 e) const { return _mm256_andnot_ps(sign, e); }
   // ω = δ / max(|e|, δ)

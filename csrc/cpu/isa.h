@@ -43,9 +43,8 @@
 // Registers this file's CPU kernels when the ISA it was compiled for is the one chosen at load
 // time (a TORCH_LIBRARY_IMPL(lowrank_kernels, CPU, m) that only one ISA's copy runs). Use inside
 // an anonymous namespace:  LK_CPU_KERNELS(m) { m.impl("op", &op_cpu); }
-#define LK_CPU_KERNELS(m)                                                                        \
-  void lk_register_cpu_kernels(torch::Library& m);                                               \
-  const bool lk_cpu_kernels_registered = ::lowrank_kernels::cpu::register_cpu_kernels(           \
-      static_cast<::lowrank_kernels::cpu::CpuIsa>(LK_CPU_ISA_LEVEL), &lk_register_cpu_kernels,   \
-      __FILE__, __LINE__);                                                                       \
+#define LK_CPU_KERNELS(m)                                                                                           \
+  void lk_register_cpu_kernels(torch::Library& m);                                                                  \
+  const bool lk_cpu_kernels_registered = ::lowrank_kernels::cpu::register_cpu_kernels(                              \
+      static_cast<::lowrank_kernels::cpu::CpuIsa>(LK_CPU_ISA_LEVEL), &lk_register_cpu_kernels, __FILE__, __LINE__); \
   void lk_register_cpu_kernels(torch::Library& m)

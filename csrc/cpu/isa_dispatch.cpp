@@ -14,9 +14,9 @@ CpuIsa best_supported_isa() {
 #if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
   __builtin_cpu_init();  // static initialisers may run before libgcc's own
   // __builtin_cpu_supports also checks that the OS saves the ymm / zmm state (XGETBV).
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx2") &&
-      __builtin_cpu_supports("fma") && __builtin_cpu_supports("bmi2"))
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+      __builtin_cpu_supports("bmi2"))
     return CpuIsa::avx512;
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c") &&
       __builtin_cpu_supports("bmi2"))
@@ -77,8 +77,8 @@ bool register_cpu_kernels(CpuIsa isa, void (*init)(torch::Library&), const char*
   static std::mutex mutex;
   static std::deque<std::unique_ptr<torch::Library>> libraries;
   const std::lock_guard<std::mutex> lock(mutex);
-  libraries.push_back(std::make_unique<torch::Library>(torch::Library::IMPL, "lowrank_kernels",
-                                                       c10::DispatchKey::CPU, file, line));
+  libraries.push_back(
+      std::make_unique<torch::Library>(torch::Library::IMPL, "lowrank_kernels", c10::DispatchKey::CPU, file, line));
   init(*libraries.back());
   return true;
 }

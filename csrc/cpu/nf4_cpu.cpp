@@ -99,8 +99,8 @@ class Nf4EncoderAvx2 {
   __m256 boundary_[15];
   const __m256i kEvenHigh = _mm256_setr_epi32(4, 0, 4, 0, 4, 0, 4, 0);
   const __m256i kPairOrder = _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7);
-  const __m256i kLowBytes = _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
-                                             0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
+  const __m256i kLowBytes = _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, 0, 4, 8, 12,
+                                             -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
 };
 #endif
 
@@ -152,8 +152,7 @@ using Nf4BlockEncoder = Nf4EncoderAvx2;
 #endif
 
 template <typename T>
-void quantize_nf4_kernel(const T* x, int64_t numel, int64_t blocksize, uint8_t* packed,
-                         float* absmax) {
+void quantize_nf4_kernel(const T* x, int64_t numel, int64_t blocksize, uint8_t* packed, float* absmax) {
   const int64_t full_blocks = numel / blocksize;
   at::parallel_for(0, full_blocks, grain_blocks(blocksize), [&](int64_t begin, int64_t end) {
 #ifdef LK_HAVE_AVX2
@@ -192,11 +191,13 @@ void stream_block(const uint8_t* packed, int64_t first, int64_t count, float abs
 #ifdef LK_HAVE_AVX512
   const cpu::NF4Table16 table;
   const __m512 scale = _mm512_set1_ps(absmax);
-  for (int64_t i = 0; i < count; i += 16) _mm512_stream_ps(dst + i, cpu::decode16(packed + (first + i) / 2, table, scale));
+  for (int64_t i = 0; i < count; i += 16)
+    _mm512_stream_ps(dst + i, cpu::decode16(packed + (first + i) / 2, table, scale));
 #else
   const cpu::NF4Table table;
   const __m256 scale = _mm256_set1_ps(absmax);
-  for (int64_t i = 0; i < count; i += 8) _mm256_stream_ps(dst + i, cpu::decode8(packed + (first + i) / 2, table, scale));
+  for (int64_t i = 0; i < count; i += 8)
+    _mm256_stream_ps(dst + i, cpu::decode8(packed + (first + i) / 2, table, scale));
 #endif
 }
 #endif
@@ -212,8 +213,7 @@ bool use_streaming_stores(const T* out, int64_t numel) {
 }
 
 template <typename T>
-void dequantize_nf4_kernel(const uint8_t* packed, const float* absmax, int64_t numel,
-                           int64_t blocksize, T* out) {
+void dequantize_nf4_kernel(const uint8_t* packed, const float* absmax, int64_t numel, int64_t blocksize, T* out) {
   const int64_t blocks = (numel + blocksize - 1) / blocksize;
   const bool stream = use_streaming_stores(out, numel);
   at::parallel_for(0, blocks, grain_blocks(blocksize), [&](int64_t begin, int64_t end) {
@@ -238,8 +238,8 @@ void dequantize_nf4_kernel(const uint8_t* packed, const float* absmax, int64_t n
 // ---------------------------------------------------------------------------------------------
 // Blockwise 8-bit (the double-quant statistics: small vectors, scalar code is plenty).
 
-void quantize_blockwise8_kernel(const float* x, int64_t numel, const float* code,
-                                int64_t blocksize, uint8_t* out, float* absmax) {
+void quantize_blockwise8_kernel(const float* x, int64_t numel, const float* code, int64_t blocksize, uint8_t* out,
+                                float* absmax) {
   float search_code[256];
   for (int i = 0; i < 256; ++i) search_code[i] = blockwise8_search_code(code, i);
   const int64_t blocks = (numel + blocksize - 1) / blocksize;
@@ -253,8 +253,8 @@ void quantize_blockwise8_kernel(const float* x, int64_t numel, const float* code
   });
 }
 
-void dequantize_blockwise8_kernel(const uint8_t* q, const float* absmax, const float* code,
-                                  int64_t numel, int64_t blocksize, float* out) {
+void dequantize_blockwise8_kernel(const uint8_t* q, const float* absmax, const float* code, int64_t numel,
+                                  int64_t blocksize, float* out) {
   at::parallel_for(0, numel, 4096, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) out[i] = blockwise8_decode(code, q[i], absmax[i / blocksize]);
   });
@@ -272,26 +272,24 @@ std::tuple<at::Tensor, at::Tensor> quantize_nf4_cpu(const at::Tensor& w, int64_t
   at::Tensor absmax = at::empty({(numel + blocksize - 1) / blocksize}, x.options().dtype(at::kFloat));
   dispatch_float(x.scalar_type(), "quantize_nf4", [&](auto tag) {
     using scalar_t = decltype(tag);
-    quantize_nf4_kernel(x.data_ptr<scalar_t>(), numel, blocksize, packed.data_ptr<uint8_t>(),
-                        absmax.data_ptr<float>());
+    quantize_nf4_kernel(x.data_ptr<scalar_t>(), numel, blocksize, packed.data_ptr<uint8_t>(), absmax.data_ptr<float>());
   });
   return {packed, absmax};
 }
 
-void dequantize_nf4_out_cpu(const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
-                             int64_t numel, at::ScalarType dtype, at::Tensor& out) {
+void dequantize_nf4_out_cpu(const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize, int64_t numel,
+                            at::ScalarType dtype, at::Tensor& out) {
   check_nf4_storage(packed, absmax, blocksize, numel);
   check_nf4_output(out, numel, dtype, packed.device());
   const at::Tensor p = packed.contiguous(), a = absmax.contiguous();
   dispatch_float(dtype, "dequantize_nf4", [&](auto tag) {
     using scalar_t = decltype(tag);
-    dequantize_nf4_kernel(p.data_ptr<uint8_t>(), a.data_ptr<float>(), numel, blocksize,
-                          out.data_ptr<scalar_t>());
+    dequantize_nf4_kernel(p.data_ptr<uint8_t>(), a.data_ptr<float>(), numel, blocksize, out.data_ptr<scalar_t>());
   });
 }
 
-at::Tensor dequantize_nf4_cpu(const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
-                              int64_t numel, at::ScalarType dtype) {
+at::Tensor dequantize_nf4_cpu(const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize, int64_t numel,
+                              at::ScalarType dtype) {
   check_nf4_storage(packed, absmax, blocksize, numel);  // before allocating numel elements
   at::Tensor out = cpu::empty_output({numel}, packed.options().dtype(dtype));
   dequantize_nf4_out_cpu(packed, absmax, blocksize, numel, dtype, out);
@@ -304,8 +302,8 @@ std::tuple<at::Tensor, at::Tensor> quantize_blockwise8_cpu(const at::Tensor& x, 
   const at::Tensor xc = x.contiguous(), c = code.contiguous();
   at::Tensor out = at::empty({xc.numel()}, xc.options().dtype(at::kByte));
   at::Tensor absmax = at::empty({(xc.numel() + blocksize - 1) / blocksize}, xc.options());
-  quantize_blockwise8_kernel(xc.data_ptr<float>(), xc.numel(), c.data_ptr<float>(), blocksize,
-                             out.data_ptr<uint8_t>(), absmax.data_ptr<float>());
+  quantize_blockwise8_kernel(xc.data_ptr<float>(), xc.numel(), c.data_ptr<float>(), blocksize, out.data_ptr<uint8_t>(),
+                             absmax.data_ptr<float>());
   return {out, absmax};
 }
 
@@ -314,8 +312,8 @@ at::Tensor dequantize_blockwise8_cpu(const at::Tensor& q, const at::Tensor& absm
   check_blockwise8_storage(q, absmax, code, blocksize);
   const at::Tensor qc = q.contiguous(), a = absmax.contiguous(), c = code.contiguous();
   at::Tensor out = at::empty({qc.numel()}, a.options());
-  dequantize_blockwise8_kernel(qc.data_ptr<uint8_t>(), a.data_ptr<float>(), c.data_ptr<float>(),
-                               qc.numel(), blocksize, out.data_ptr<float>());
+  dequantize_blockwise8_kernel(qc.data_ptr<uint8_t>(), a.data_ptr<float>(), c.data_ptr<float>(), qc.numel(), blocksize,
+                               out.data_ptr<float>());
   return out;
 }
 

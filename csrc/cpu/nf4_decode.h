@@ -25,8 +25,8 @@ inline namespace LK_CPU_ISA_NAME {  // each ISA's copy of these inline helpers h
 struct NF4Table {
   __m256 lo, hi;
   NF4Table()
-      : lo(_mm256_setr_ps(nf4_code(0), nf4_code(1), nf4_code(2), nf4_code(3), nf4_code(4), nf4_code(5),
-                          nf4_code(6), nf4_code(7))),
+      : lo(_mm256_setr_ps(nf4_code(0), nf4_code(1), nf4_code(2), nf4_code(3), nf4_code(4), nf4_code(5), nf4_code(6),
+                          nf4_code(7))),
         hi(_mm256_setr_ps(nf4_code(8), nf4_code(9), nf4_code(10), nf4_code(11), nf4_code(12), nf4_code(13),
                           nf4_code(14), nf4_code(15))) {}
 };
@@ -56,16 +56,17 @@ inline __m256 decode8(const uint8_t* bytes, const NF4Table& table, __m256 scale)
 struct NF4Table16 {
   __m512 codes;
   NF4Table16()
-      : codes(_mm512_setr_ps(nf4_code(0), nf4_code(1), nf4_code(2), nf4_code(3), nf4_code(4), nf4_code(5),
-                             nf4_code(6), nf4_code(7), nf4_code(8), nf4_code(9), nf4_code(10), nf4_code(11),
-                             nf4_code(12), nf4_code(13), nf4_code(14), nf4_code(15))) {}
+      : codes(_mm512_setr_ps(nf4_code(0), nf4_code(1), nf4_code(2), nf4_code(3), nf4_code(4), nf4_code(5), nf4_code(6),
+                             nf4_code(7), nf4_code(8), nf4_code(9), nf4_code(10), nf4_code(11), nf4_code(12),
+                             nf4_code(13), nf4_code(14), nf4_code(15))) {}
 };
 
 // 16 elements (times `scale`) from 8 packed bytes, in natural order (high nibble first).
 inline __m512 decode16(const uint8_t* bytes, const NF4Table16& table, __m512 scale) {
   const __m128i packed = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes));
   const __m128i low4 = _mm_set1_epi8(0x0F);
-  const __m128i nibbles = _mm_unpacklo_epi8(_mm_and_si128(_mm_srli_epi16(packed, 4), low4), _mm_and_si128(packed, low4));
+  const __m128i nibbles =
+      _mm_unpacklo_epi8(_mm_and_si128(_mm_srli_epi16(packed, 4), low4), _mm_and_si128(packed, low4));
   return _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_cvtepu8_epi32(nibbles), table.codes), scale);
 }
 #endif

@@ -56,8 +56,8 @@ struct LinearOperands {
 
 // Adds dot(W[row, :], x[t, :]) for TOKENS tokens starting at x (row stride `cols`) into acc.
 template <int TOKENS>
-void dot_row(const uint8_t* packed, const float* absmax, int64_t row, int64_t cols, int64_t blocksize,
-             const float* x, float* acc) {
+void dot_row(const uint8_t* packed, const float* absmax, int64_t row, int64_t cols, int64_t blocksize, const float* x,
+             float* acc) {
 #ifdef LK_HAVE_AVX2
   const cpu::NF4Table table;
   __m256 vacc[TOKENS];
@@ -75,8 +75,7 @@ void dot_row(const uint8_t* packed, const float* absmax, int64_t row, int64_t co
     const __m256 scale = _mm256_set1_ps(a);
     for (; i + 8 <= count; i += 8) {
       const __m256 w = cpu::decode8(packed + (first + i) / 2, table, scale);
-      for (int t = 0; t < TOKENS; ++t)
-        vacc[t] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + t * cols + col + i), vacc[t]);
+      for (int t = 0; t < TOKENS; ++t) vacc[t] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + t * cols + col + i), vacc[t]);
     }
 #endif
     for (; i < count; ++i) scalar(i);
@@ -140,7 +139,9 @@ void dot_row_split(const uint8_t* packed, const float* absmax, int64_t row, int6
 
 // The decode kernels use split order when every row starts a quantization block (the common
 // case: in_features a multiple of the blocksize), natural order otherwise.
-bool use_split_order(int64_t cols, int64_t blocksize) { return cpu::kHaveSplitDecode && nf4_rows_aligned(cols, blocksize); }
+bool use_split_order(int64_t cols, int64_t blocksize) {
+  return cpu::kHaveSplitDecode && nf4_rows_aligned(cols, blocksize);
+}
 
 // Activations [M, K] in split order (a copy), or the input itself for natural order.
 at::Tensor in_order(const at::Tensor& a, bool split) {
@@ -177,8 +178,8 @@ void decode_forward(const uint8_t* packed, const float* absmax, int64_t blocksiz
       for (int64_t t0 = 0; t0 < tokens; t0 += kTokenGroup) {
         const int group = static_cast<int>(std::min<int64_t>(kTokenGroup, tokens - t0));
         float acc[kTokenGroup] = {};
-        dot_row_for(group, split, std::make_integer_sequence<int, kTokenGroup>{})(packed, absmax, row, cols,
-                                                                                  blocksize, x + t0 * cols, acc);
+        dot_row_for(group, split, std::make_integer_sequence<int, kTokenGroup>{})(packed, absmax, row, cols, blocksize,
+                                                                                  x + t0 * cols, acc);
         for (int t = 0; t < group; ++t) {
           float lowrank = 0.0f;
           for (int64_t j = 0; j < rank; ++j) lowrank += left[(t0 + t) * rank + j] * up[row * rank + j];
@@ -199,7 +200,8 @@ void axpy(int64_t n, float a, const float* x, float* y) {
   int64_t i = 0;
 #ifdef LK_HAVE_AVX2
   const __m256 va = _mm256_set1_ps(a);
-  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
 #endif
   for (; i < n; ++i) y[i] = std::fma(a, x[i], y[i]);
 }
@@ -253,8 +255,8 @@ at::Tensor decode_grad_input_split(const uint8_t* packed, const float* absmax, i
 
 // Rows in natural order: each thread accumulates grad_y[:, rows] @ W[rows, :] for its rows into
 // a private [M, K] fp32 buffer (M is small), then the buffers are summed.
-at::Tensor decode_grad_input(const uint8_t* packed, const float* absmax, int64_t blocksize, int64_t rows,
-                             int64_t cols, const at::Tensor& grad_y) {
+at::Tensor decode_grad_input(const uint8_t* packed, const float* absmax, int64_t blocksize, int64_t rows, int64_t cols,
+                             const at::Tensor& grad_y) {
 #ifdef LK_HAVE_AVX2
   if (use_split_order(cols, blocksize)) return decode_grad_input_split(packed, absmax, blocksize, rows, cols, grad_y);
 #endif
@@ -340,13 +342,12 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& packed, const at::Tens
     });
     return y;
   }
-  at::Tensor y = bias32 ? bias32->expand({tokens, out_features}).contiguous()
-                        : at::zeros({tokens, out_features}, in.a.options());
+  at::Tensor y =
+      bias32 ? bias32->expand({tokens, out_features}).contiguous() : at::zeros({tokens, out_features}, in.a.options());
   y.addmm_(in.left, in.right.t(), 1.0, scale);
-  for_each_panel(p.data_ptr<uint8_t>(), a.data_ptr<float>(), blocksize, out_features, cols, /*along_columns=*/true,
-                 [&](int64_t first, const at::Tensor& panel) {
-                   y.addmm_(in.a.narrow(1, first, panel.size(1)), panel.t());
-                 });
+  for_each_panel(
+      p.data_ptr<uint8_t>(), a.data_ptr<float>(), blocksize, out_features, cols, /*along_columns=*/true,
+      [&](int64_t first, const at::Tensor& panel) { y.addmm_(in.a.narrow(1, first, panel.size(1)), panel.t()); });
   return y.to(x.scalar_type());
 }
 

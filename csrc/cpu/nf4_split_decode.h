@@ -85,8 +85,7 @@ struct SplitDecoder {
     const __m128i packed = _mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes));
     const __m128i low4 = _mm_set1_epi8(0x0F);
     // Lane 0: the high nibbles (even columns), lane 1: the low nibbles (odd columns).
-    const __m256i index =
-        _mm256_set_m128i(_mm_and_si128(packed, low4), _mm_and_si128(_mm_srli_epi16(packed, 4), low4));
+    const __m256i index = _mm256_set_m128i(_mm_and_si128(packed, low4), _mm_and_si128(_mm_srli_epi16(packed, 4), low4));
     const __m256i b0 = _mm256_shuffle_epi8(plane[0], index), b1 = _mm256_shuffle_epi8(plane[1], index);
     const __m256i b2 = _mm256_shuffle_epi8(plane[2], index), b3 = _mm256_shuffle_epi8(plane[3], index);
     const __m256i low16_a = _mm256_unpacklo_epi8(b0, b1), high16_a = _mm256_unpacklo_epi8(b2, b3);

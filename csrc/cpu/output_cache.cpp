@@ -39,7 +39,8 @@ int64_t limit_from_environment() {
   const long long mib = std::strtoll(value, &end, 10);
   TORCH_CHECK(*end == '\0' && errno == 0 && mib >= 0 && mib <= (std::numeric_limits<int64_t>::max() >> 20),
               "LOWRANK_KERNELS_OUTPUT_CACHE_MB must be a non-negative integer below 2^43 (MiB of freed op "
-              "outputs kept for reuse; 0 disables the cache), got '", value, "'");
+              "outputs kept for reuse; 0 disables the cache), got '",
+              value, "'");
   return static_cast<int64_t>(mib) << 20;
 }
 
@@ -155,7 +156,7 @@ class OutputCache final : public c10::Allocator {
   }
 
   std::mutex mutex_;
-  std::deque<Block> idle_;  // oldest first
+  std::deque<Block> idle_;                  // oldest first
   std::unordered_map<void*, size_t> live_;  // block -> bytes, of blocks handed out
   size_t idle_bytes_ = 0, live_bytes_ = 0;
   int64_t limit_;

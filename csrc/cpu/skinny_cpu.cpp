@@ -33,9 +33,9 @@ namespace lowrank_kernels {
 namespace {
 
 constexpr int64_t kVec = 8;
-constexpr int64_t kRowsPerItem = 64;       // w @ x: rows of W per work item
+constexpr int64_t kRowsPerItem = 64;         // w @ x: rows of W per work item
 constexpr int64_t kXBlockBytes = 256 << 10;  // w @ x: the block of X kept in L2
-constexpr int64_t kPanelT = 24;            // wᵀ @ x: columns of W per packed panel
+constexpr int64_t kPanelT = 24;              // wᵀ @ x: columns of W per packed panel
 // wᵀ @ x: columns of W per work item at most, and rows of W per packed block, for narrow
 // (l <= 32) and wide x: long row segments keep the hardware prefetchers effective (64 rows x
 // 192 columns measured 2x slower than 32 x 1536 at l = 16), the wide case keeps Pᵀ in L2.
@@ -199,12 +199,12 @@ at::Tensor skinny_matmul_cpu(const at::Tensor& w, const at::Tensor& x, bool tran
   TORCH_CHECK(w.dim() >= 2, "skinny_matmul: w must have at least 2 dimensions [..., M, N], got shape ", w.sizes(),
               " and dtype ", w.scalar_type());
   check_float_input(w, "skinny_matmul: w");
-  TORCH_CHECK(x.scalar_type() == at::kFloat, "skinny_matmul: x must be float32, got ", x.scalar_type(),
-              " with shape ", x.sizes());
-  TORCH_CHECK(x.dim() == w.dim(), "skinny_matmul: x must have the same number of dimensions as w (",
-              w.dim(), "), got shape ", x.sizes(), " for w of shape ", w.sizes());
-  TORCH_CHECK(w.device().is_cpu() && x.device().is_cpu(), "skinny_matmul: w and x must be on the CPU, got ",
-              w.device(), " and ", x.device());
+  TORCH_CHECK(x.scalar_type() == at::kFloat, "skinny_matmul: x must be float32, got ", x.scalar_type(), " with shape ",
+              x.sizes());
+  TORCH_CHECK(x.dim() == w.dim(), "skinny_matmul: x must have the same number of dimensions as w (", w.dim(),
+              "), got shape ", x.sizes(), " for w of shape ", w.sizes());
+  TORCH_CHECK(w.device().is_cpu() && x.device().is_cpu(), "skinny_matmul: w and x must be on the CPU, got ", w.device(),
+              " and ", x.device());
   const int64_t M = w.size(-2), N = w.size(-1);
   const int64_t K = transpose_w ? M : N;  // the reduction length
   const int64_t R = transpose_w ? N : M;  // rows of the result

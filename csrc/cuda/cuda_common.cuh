@@ -11,18 +11,36 @@
 
 namespace lowrank_kernels::cuda {
 
-template <typename T> __device__ __forceinline__ float load_float(const T* p, int64_t i);
-template <> __device__ __forceinline__ float load_float(const float* p, int64_t i) { return p[i]; }
-template <> __device__ __forceinline__ float load_float(const __half* p, int64_t i) { return __half2float(p[i]); }
-template <> __device__ __forceinline__ float load_float(const __nv_bfloat16* p, int64_t i) {
+template <typename T>
+__device__ __forceinline__ float load_float(const T* p, int64_t i);
+template <>
+__device__ __forceinline__ float load_float(const float* p, int64_t i) {
+  return p[i];
+}
+template <>
+__device__ __forceinline__ float load_float(const __half* p, int64_t i) {
+  return __half2float(p[i]);
+}
+template <>
+__device__ __forceinline__ float load_float(const __nv_bfloat16* p, int64_t i) {
   return __bfloat162float(p[i]);
 }
 
 // fp32 -> T, rounding to nearest even.
-template <typename T> __device__ __forceinline__ T store_float(float v);
-template <> __device__ __forceinline__ float store_float(float v) { return v; }
-template <> __device__ __forceinline__ __half store_float(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 store_float(float v) { return __float2bfloat16_rn(v); }
+template <typename T>
+__device__ __forceinline__ T store_float(float v);
+template <>
+__device__ __forceinline__ float store_float(float v) {
+  return v;
+}
+template <>
+__device__ __forceinline__ __half store_float(float v) {
+  return __float2half_rn(v);
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 store_float(float v) {
+  return __float2bfloat16_rn(v);
+}
 
 // Calls f(static_cast<T*>(nullptr)) with T the element type of `kind`.
 template <typename F>

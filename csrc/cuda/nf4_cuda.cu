@@ -53,9 +53,12 @@ __global__ void quantize_nf4_kernel(const T* __restrict__ x, int64_t numel, int6
 #pragma unroll
     for (int k = 0; k < 2; ++k) {
       const int64_t i = 2 * j + k;
-      if (i >= count) codes[k] = nf4_encode(0.0f);
-      else if (tail) codes[k] = nf4_encode_tail_block(load_float(x, first + i), stored);
-      else codes[k] = nf4_encode_full_block(load_float(x, first + i), reciprocal);
+      if (i >= count)
+        codes[k] = nf4_encode(0.0f);
+      else if (tail)
+        codes[k] = nf4_encode_tail_block(load_float(x, first + i), stored);
+      else
+        codes[k] = nf4_encode_full_block(load_float(x, first + i), reciprocal);
     }
     packed[first / 2 + j] = nf4_pack(codes[0], codes[1]);
   }
@@ -85,9 +88,8 @@ __global__ void dequantize_nf4_kernel(const uint8_t* __restrict__ packed, const 
   }
 }
 
-__global__ void quantize_blockwise8_kernel(const float* __restrict__ x, int64_t numel,
-                                           const float* __restrict__ code, int64_t blocksize,
-                                           uint8_t* __restrict__ q, float* __restrict__ absmax) {
+__global__ void quantize_blockwise8_kernel(const float* __restrict__ x, int64_t numel, const float* __restrict__ code,
+                                           int64_t blocksize, uint8_t* __restrict__ q, float* __restrict__ absmax) {
   __shared__ float search_code[256];
   for (int i = threadIdx.x; i < 256; i += blockDim.x) search_code[i] = blockwise8_search_code(code, i);
   __syncthreads();
@@ -112,14 +114,14 @@ __global__ void dequantize_blockwise8_kernel(const uint8_t* __restrict__ q, cons
 
 }  // namespace
 
-void quantize_nf4(const void* x, FloatKind kind, int64_t numel, int64_t blocksize, uint8_t* packed,
-                  float* absmax, cudaStream_t stream) {
+void quantize_nf4(const void* x, FloatKind kind, int64_t numel, int64_t blocksize, uint8_t* packed, float* absmax,
+                  cudaStream_t stream) {
   if (numel == 0) return;
   const int64_t blocks = (numel + blocksize - 1) / blocksize;
   dispatch_kind(kind, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    quantize_nf4_kernel<T><<<grid_for(blocks * kWarp, kThreads), kThreads, 0, stream>>>(
-        static_cast<const T*>(x), numel, blocksize, packed, absmax);
+    quantize_nf4_kernel<T><<<grid_for(blocks * kWarp, kThreads), kThreads, 0, stream>>>(static_cast<const T*>(x), numel,
+                                                                                        blocksize, packed, absmax);
   });
 }
 
@@ -133,18 +135,19 @@ void dequantize_nf4(const uint8_t* packed, const float* absmax, int64_t numel, i
   });
 }
 
-void quantize_blockwise8(const float* x, int64_t numel, const float* code, int64_t blocksize, uint8_t* q,
-                         float* absmax, cudaStream_t stream) {
+void quantize_blockwise8(const float* x, int64_t numel, const float* code, int64_t blocksize, uint8_t* q, float* absmax,
+                         cudaStream_t stream) {
   if (numel == 0) return;
   const int64_t blocks = (numel + blocksize - 1) / blocksize;
   quantize_blockwise8_kernel<<<grid_for(blocks * kWarp, kThreads), kThreads, 0, stream>>>(x, numel, code, blocksize, q,
-                                                                               absmax);
+                                                                                          absmax);
 }
 
-void dequantize_blockwise8(const uint8_t* q, const float* absmax, const float* code, int64_t numel,
-                           int64_t blocksize, float* out, cudaStream_t stream) {
+void dequantize_blockwise8(const uint8_t* q, const float* absmax, const float* code, int64_t numel, int64_t blocksize,
+                           float* out, cudaStream_t stream) {
   if (numel == 0) return;
-  dequantize_blockwise8_kernel<<<grid_for(numel, kThreads), kThreads, 0, stream>>>(q, absmax, code, numel, blocksize, out);
+  dequantize_blockwise8_kernel<<<grid_for(numel, kThreads), kThreads, 0, stream>>>(q, absmax, code, numel, blocksize,
+                                                                                   out);
 }
 
 }  // namespace lowrank_kernels::cuda

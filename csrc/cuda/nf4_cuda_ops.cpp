@@ -26,19 +26,19 @@ std::tuple<at::Tensor, at::Tensor> quantize_nf4_cuda(const at::Tensor& w, int64_
   return {packed, absmax};
 }
 
-void dequantize_nf4_out_cuda(const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
-                              int64_t numel, at::ScalarType dtype, at::Tensor& out) {
+void dequantize_nf4_out_cuda(const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize, int64_t numel,
+                             at::ScalarType dtype, at::Tensor& out) {
   check_nf4_storage(packed, absmax, blocksize, numel);
   check_nf4_output(out, numel, dtype, packed.device());
   const c10::cuda::CUDAGuard guard(packed.device());
   const at::Tensor p = packed.contiguous(), a = absmax.contiguous();
-  cuda::dequantize_nf4(p.data_ptr<uint8_t>(), a.data_ptr<float>(), numel, blocksize, out.data_ptr(),
-                       float_kind(dtype), current_stream());
+  cuda::dequantize_nf4(p.data_ptr<uint8_t>(), a.data_ptr<float>(), numel, blocksize, out.data_ptr(), float_kind(dtype),
+                       current_stream());
   check_launch();
 }
 
-at::Tensor dequantize_nf4_cuda(const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
-                               int64_t numel, at::ScalarType dtype) {
+at::Tensor dequantize_nf4_cuda(const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize, int64_t numel,
+                               at::ScalarType dtype) {
   at::Tensor out = at::empty({numel}, packed.options().dtype(dtype));
   dequantize_nf4_out_cuda(packed, absmax, blocksize, numel, dtype, out);
   return out;
@@ -51,8 +51,8 @@ std::tuple<at::Tensor, at::Tensor> quantize_blockwise8_cuda(const at::Tensor& x,
   const at::Tensor xc = x.contiguous(), c = code.contiguous();
   at::Tensor q = at::empty({xc.numel()}, xc.options().dtype(at::kByte));
   at::Tensor absmax = at::empty({(xc.numel() + blocksize - 1) / blocksize}, xc.options());
-  cuda::quantize_blockwise8(xc.data_ptr<float>(), xc.numel(), c.data_ptr<float>(), blocksize,
-                            q.data_ptr<uint8_t>(), absmax.data_ptr<float>(), current_stream());
+  cuda::quantize_blockwise8(xc.data_ptr<float>(), xc.numel(), c.data_ptr<float>(), blocksize, q.data_ptr<uint8_t>(),
+                            absmax.data_ptr<float>(), current_stream());
   check_launch();
   return {q, absmax};
 }
@@ -63,8 +63,8 @@ at::Tensor dequantize_blockwise8_cuda(const at::Tensor& q, const at::Tensor& abs
   const c10::cuda::CUDAGuard guard(q.device());
   const at::Tensor qc = q.contiguous(), a = absmax.contiguous(), c = code.contiguous();
   at::Tensor out = at::empty({qc.numel()}, a.options());
-  cuda::dequantize_blockwise8(qc.data_ptr<uint8_t>(), a.data_ptr<float>(), c.data_ptr<float>(), qc.numel(),
-                              blocksize, out.data_ptr<float>(), current_stream());
+  cuda::dequantize_blockwise8(qc.data_ptr<uint8_t>(), a.data_ptr<float>(), c.data_ptr<float>(), qc.numel(), blocksize,
+                              out.data_ptr<float>(), current_stream());
   check_launch();
   return out;
 }

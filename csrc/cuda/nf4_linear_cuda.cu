@@ -41,8 +41,14 @@ static_assert(kRowsPerWarp * kMaxTokens <= kWarp, "each output of a warp is stor
 __device__ __forceinline__ void load8(const float* p, float (&v)[8]) {
   const float4 lo = *reinterpret_cast<const float4*>(p);
   const float4 hi = *reinterpret_cast<const float4*>(p + 4);
-  v[0] = lo.x; v[1] = lo.y; v[2] = lo.z; v[3] = lo.w;
-  v[4] = hi.x; v[5] = hi.y; v[6] = hi.z; v[7] = hi.w;
+  v[0] = lo.x;
+  v[1] = lo.y;
+  v[2] = lo.z;
+  v[3] = lo.w;
+  v[4] = hi.x;
+  v[5] = hi.y;
+  v[6] = hi.z;
+  v[7] = hi.w;
 }
 
 // Two 16-bit floats widened exactly to fp32.
@@ -82,9 +88,8 @@ __device__ __forceinline__ float warp_sum(float v) {
 template <typename T, int kTokens>
 __device__ __forceinline__ void accumulate_chunks(const T* __restrict__ x, const uint8_t* __restrict__ packed,
                                                   const float* __restrict__ absmax, int block_shift,
-                                                  const int64_t (&row)[kRowsPerWarp], int64_t cols,
-                                                  const float* lut, int lane,
-                                                  float (&acc)[kRowsPerWarp][kTokens]) {
+                                                  const int64_t (&row)[kRowsPerWarp], int64_t cols, const float* lut,
+                                                  int lane, float (&acc)[kRowsPerWarp][kTokens]) {
   const int64_t chunks = cols / kChunk;
   for (int64_t c = lane; c < chunks; c += kWarp) {
     uint4 bits[kRowsPerWarp];
@@ -180,8 +185,7 @@ __global__ void __launch_bounds__(kThreads, std::is_same_v<T, float> ? 2 : 0)
   __syncthreads();
 
   const int lane = threadIdx.x % kWarp;
-  const int64_t first_row =
-      (static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp) * kRowsPerWarp;
+  const int64_t first_row = (static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarp) * kRowsPerWarp;
   if (first_row >= rows) return;  // a whole warp leaves: the shuffles below keep all 32 lanes
   // A row past the end repeats the last row, which keeps the loops free of row checks; its sums
   // are not stored.
@@ -249,13 +253,13 @@ void launch(const Gemv& g, int64_t token0, int64_t groups, cudaStream_t stream) 
   // Every row then starts on a 16-byte boundary of packed and of x (cols / 2 bytes is a multiple
   // of 16), so each chunk is a single aligned vector load.
   if (g.cols % kChunk == 0 && aligned16(g.packed) && aligned16(x)) {
-    nf4_lowrank_gemv_kernel<T, kTokens, true><<<grid, kThreads, 0, stream>>>(
-        x, g.packed, g.absmax, g.blocksize, block_shift, g.rows, g.cols, lowrank_x, up, g.rank, g.scale, bias,
-        groups, y);
+    nf4_lowrank_gemv_kernel<T, kTokens, true><<<grid, kThreads, 0, stream>>>(x, g.packed, g.absmax, g.blocksize,
+                                                                             block_shift, g.rows, g.cols, lowrank_x, up,
+                                                                             g.rank, g.scale, bias, groups, y);
   } else {
-    nf4_lowrank_gemv_kernel<T, kTokens, false><<<grid, kThreads, 0, stream>>>(
-        x, g.packed, g.absmax, g.blocksize, block_shift, g.rows, g.cols, lowrank_x, up, g.rank, g.scale, bias,
-        groups, y);
+    nf4_lowrank_gemv_kernel<T, kTokens, false><<<grid, kThreads, 0, stream>>>(x, g.packed, g.absmax, g.blocksize,
+                                                                              block_shift, g.rows, g.cols, lowrank_x,
+                                                                              up, g.rank, g.scale, bias, groups, y);
   }
 }
 
@@ -276,10 +280,9 @@ static_assert(kMaxTokens == 8, "with_token_count covers the remainders 1..kMaxTo
 
 }  // namespace
 
-void nf4_lowrank_gemv(const void* x, FloatKind kind, const uint8_t* packed, const float* absmax,
-                      int64_t blocksize, int64_t tokens, int64_t rows, int64_t cols, const void* lowrank_x,
-                      const void* up, int64_t rank, float scale, const void* bias, void* y,
-                      cudaStream_t stream) {
+void nf4_lowrank_gemv(const void* x, FloatKind kind, const uint8_t* packed, const float* absmax, int64_t blocksize,
+                      int64_t tokens, int64_t rows, int64_t cols, const void* lowrank_x, const void* up, int64_t rank,
+                      float scale, const void* bias, void* y, cudaStream_t stream) {
   if (tokens == 0 || rows == 0) return;
   const Gemv g{x, packed, absmax, blocksize, rows, cols, lowrank_x, up, rank, scale, bias, y};
   // Whole groups of kMaxTokens in one launch, then at most one launch for the remaining tokens,
@@ -289,9 +292,8 @@ void nf4_lowrank_gemv(const void* x, FloatKind kind, const uint8_t* packed, cons
     using T = std::remove_pointer_t<decltype(tag)>;
     if (full_groups > 0) launch<T, kMaxTokens>(g, 0, full_groups, stream);
     if (rest > 0) {
-      with_token_count(rest, [&](auto count) {
-        launch<T, decltype(count)::value>(g, full_groups * kMaxTokens, 1, stream);
-      });
+      with_token_count(rest,
+                       [&](auto count) { launch<T, decltype(count)::value>(g, full_groups * kMaxTokens, 1, stream); });
     }
   });
 }

@@ -18,9 +18,8 @@ namespace lowrank_kernels::cuda {
 //   [ceil(rows * cols / blocksize)] fp32; blocksize a power of two in [32, 4096].
 // Any sizes work (tokens, rows, cols and rank may be 0). The vectorised path needs cols % 32 == 0
 // and 16-byte aligned packed and x; other inputs take a per-element path.
-void nf4_lowrank_gemv(const void* x, FloatKind kind, const uint8_t* packed, const float* absmax,
-                      int64_t blocksize, int64_t tokens, int64_t rows, int64_t cols, const void* lowrank_x,
-                      const void* up, int64_t rank, float scale, const void* bias, void* y,
-                      cudaStream_t stream);
+void nf4_lowrank_gemv(const void* x, FloatKind kind, const uint8_t* packed, const float* absmax, int64_t blocksize,
+                      int64_t tokens, int64_t rows, int64_t cols, const void* lowrank_x, const void* up, int64_t rank,
+                      float scale, const void* bias, void* y, cudaStream_t stream);
 
 }  // namespace lowrank_kernels::cuda

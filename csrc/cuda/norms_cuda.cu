@@ -129,8 +129,10 @@ void row_col_sq_norms(const void* w, FloatKind kind, int64_t batch, int64_t m, i
     norms_tile_kernel<T><<<static_cast<unsigned>(batch * row_blocks * col_blocks), kThreads, 0, stream>>>(
         static_cast<const T*>(w), m, n, row_blocks, col_blocks, row_out, col_out);
   });
-  if (col_blocks > 1) sum_parts_kernel<<<grid_for(batch * m, kThreads), kThreads, 0, stream>>>(row_partial, batch, col_blocks, m, rows);
-  if (row_blocks > 1) sum_parts_kernel<<<grid_for(batch * n, kThreads), kThreads, 0, stream>>>(col_partial, batch, row_blocks, n, cols);
+  if (col_blocks > 1)
+    sum_parts_kernel<<<grid_for(batch * m, kThreads), kThreads, 0, stream>>>(row_partial, batch, col_blocks, m, rows);
+  if (row_blocks > 1)
+    sum_parts_kernel<<<grid_for(batch * n, kThreads), kThreads, 0, stream>>>(col_partial, batch, row_blocks, n, cols);
 }
 
 }  // namespace lowrank_kernels::cuda

@@ -9,6 +9,7 @@
 * `init_factors` / `INITS`: init name -> PiSSA split.
 * PEFT bridge (optional extra `peft`): `init_peft_adapters`, `use_fused_forward`, `pissa_to_lora`.
 """
+
 from lowrank_kernels.adapters.checkpoint import CheckpointError, load_converted, read_converted, save_converted
 from lowrank_kernels.adapters.convert import ConversionReport, LayerReport, convert_model, merge_model
 from lowrank_kernels.adapters.inits import INITS, init_factors

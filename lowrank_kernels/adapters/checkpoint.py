@@ -6,6 +6,7 @@ Loading checks the format and version, the checksum (so flipped or truncated dat
 caught, not only broken headers), the key set and every shape and dtype against the config, and
 the config against the model, all before the model is touched; the round trip is bit-exact.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -29,8 +30,18 @@ INDEX_NAME = "adapters.safetensors.index.json"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _NF4_KEYS = ("residual_packed", "residual_absmax")
 _DOUBLE_QUANT_KEYS = ("residual_offset", "residual_absmax2", "residual_code2")
-_CONFIG_KEYS = {"in_features", "out_features", "rank", "scale", "init", "quantize", "blocksize", "double_quant",
-                "dtype", "bias"}
+_CONFIG_KEYS = {
+    "in_features",
+    "out_features",
+    "rank",
+    "scale",
+    "init",
+    "quantize",
+    "blocksize",
+    "double_quant",
+    "dtype",
+    "bias",
+}
 
 
 class CheckpointError(ValueError):
@@ -44,6 +55,7 @@ def _prefix(name: str) -> str:
 
 # ---- save ---------------------------------------------------------------------------------------------
 
+
 def save_converted(model: nn.Module, path: str | os.PathLike) -> None:
     """Writes every `PiSSALinear` of ``model`` (tensors as in its ``state_dict``, moved to CPU)
     with its config to one safetensors file."""
@@ -52,11 +64,18 @@ def save_converted(model: nn.Module, path: str | os.PathLike) -> None:
     layers = {name: m for name, m in model.named_modules() if isinstance(m, PiSSALinear)}
     if not layers:
         raise ValueError("model has no PiSSALinear layers: convert it first (convert_model)")
-    tensors = {_prefix(name) + key: t.detach().to("cpu").contiguous()
-               for name, m in layers.items() for key, t in m.state_dict().items()}
+    tensors = {
+        _prefix(name) + key: t.detach().to("cpu").contiguous()
+        for name, m in layers.items()
+        for key, t in m.state_dict().items()
+    }
     configs = json.dumps({name: _layer_config(m) for name, m in layers.items()}, sort_keys=True)
-    metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "layers": configs,
-                "sha256": _digest(tensors, configs)}
+    metadata = {
+        "format": FORMAT,
+        "format_version": str(FORMAT_VERSION),
+        "layers": configs,
+        "sha256": _digest(tensors, configs),
+    }
     save_file(tensors, os.fspath(path), metadata=metadata)
     _sort_metadata(os.fspath(path))
 
@@ -84,9 +103,18 @@ def _sort_metadata(path: str) -> None:
 
 
 def _layer_config(m: PiSSALinear) -> dict[str, Any]:
-    return {"in_features": m.in_features, "out_features": m.out_features, "rank": m.rank, "scale": m.scale,
-            "init": m.init, "quantize": m.quantize, "blocksize": m.blocksize,
-            "double_quant": m.double_quant, "dtype": str(m.dtype).removeprefix("torch."), "bias": m.bias is not None}
+    return {
+        "in_features": m.in_features,
+        "out_features": m.out_features,
+        "rank": m.rank,
+        "scale": m.scale,
+        "init": m.init,
+        "quantize": m.quantize,
+        "blocksize": m.blocksize,
+        "double_quant": m.double_quant,
+        "dtype": str(m.dtype).removeprefix("torch."),
+        "bias": m.bias is not None,
+    }
 
 
 def _digest(tensors: dict[str, torch.Tensor], configs: str) -> str:
@@ -101,6 +129,7 @@ def _digest(tensors: dict[str, torch.Tensor], configs: str) -> str:
 
 
 # ---- load ---------------------------------------------------------------------------------------------
+
 
 def read_converted(path: str | os.PathLike) -> dict[str, PiSSALinear]:
     """The checked `PiSSALinear` layers of a checkpoint, by module name (on CPU): one file, or a
@@ -126,8 +155,9 @@ def _read_sharded(path: str) -> dict[str, PiSSALinear]:
             index = json.load(f)
         weight_map, metadata = index["weight_map"], index["metadata"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"{path!r}: cannot read the checkpoint index {INDEX_NAME} ({type(exc).__name__}: {exc})") \
-            from exc
+        raise CheckpointError(
+            f"{path!r}: cannot read the checkpoint index {INDEX_NAME} ({type(exc).__name__}: {exc})"
+        ) from exc
     if metadata.get("format") != FORMAT or metadata.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{index_path!r} is not a lowrank_kernels adapter index of version {FORMAT_VERSION}")
     layers: dict[str, PiSSALinear] = {}
@@ -177,10 +207,14 @@ def _read(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"cannot read adapter checkpoint {path!r} (truncated or corrupted?): {exc}") from exc
     if metadata.get("format") != FORMAT:
-        raise CheckpointError(f"{path!r} is not a lowrank_kernels adapter checkpoint (format {metadata.get('format')!r})")
+        raise CheckpointError(
+            f"{path!r} is not a lowrank_kernels adapter checkpoint (format {metadata.get('format')!r})"
+        )
     if metadata.get("format_version") != str(FORMAT_VERSION):
-        raise CheckpointError(f"{path!r} has adapter checkpoint format version {metadata.get('format_version')!r}; "
-                              f"this library reads version {FORMAT_VERSION}")
+        raise CheckpointError(
+            f"{path!r} has adapter checkpoint format version {metadata.get('format_version')!r}; "
+            f"this library reads version {FORMAT_VERSION}"
+        )
     return tensors, metadata
 
 
@@ -203,8 +237,11 @@ def _check_config(config: Any) -> None:
     if not isinstance(config, dict) or set(config) != _CONFIG_KEYS:
         raise ValueError(f"a layer config has exactly the keys {sorted(_CONFIG_KEYS)}")
     _options(config)  # rank, init, scale, quantize, blocksize, double_quant
-    if config["dtype"] not in _DTYPES or not isinstance(config["bias"], bool) or not all(
-            is_int(config[k]) and config[k] >= 1 for k in ("in_features", "out_features")):
+    if (
+        config["dtype"] not in _DTYPES
+        or not isinstance(config["bias"], bool)
+        or not all(is_int(config[k]) and config[k] >= 1 for k in ("in_features", "out_features"))
+    ):
         raise ValueError("dtype must be one of float32, bfloat16, float16; bias a bool; features ints >= 1")
     if config["quantize"] is None and config["blocksize"] is not None:
         raise ValueError("a dense layer has blocksize None")
@@ -212,8 +249,9 @@ def _check_config(config: Any) -> None:
 
 def _options(config: dict[str, Any]) -> AdapterOptions:
     blocksize = config["blocksize"] if config["quantize"] else 64  # a dense layer has none (None)
-    return AdapterOptions(config["rank"], config["init"], config["scale"], config["quantize"], 1, blocksize,
-                          config["double_quant"])
+    return AdapterOptions(
+        config["rank"], config["init"], config["scale"], config["quantize"], 1, blocksize, config["double_quant"]
+    )
 
 
 def _expected_keys(config: dict[str, Any]) -> list[str]:
@@ -227,8 +265,9 @@ def _check_keys(tensors: dict[str, torch.Tensor], configs: dict[str, dict[str, A
     expected = {_prefix(name) + key for name, config in configs.items() for key in _expected_keys(config)}
     missing, unexpected = sorted(expected - tensors.keys()), sorted(tensors.keys() - expected)
     if missing or unexpected:
-        raise CheckpointError(f"checkpoint tensors do not match its layer configs: missing {missing[:8]}, "
-                              f"unexpected {unexpected[:8]}")
+        raise CheckpointError(
+            f"checkpoint tensors do not match its layer configs: missing {missing[:8]}, unexpected {unexpected[:8]}"
+        )
 
 
 def _build_layer(name: str, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> PiSSALinear:
@@ -240,17 +279,27 @@ def _build_layer(name: str, config: dict[str, Any], tensors: dict[str, torch.Ten
     for key in _expected_keys(config):
         t = get(key)
         if key in shapes and (tuple(t.shape) != shapes[key] or t.dtype != dtype):
-            raise CheckpointError(f"layer {name!r}: tensor {key} has shape {tuple(t.shape)} and dtype {t.dtype}, "
-                                  f"its config {config} needs {shapes[key]} {dtype}")
+            raise CheckpointError(
+                f"layer {name!r}: tensor {key} has shape {tuple(t.shape)} and dtype {t.dtype}, "
+                f"its config {config} needs {shapes[key]} {dtype}"
+            )
     try:
         if config["quantize"] is None:
             residual = get("residual")
         else:
-            fields = {key.removeprefix("residual_"): get(key)
-                      for key in _NF4_KEYS + (_DOUBLE_QUANT_KEYS if config["double_quant"] else ())}
+            fields = {
+                key.removeprefix("residual_"): get(key)
+                for key in _NF4_KEYS + (_DOUBLE_QUANT_KEYS if config["double_quant"] else ())
+            }
             residual = NF4Weight(shape=torch.Size((out_f, in_f)), dtype=dtype, blocksize=config["blocksize"], **fields)
-        return PiSSALinear(residual, get("A"), get("B"), get("bias") if config["bias"] else None,
-                           scale=config["scale"], init=config["init"])
+        return PiSSALinear(
+            residual,
+            get("A"),
+            get("B"),
+            get("bias") if config["bias"] else None,
+            scale=config["scale"],
+            init=config["init"],
+        )
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"layer {name!r}: {exc}") from exc
 
@@ -267,16 +316,25 @@ def _check_target(model: nn.Module, name: str, layer: PiSSALinear) -> nn.Module:
         have = _layer_config(target)
         differ = {k: (have[k], want[k]) for k in want if k != "init" and have[k] != want[k]}
         if differ:
-            raise CheckpointError(f"layer {name!r}: the model's PiSSALinear differs from the checkpoint's in "
-                                  + ", ".join(f"{k} (model {a!r}, checkpoint {b!r})" for k, (a, b) in differ.items()))
+            raise CheckpointError(
+                f"layer {name!r}: the model's PiSSALinear differs from the checkpoint's in "
+                + ", ".join(f"{k} (model {a!r}, checkpoint {b!r})" for k, (a, b) in differ.items())
+            )
         return target
     if isinstance(target, nn.Linear):
-        have = {"in_features": target.in_features, "out_features": target.out_features,
-                "dtype": str(target.weight.dtype).removeprefix("torch."), "bias": target.bias is not None}
+        have = {
+            "in_features": target.in_features,
+            "out_features": target.out_features,
+            "dtype": str(target.weight.dtype).removeprefix("torch."),
+            "bias": target.bias is not None,
+        }
         differ = {k: (v, want[k]) for k, v in have.items() if v != want[k]}
         if differ:
-            raise CheckpointError(f"layer {name!r}: the model's nn.Linear does not fit the checkpoint: "
-                                  + ", ".join(f"{k} (model {a!r}, checkpoint {b!r})" for k, (a, b) in differ.items()))
+            raise CheckpointError(
+                f"layer {name!r}: the model's nn.Linear does not fit the checkpoint: "
+                + ", ".join(f"{k} (model {a!r}, checkpoint {b!r})" for k, (a, b) in differ.items())
+            )
         return target
-    raise CheckpointError(f"layer {name!r}: the model's module is a {type(target).__name__}, "
-                          f"not an nn.Linear or PiSSALinear")
+    raise CheckpointError(
+        f"layer {name!r}: the model's module is a {type(target).__name__}, not an nn.Linear or PiSSALinear"
+    )

@@ -5,6 +5,7 @@ each with its own generator seeded from (seed, layer name): a layer's adapter do
 which other layers are converted with it, or in which process. Everything that can be checked
 is checked before the model is modified.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -68,12 +69,24 @@ class ConversionReport:
 
     def __str__(self) -> str:
         headers = ["layer", "shape", "rank", "init", "residual", "recon err", "err reduction", "seconds"]
-        rows = [[layer.name, "x".join(map(str, layer.shape)), str(layer.rank), layer.init, layer.quantize or "dense",
-                 _fmt(layer.recon_error, "{:.2e}"), _fmt(layer.error_reduction, "{:.1%}"), f"{layer.seconds:.3f}"]
-                for layer in self.layers]
+        rows = [
+            [
+                layer.name,
+                "x".join(map(str, layer.shape)),
+                str(layer.rank),
+                layer.init,
+                layer.quantize or "dense",
+                _fmt(layer.recon_error, "{:.2e}"),
+                _fmt(layer.error_reduction, "{:.1%}"),
+                f"{layer.seconds:.3f}",
+            ]
+            for layer in self.layers
+        ]
         widths = [max(len(row[i]) for row in [headers, *rows]) for i in range(len(headers))]
-        lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
-                 for row in [headers, ["-" * w for w in widths], *rows]]
+        lines = [
+            "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+            for row in [headers, ["-" * w for w in widths], *rows]
+        ]
         reductions = [layer.error_reduction for layer in self.layers if layer.error_reduction is not None]
         summary = f"{len(self.layers)} layers converted in {self.seconds:.2f} s (metrics {self.metric_seconds:.2f} s)"
         if reductions:
@@ -86,6 +99,7 @@ def _fmt(value: float | None, spec: str) -> str:
 
 
 # ---- target selection ------------------------------------------------------------------------------
+
 
 def find_targets(model: nn.Module, target_modules: str | Sequence[str]) -> list[tuple[str, nn.Linear]]:
     """The ``nn.Linear`` submodules to convert, in model order (see `select_targets`)."""
@@ -107,13 +121,17 @@ def select_targets(linears: Sequence[str], target_modules: str | Sequence[str]) 
         suffixes = tuple(target_modules)
         matches = lambda name: any(name == s or name.endswith("." + s) for s in suffixes)  # noqa: E731
     else:
-        raise TypeError(f"target_modules must be a regex string or a non-empty list of module names / suffixes, "
-                        f"got {target_modules!r}")
+        raise TypeError(
+            f"target_modules must be a regex string or a non-empty list of module names / suffixes, "
+            f"got {target_modules!r}"
+        )
     targets = [name for name in linears if matches(name)]
     if not targets:
         sample = ", ".join(linears[:6]) or "none"
-        raise ValueError(f"target_modules {target_modules!r} matches no nn.Linear of the model "
-                         f"({len(linears)} linear layers, e.g. {sample})")
+        raise ValueError(
+            f"target_modules {target_modules!r} matches no nn.Linear of the model "
+            f"({len(linears)} linear layers, e.g. {sample})"
+        )
     return targets
 
 
@@ -126,10 +144,24 @@ def layer_generator(seed: int, name: str) -> torch.Generator:
 
 # ---- conversion ----------------------------------------------------------------------------------------
 
-def convert_model(model: nn.Module, *, target_modules: str | Sequence[str], rank: int, init: str = "rsvd",
-                  scale: float = 1.0, quantize: str | None = None, quant_iters: int = 1, blocksize: int = 64,
-                  double_quant: bool = False, seed: int = 0, progress: bool = True, metrics: bool = True,
-                  freeze_base: bool = True, **init_options) -> ConversionReport:
+
+def convert_model(
+    model: nn.Module,
+    *,
+    target_modules: str | Sequence[str],
+    rank: int,
+    init: str = "rsvd",
+    scale: float = 1.0,
+    quantize: str | None = None,
+    quant_iters: int = 1,
+    blocksize: int = 64,
+    double_quant: bool = False,
+    seed: int = 0,
+    progress: bool = True,
+    metrics: bool = True,
+    freeze_base: bool = True,
+    **init_options,
+) -> ConversionReport:
     """Replaces every ``nn.Linear`` of ``model`` matched by ``target_modules`` with a
     `PiSSALinear` of the given rank, init, scale and residual storage (see
     `PiSSALinear.from_linear`; ``init_options`` go to the init), in place.
@@ -171,7 +203,9 @@ def convert_model(model: nn.Module, *, target_modules: str | Sequence[str], rank
             seconds = (time.perf_counter() - t2 + t1 - t0) / len(group)
             metric_seconds += t2 - t1
             for (name, linear), (recon, reduction) in zip(group, errors):
-                reports[name] = LayerReport(name, tuple(linear.weight.shape), rank, init, quantize, seconds, recon, reduction)
+                reports[name] = LayerReport(
+                    name, tuple(linear.weight.shape), rank, init, quantize, seconds, recon, reduction
+                )
             bar.update(len(group))
     if freeze_base:
         freeze_all_but_adapters(model)

@@ -11,6 +11,7 @@ with the same intra-op thread count. (The exact-SVD based inits, "svd" and "rand
 differently with another number of LAPACK threads; torchrun starts its workers with
 ``OMP_NUM_THREADS=1``.)
 """
+
 from __future__ import annotations
 
 import re
@@ -54,9 +55,15 @@ def balance(costs: Sequence[int], world_size: int) -> list[int]:
     return owner
 
 
-def convert_model_distributed(model: nn.Module, *, target_modules: str | Sequence[str], group=None,
-                              progress: bool = True, freeze_base: bool = True,
-                              **convert_options) -> ConversionReport | None:
+def convert_model_distributed(
+    model: nn.Module,
+    *,
+    target_modules: str | Sequence[str],
+    group=None,
+    progress: bool = True,
+    freeze_base: bool = True,
+    **convert_options,
+) -> ConversionReport | None:
     """`convert_model` across the ranks of ``group`` (default: the world). Call it on every rank
     with the same model and arguments (``convert_options``: `convert_model`'s rank, init, scale,
     quantize, quant_iters, blocksize, double_quant, seed, metrics and init options) after
@@ -71,8 +78,10 @@ def convert_model_distributed(model: nn.Module, *, target_modules: str | Sequenc
     others a RuntimeError naming it), and rank 0's own shard may be left converted.
     """
     if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError("convert_model_distributed needs an initialised torch.distributed process group "
-                           "(torch.distributed.init_process_group, e.g. under torchrun)")
+        raise RuntimeError(
+            "convert_model_distributed needs an initialised torch.distributed process group "
+            "(torch.distributed.init_process_group, e.g. under torchrun)"
+        )
     start = time.perf_counter()
     rank, world_size = dist.get_rank(group), dist.get_world_size(group)
     targets = find_targets(model, target_modules)
@@ -81,8 +90,13 @@ def convert_model_distributed(model: nn.Module, *, target_modules: str | Sequenc
     try:
         report = None
         if shard:  # exact names: a full-match regex, so no other module can match by suffix
-            report = convert_model(model, target_modules="|".join(map(re.escape, shard)), freeze_base=False,
-                                   progress=progress and rank == 0, **convert_options)
+            report = convert_model(
+                model,
+                target_modules="|".join(map(re.escape, shard)),
+                freeze_base=False,
+                progress=progress and rank == 0,
+                **convert_options,
+            )
         outcome: BaseException | None = None
     except Exception as exc:  # reported to every rank below, so that none waits for a gather forever
         outcome = exc
@@ -103,8 +117,9 @@ def convert_model_distributed(model: nn.Module, *, target_modules: str | Sequenc
             options = report_k.options
     if freeze_base:
         freeze_all_but_adapters(model)
-    return ConversionReport([reports[name] for name, _ in targets], options, time.perf_counter() - start,
-                            metric_seconds)
+    return ConversionReport(
+        [reports[name] for name, _ in targets], options, time.perf_counter() - start, metric_seconds
+    )
 
 
 def _raise_if_any_failed(outcome: BaseException | None, rank: int, world_size: int, group) -> None:

@@ -1,5 +1,6 @@
 """One entry point from an init name to a PiSSA split, shared by PiSSALinear, convert_model and
 the PEFT bridge, so every adapter path accepts the same names with the same meaning."""
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -36,11 +37,11 @@ def _cur(W: torch.Tensor, rank: int, **options) -> PiSSAFactors:
 
 #: init name -> function(W [..., m, n], rank, **options) -> PiSSAFactors (A [..., m, r], B [..., r, n], W_res).
 INITS: dict[str, Callable[..., PiSSAFactors]] = {
-    "svd": _exact_svd,                           # exact truncated SVD (PiSSA paper)
-    "rsvd": decompose.pissa_factors,             # randomized SVD (fast PiSSA)
-    "cur": _cur,                                 # CURA: norm-proportional CUR (core C⁺WR⁺)
-    "robust": _robust,                           # Robust PiSSA: Huber / ℓ1 low-rank factorization
-    "random": decompose.random_pissa_factors,    # Random PiSSA: principal + random minor components
+    "svd": _exact_svd,  # exact truncated SVD (PiSSA paper)
+    "rsvd": decompose.pissa_factors,  # randomized SVD (fast PiSSA)
+    "cur": _cur,  # CURA: norm-proportional CUR (core C⁺WR⁺)
+    "robust": _robust,  # Robust PiSSA: Huber / ℓ1 low-rank factorization
+    "random": decompose.random_pissa_factors,  # Random PiSSA: principal + random minor components
 }
 
 

@@ -12,6 +12,7 @@ so that ``s · lora_B.weight @ lora_A.weight = A B``, exactly as PEFT's own ``pi
 singular values by ``s``. peft is an optional dependency (``pip install lowrank_kernels[peft]``),
 imported on first use.
 """
+
 from __future__ import annotations
 
 import copy
@@ -36,15 +37,18 @@ def _peft():
     try:
         import peft
     except ImportError as error:
-        raise ImportError("the PEFT bridge needs the optional dependency peft: "
-                          "pip install 'lowrank_kernels[peft]'") from error
+        raise ImportError(
+            "the PEFT bridge needs the optional dependency peft: pip install 'lowrank_kernels[peft]'"
+        ) from error
     return peft
 
 
 def _check_peft_model(peft_model: Any) -> None:
     if not isinstance(peft_model, _peft().PeftModel):
-        raise TypeError("peft_model must be a peft.PeftModel with LoRA adapters "
-                        f"(peft.get_peft_model(model, LoraConfig(...))), got {type(peft_model).__name__}")
+        raise TypeError(
+            "peft_model must be a peft.PeftModel with LoRA adapters "
+            f"(peft.get_peft_model(model, LoraConfig(...))), got {type(peft_model).__name__}"
+        )
 
 
 def _lora_config(peft_model: Any, adapter_name: str):
@@ -52,8 +56,10 @@ def _lora_config(peft_model: Any, adapter_name: str):
     or has no such adapter."""
     _check_peft_model(peft_model)
     if adapter_name not in peft_model.peft_config:
-        raise ValueError(f"adapter_name {adapter_name!r} is not an adapter of this model; "
-                         f"its adapters are {sorted(peft_model.peft_config)}")
+        raise ValueError(
+            f"adapter_name {adapter_name!r} is not an adapter of this model; "
+            f"its adapters are {sorted(peft_model.peft_config)}"
+        )
     config = peft_model.peft_config[adapter_name]
     if config.peft_type != _peft().PeftType.LORA:
         raise TypeError(f"adapter {adapter_name!r} is a {config.peft_type.value} adapter, not LoRA")
@@ -64,11 +70,15 @@ def _lora_layers(peft_model: Any, adapter_name: str | None = None) -> dict[str, 
     """Every LoRA layer of the model (name -> layer), or only those carrying ``adapter_name``."""
     from peft.tuners.lora import LoraLayer
 
-    return {name: module for name, module in peft_model.named_modules()
-            if isinstance(module, LoraLayer) and (adapter_name is None or adapter_name in module.r)}
+    return {
+        name: module
+        for name, module in peft_model.named_modules()
+        if isinstance(module, LoraLayer) and (adapter_name is None or adapter_name in module.r)
+    }
 
 
 # ---- init_peft_adapters ------------------------------------------------------------------------------
+
 
 @dataclasses.dataclass(frozen=True)
 class LayerInit:
@@ -91,8 +101,9 @@ class LayerInit:
     batch: int
 
 
-def init_peft_adapters(peft_model: Any, init: str = "rsvd", adapter_name: str = "default", *, seed: int = 0,
-                       **options) -> list[LayerInit]:
+def init_peft_adapters(
+    peft_model: Any, init: str = "rsvd", adapter_name: str = "default", *, seed: int = 0, **options
+) -> list[LayerInit]:
     """Initialise adapter ``adapter_name`` of a PEFT LoRA model with our PiSSA-family split.
 
     For every LoRA Linear (or Conv1D, ``fan_in_fan_out``) layer carrying the adapter, the layer's
@@ -142,30 +153,40 @@ def _check_init_layer(name: str, layer, adapter_name: str) -> None:
 
     base = layer.get_base_layer()
     if not isinstance(layer, Linear) or not isinstance(getattr(base, "weight", None), torch.Tensor):
-        raise ValueError(f"{name}: init_peft_adapters handles LoRA Linear layers (nn.Linear or Conv1D base), "
-                         f"got {type(layer).__name__} over {type(base).__name__}")
+        raise ValueError(
+            f"{name}: init_peft_adapters handles LoRA Linear layers (nn.Linear or Conv1D base), "
+            f"got {type(layer).__name__} over {type(base).__name__}"
+        )
     W = _base_weight(layer)
     if W.dtype not in FLOAT_DTYPES or tuple(W.shape) != (layer.out_features, layer.in_features):
-        raise TypeError(f"{name}: the base weight must be a float32/bfloat16/float16 [out, in] = "
-                        f"[{layer.out_features}, {layer.in_features}] matrix (initialise before quantizing), "
-                        f"got {describe(W)}")
+        raise TypeError(
+            f"{name}: the base weight must be a float32/bfloat16/float16 [out, in] = "
+            f"[{layer.out_features}, {layer.in_features}] matrix (initialise before quantizing), "
+            f"got {describe(W)}"
+        )
     others = sorted(set(layer.r) - {adapter_name})
     if others:
-        raise ValueError(f"{name}: also holds adapters {others}; their outputs would change with the base weight "
-                         f"that init_peft_adapters rewrites for {adapter_name!r}")
+        raise ValueError(
+            f"{name}: also holds adapters {others}; their outputs would change with the base weight "
+            f"that init_peft_adapters rewrites for {adapter_name!r}"
+        )
     if layer.merged:
         raise ValueError(f"{name}: adapter is merged into the base weight; call unmerge_adapter() first")
     if adapter_name in layer.lora_variant:
-        raise ValueError(f"{name}: adapter {adapter_name!r} uses the LoRA variant "
-                         f"{type(layer.lora_variant[adapter_name]).__name__} (e.g. DoRA), which PiSSA inits do not "
-                         "cover")
+        raise ValueError(
+            f"{name}: adapter {adapter_name!r} uses the LoRA variant "
+            f"{type(layer.lora_variant[adapter_name]).__name__} (e.g. DoRA), which PiSSA inits do not "
+            "cover"
+        )
     rank, scale = layer.r[adapter_name], layer.scaling[adapter_name]
     if rank > min(W.shape):
-        raise ValueError(f"{name}: adapter rank r={rank} exceeds min(out, in) = {min(W.shape)} of its weight "
-                         f"{describe(W)}")
+        raise ValueError(
+            f"{name}: adapter rank r={rank} exceeds min(out, in) = {min(W.shape)} of its weight {describe(W)}"
+        )
     if not (math.isfinite(scale) and scale > 0):
-        raise ValueError(f"{name}: PEFT scaling lora_alpha/r = {scale} must be positive and finite "
-                         "(the adapter holds A/√s and B/√s)")
+        raise ValueError(
+            f"{name}: PEFT scaling lora_alpha/r = {scale} must be positive and finite (the adapter holds A/√s and B/√s)"
+        )
     if not torch.isfinite(W).all():
         raise ValueError(f"{name}: the base weight {describe(W)} holds NaN or Inf")
 
@@ -188,8 +209,9 @@ def _effective_weight(layer, adapter_name: str) -> torch.Tensor:
     return (W.float() + layer.scaling[adapter_name] * delta).to(W.dtype)
 
 
-def _init_batch(layers: dict[str, Any], adapter_name: str, rank: int, init: str, seed: int,
-                options: dict) -> dict[str, LayerInit]:
+def _init_batch(
+    layers: dict[str, Any], adapter_name: str, rank: int, init: str, seed: int, options: dict
+) -> dict[str, LayerInit]:
     """Splits the same-shape ``layers`` as one batch ``[b, out, in]`` and writes the results."""
     W = torch.stack([_effective_weight(layer, adapter_name) for layer in layers.values()])
     start = time.perf_counter()
@@ -218,8 +240,9 @@ def _write_split(layer, adapter_name: str, A: torch.Tensor, B: torch.Tensor, W_r
 def _split_errors(layer, adapter_name: str, W: torch.Tensor) -> tuple[float, float]:
     """(approx_error, reconstruction_error) of `LayerInit` from the stored tensors, in fp32."""
     W = W.float()
-    principal = layer.scaling[adapter_name] * (layer.lora_B[adapter_name].weight.float()
-                                               @ layer.lora_A[adapter_name].weight.float())
+    principal = layer.scaling[adapter_name] * (
+        layer.lora_B[adapter_name].weight.float() @ layer.lora_A[adapter_name].weight.float()
+    )
     norm = torch.linalg.matrix_norm(W).clamp(min=torch.finfo(torch.float32).tiny)
     approx = torch.linalg.matrix_norm(W - principal) / norm
     reconstruction = torch.linalg.matrix_norm(W - principal - _base_weight(layer).float()) / norm
@@ -227,6 +250,7 @@ def _split_errors(layer, adapter_name: str, W: torch.Tensor) -> tuple[float, flo
 
 
 # ---- use_fused_forward ---------------------------------------------------------------------------------
+
 
 def use_fused_forward(peft_model: Any, enable: bool = True) -> dict[str, str]:
     """Route the forward of the model's LoRA Linear layers through `fused_pissa_linear`
@@ -261,8 +285,10 @@ def use_fused_forward(peft_model: Any, enable: bool = True) -> dict[str, str]:
         fallback = _state_fallback(layer)
         report[name] = "fused" if fallback is None else f"fused (now PEFT's forward: {fallback})"
     if enable and not any(status.startswith("fused") for status in report.values()):
-        raise ValueError("use_fused_forward: no LoRA layer of this model can use the fused forward: "
-                         + ("; ".join(f"{name}: {status}" for name, status in report.items()) or "it has none"))
+        raise ValueError(
+            "use_fused_forward: no LoRA layer of this model can use the fused forward: "
+            + ("; ".join(f"{name}: {status}" for name, status in report.items()) or "it has none")
+        )
     return report
 
 
@@ -328,14 +354,27 @@ def _fused_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Te
         return type(self).forward(self, x, *args, **kwargs)
     adapter = next(name for name in self.active_adapters if name in self.lora_A)
     base = self.get_base_layer()
-    return fused_pissa_linear(x, base.weight, self.lora_B[adapter].weight, self.lora_A[adapter].weight,
-                              base.bias, float(self.scaling[adapter]))
+    return fused_pissa_linear(
+        x,
+        base.weight,
+        self.lora_B[adapter].weight,
+        self.lora_A[adapter].weight,
+        base.bias,
+        float(self.scaling[adapter]),
+    )
 
 
 # ---- pissa_to_lora ----------------------------------------------------------------------------------
 
-def pissa_to_lora(trained: Any, initial: Mapping[str, torch.Tensor] | str | os.PathLike, output_dir=None, *,
-                  adapter_name: str = "default", config: Any = None) -> tuple[dict[str, torch.Tensor], Any]:
+
+def pissa_to_lora(
+    trained: Any,
+    initial: Mapping[str, torch.Tensor] | str | os.PathLike,
+    output_dir=None,
+    *,
+    adapter_name: str = "default",
+    config: Any = None,
+) -> tuple[dict[str, torch.Tensor], Any]:
     """Convert a trained PiSSA adapter into a plain LoRA adapter of rank 2r for the ORIGINAL
     (un-residualised) model, as PEFT's ``save_pretrained(path_initial_model_for_weight_conversion=...)``
     does: with ``B_0, A_0`` the adapter at init and ``B_t, A_t`` after training (PEFT names),
@@ -365,11 +404,14 @@ def pissa_to_lora(trained: Any, initial: Mapping[str, torch.Tensor] | str | os.P
         config = _lora_config(trained, adapter_name)
         trained = peft.get_peft_model_state_dict(trained, adapter_name=adapter_name)
     elif not isinstance(trained, Mapping) or not isinstance(config, peft.LoraConfig):
-        raise TypeError("trained must be a peft.PeftModel, or an adapter state dict passed with its "
-                        f"config=LoraConfig(...); got {type(trained).__name__} and config {type(config).__name__}")
+        raise TypeError(
+            "trained must be a peft.PeftModel, or an adapter state dict passed with its "
+            f"config=LoraConfig(...); got {type(trained).__name__} and config {type(config).__name__}"
+        )
     if config.use_dora or config.lora_bias:
-        raise ValueError("pissa_to_lora converts plain LoRA factors; DoRA magnitudes and lora_bias have no "
-                         "rank-2r LoRA equivalent")
+        raise ValueError(
+            "pissa_to_lora converts plain LoRA factors; DoRA magnitudes and lora_bias have no rank-2r LoRA equivalent"
+        )
     initial = _initial_state(initial)
     _check_same_adapter(trained, initial)
     state = {key: _converted(key, value, initial) for key, value in trained.items()}
@@ -387,8 +429,10 @@ def _initial_state(initial) -> Mapping[str, torch.Tensor]:
 
         path = os.path.join(initial, SAFETENSORS_WEIGHTS_NAME)
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"initial: no {SAFETENSORS_WEIGHTS_NAME} in {os.fspath(initial)!r} "
-                                    "(save the initial adapter with save_pretrained(..., safe_serialization=True))")
+            raise FileNotFoundError(
+                f"initial: no {SAFETENSORS_WEIGHTS_NAME} in {os.fspath(initial)!r} "
+                "(save the initial adapter with save_pretrained(..., safe_serialization=True))"
+            )
         from safetensors.torch import load_file
 
         return load_file(path)
@@ -403,12 +447,16 @@ def _check_same_adapter(trained: Mapping, initial: Mapping) -> None:
     """Both hold the same LoRA factors with the same shapes, and no adapter tensor we cannot convert."""
     for key in trained:
         if not _is_factor(key) and any(part.startswith("lora_") for part in key.split(".")):
-            raise ValueError(f"cannot convert {key!r}: only lora_A / lora_B weights of Linear layers "
-                             "(embedding adapters, DoRA magnitudes and LoRA biases have no converted form)")
+            raise ValueError(
+                f"cannot convert {key!r}: only lora_A / lora_B weights of Linear layers "
+                "(embedding adapters, DoRA magnitudes and LoRA biases have no converted form)"
+            )
     mine, theirs = {k for k in trained if _is_factor(k)}, {k for k in initial if _is_factor(k)}
     if mine != theirs:
-        raise ValueError("initial and trained adapters differ in their LoRA weights: only trained "
-                         f"{sorted(mine - theirs)[:3]}, only initial {sorted(theirs - mine)[:3]}")
+        raise ValueError(
+            "initial and trained adapters differ in their LoRA weights: only trained "
+            f"{sorted(mine - theirs)[:3]}, only initial {sorted(theirs - mine)[:3]}"
+        )
     for key in filter(_is_factor, trained):  # in module order, so the first bad layer is named
         if trained[key].shape != initial[key].shape:
             raise ValueError(f"{key}: trained {describe(trained[key])} but initial {describe(initial[key])}")
@@ -441,5 +489,8 @@ def _save_adapter(output_dir, state: dict[str, torch.Tensor], config) -> None:
     from safetensors.torch import save_file
 
     config.save_pretrained(output_dir)  # makes the directory; writes adapter_config.json
-    save_file({key: value.contiguous() for key, value in state.items()},
-              os.path.join(output_dir, SAFETENSORS_WEIGHTS_NAME), metadata={"format": "pt"})
+    save_file(
+        {key: value.contiguous() for key, value in state.items()},
+        os.path.join(output_dir, SAFETENSORS_WEIGHTS_NAME),
+        metadata={"format": "pt"},
+    )

@@ -6,6 +6,7 @@ statistics are buffers, so ``state_dict()`` carries them; ``A [out, r]`` and ``B
 only parameters; the bias is a frozen buffer. `adapter_split` turns weights into these tensors
 (batched over same-shape layers) and is shared with model conversion.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -27,6 +28,7 @@ _NF4_FIELDS = ("packed", "absmax", "offset", "absmax2", "code2")  # NF4Weight's 
 
 
 # ---- options ---------------------------------------------------------------------------------------
+
 
 @dataclasses.dataclass(frozen=True)
 class AdapterOptions:
@@ -58,8 +60,10 @@ class AdapterOptions:
         if W.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{name}: weight must be float32, bfloat16 or float16, got {describe(W)}")
         if self.rank > min(W.shape[-2:]):
-            raise ValueError(f"{name}: rank {self.rank} exceeds min(out_features, in_features) = {min(W.shape[-2:])} "
-                             f"of its weight [out, in] = {list(W.shape[-2:])}")
+            raise ValueError(
+                f"{name}: rank {self.rank} exceeds min(out_features, in_features) = {min(W.shape[-2:])} "
+                f"of its weight [out, in] = {list(W.shape[-2:])}"
+            )
 
 
 class AdapterSplit(NamedTuple):
@@ -71,8 +75,9 @@ class AdapterSplit(NamedTuple):
     residual: torch.Tensor | list[NF4Weight]
 
 
-def adapter_split(W: torch.Tensor, options: AdapterOptions, generator: decompose.Generators = None,
-                  **init_options) -> AdapterSplit:
+def adapter_split(
+    W: torch.Tensor, options: AdapterOptions, generator: decompose.Generators = None, **init_options
+) -> AdapterSplit:
     """The adapter tensors of ``W [..., m, n]`` (a batch of same-shape layers at once).
 
     The init (or QPiSSA, when quantized) splits ``W = W_res + A B``; a scale s ≠ 1 then divides
@@ -82,9 +87,16 @@ def adapter_split(W: torch.Tensor, options: AdapterOptions, generator: decompose
     if options.quantize is None:
         A, B, residual = init_factors(W, options.rank, options.init, generator=generator, **init_options)
     else:
-        A, B, residual = qpissa_factors(W, options.rank, init=options.init, iters=options.quant_iters,
-                                        blocksize=options.blocksize, double_quant=options.double_quant,
-                                        generator=generator, **init_options)
+        A, B, residual = qpissa_factors(
+            W,
+            options.rank,
+            init=options.init,
+            iters=options.quant_iters,
+            blocksize=options.blocksize,
+            double_quant=options.double_quant,
+            generator=generator,
+            **init_options,
+        )
     if options.scale != 1:
         root = math.sqrt(options.scale)
         A, B = (A.float() / root).to(W.dtype), (B.float() / root).to(W.dtype)
@@ -94,6 +106,7 @@ def adapter_split(W: torch.Tensor, options: AdapterOptions, generator: decompose
 
 
 # ---- the module --------------------------------------------------------------------------------------
+
 
 class PiSSALinear(nn.Module):
     """``y = x W_resᵀ + scale (x Bᵀ) Aᵀ + bias`` for ``x [..., in_features]``.
@@ -106,8 +119,16 @@ class PiSSALinear(nn.Module):
     Build one with `from_linear`; `merge` turns it back into an ``nn.Linear``.
     """
 
-    def __init__(self, residual: torch.Tensor | NF4Weight, A: torch.Tensor, B: torch.Tensor,
-                 bias: torch.Tensor | None = None, *, scale: float = 1.0, init: str = "rsvd") -> None:
+    def __init__(
+        self,
+        residual: torch.Tensor | NF4Weight,
+        A: torch.Tensor,
+        B: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        *,
+        scale: float = 1.0,
+        init: str = "rsvd",
+    ) -> None:
         super().__init__()
         _check_parts(residual, A, B, bias)
         AdapterOptions(A.shape[1], init, scale)  # checks init and scale
@@ -129,9 +150,20 @@ class PiSSALinear(nn.Module):
             self.register_buffer("residual", residual.detach())
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, rank: int, *, init: str = "rsvd", scale: float = 1.0,
-                    quantize: str | None = None, quant_iters: int = 1, blocksize: int = 64, double_quant: bool = False,
-                    generator: torch.Generator | None = None, **init_options) -> PiSSALinear:
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        rank: int,
+        *,
+        init: str = "rsvd",
+        scale: float = 1.0,
+        quantize: str | None = None,
+        quant_iters: int = 1,
+        blocksize: int = 64,
+        double_quant: bool = False,
+        generator: torch.Generator | None = None,
+        **init_options,
+    ) -> PiSSALinear:
         """Splits ``linear.weight [out, in]`` by the named init (svd / rsvd / cur / robust /
         random; ``init_options`` go to it) into a trainable rank-``rank`` adapter and a frozen
         residual, dense or NF4 (``quantize="nf4"``: QPiSSA with ``quant_iters`` refinement
@@ -171,8 +203,12 @@ class PiSSALinear(nn.Module):
         if not self.quantize:
             return self.residual
         tensors = {field: getattr(self, f"residual_{field}", None) for field in _NF4_FIELDS}
-        return NF4Weight(shape=torch.Size((self.out_features, self.in_features)), dtype=self.dtype,
-                         blocksize=self.blocksize, **tensors)
+        return NF4Weight(
+            shape=torch.Size((self.out_features, self.in_features)),
+            dtype=self.dtype,
+            blocksize=self.blocksize,
+            **tensors,
+        )
 
     def dequantized_residual(self) -> torch.Tensor:
         """Dense ``[out, in]`` residual in the layer's dtype."""
@@ -188,18 +224,24 @@ class PiSSALinear(nn.Module):
         """An ``nn.Linear`` with weight ``deq(W_res) + scale·A·B`` (summed in fp32, rounded once
         to the layer's dtype) and this layer's bias: the same function, without the adapter."""
         weight = torch.addmm(self.dequantized_residual().float(), self.A.float(), self.B.float(), alpha=self.scale)
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                           device=self.A.device, dtype=self.dtype)
+        linear = nn.Linear(
+            self.in_features, self.out_features, bias=self.bias is not None, device=self.A.device, dtype=self.dtype
+        )
         linear.weight.copy_(weight)
         if self.bias is not None:
             linear.bias.copy_(self.bias)
         return linear
 
     def extra_repr(self) -> str:
-        residual = f"nf4 (blocksize {self.blocksize}{', double quant' if self.double_quant else ''})" \
-            if self.quantize else "dense"
-        return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
-                f"scale={self.scale:g}, init={self.init!r}, residual={residual}, bias={self.bias is not None}")
+        residual = (
+            f"nf4 (blocksize {self.blocksize}{', double quant' if self.double_quant else ''})"
+            if self.quantize
+            else "dense"
+        )
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
+            f"scale={self.scale:g}, init={self.init!r}, residual={residual}, bias={self.bias is not None}"
+        )
 
 
 def _check_parts(residual: Any, A: Any, B: Any, bias: Any) -> None:
@@ -210,8 +252,10 @@ def _check_parts(residual: Any, A: Any, B: Any, bias: Any) -> None:
         device = residual.device
     elif isinstance(residual, torch.Tensor):
         if residual.dim() != 2 or residual.dtype not in FLOAT_DTYPES:
-            raise ValueError(f"residual must be a float32/bfloat16/float16 [out, in] tensor or an NF4Weight, "
-                             f"got {describe(residual)}")
+            raise ValueError(
+                f"residual must be a float32/bfloat16/float16 [out, in] tensor or an NF4Weight, "
+                f"got {describe(residual)}"
+            )
         device = residual.device
     else:
         raise TypeError(f"residual must be a torch.Tensor or an NF4Weight, got {type(residual).__name__}")
@@ -222,11 +266,20 @@ def _check_parts(residual: Any, A: Any, B: Any, bias: Any) -> None:
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dtype != residual.dtype or t.device != device:
-            raise TypeError(f"{name} must have the residual's dtype {residual.dtype} and device {device}, "
-                            f"got {describe(t)}")
-    if A.dim() != 2 or A.shape[0] != out_features or B.dim() != 2 or B.shape[1] != in_features \
-            or A.shape[1] != B.shape[0] or A.shape[1] < 1:
-        raise ValueError(f"A must be [out, r] = [{out_features}, r] and B [r, in] = [r, {in_features}] with one r >= 1, "
-                         f"got A {describe(A)}, B {describe(B)}")
+            raise TypeError(
+                f"{name} must have the residual's dtype {residual.dtype} and device {device}, got {describe(t)}"
+            )
+    if (
+        A.dim() != 2
+        or A.shape[0] != out_features
+        or B.dim() != 2
+        or B.shape[1] != in_features
+        or A.shape[1] != B.shape[0]
+        or A.shape[1] < 1
+    ):
+        raise ValueError(
+            f"A must be [out, r] = [{out_features}, r] and B [r, in] = [r, {in_features}] with one r >= 1, "
+            f"got A {describe(A)}, B {describe(B)}"
+        )
     if bias is not None and tuple(bias.shape) != (out_features,):
         raise ValueError(f"bias must have shape [{out_features}], got {describe(bias)}")

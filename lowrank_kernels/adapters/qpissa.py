@@ -6,6 +6,7 @@ Every function takes ``W [..., m, n]`` (leading dims = a batch of same-shape lay
 at once); NF4 residuals of a batch are a list of one `NF4Weight` ``[m, n]`` per matrix, in
 row-major order of the leading dims (NF4 blocks must not straddle two layers).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -33,6 +34,7 @@ class QuantizedFactors(NamedTuple):
 
 # ---- batched NF4 -----------------------------------------------------------------------------------
 
+
 def quantize_batch(W: torch.Tensor, blocksize: int = 64, double_quant: bool = False) -> list[NF4Weight]:
     """``W [..., m, n]`` -> one `NF4Weight` per matrix (row-major over the leading dims)."""
     return [quantize_nf4(w, blocksize, double_quant) for w in W.reshape(-1, *W.shape[-2:])]
@@ -54,9 +56,18 @@ def dense_residual(residual: Residual, shape: torch.Size | None = None) -> torch
 
 # ---- QPiSSA and LoftQ --------------------------------------------------------------------------------
 
-def qpissa_factors(W: torch.Tensor, rank: int, *, init: str = "rsvd", iters: int = 1, blocksize: int = 64,
-                   double_quant: bool = False, generator: decompose.Generators = None,
-                   **init_options) -> QuantizedFactors:
+
+def qpissa_factors(
+    W: torch.Tensor,
+    rank: int,
+    *,
+    init: str = "rsvd",
+    iters: int = 1,
+    blocksize: int = 64,
+    double_quant: bool = False,
+    generator: decompose.Generators = None,
+    **init_options,
+) -> QuantizedFactors:
     """QPiSSA of ``W [..., m, n]`` (fp32/bf16/fp16) with ``iters`` >= 1 refinement rounds.
 
     Starts from the named init's split (the principal components for "svd"/"rsvd"), then repeats
@@ -73,12 +84,22 @@ def qpissa_factors(W: torch.Tensor, rank: int, *, init: str = "rsvd", iters: int
     check_blocksize(blocksize)
     A, B, _ = init_factors(W, rank, init, generator=generator, **init_options)
     refit_options = init_options if init == "rsvd" else {}
-    return _alternate(W, A, B, iters, blocksize, double_quant, exact=init == "svd", generator=generator,
-                      **refit_options)
+    return _alternate(
+        W, A, B, iters, blocksize, double_quant, exact=init == "svd", generator=generator, **refit_options
+    )
 
 
-def loftq_factors(W: torch.Tensor, rank: int, *, iters: int = 1, blocksize: int = 64, double_quant: bool = False,
-                  exact: bool = False, generator: decompose.Generators = None, **rsvd_options) -> QuantizedFactors:
+def loftq_factors(
+    W: torch.Tensor,
+    rank: int,
+    *,
+    iters: int = 1,
+    blocksize: int = 64,
+    double_quant: bool = False,
+    exact: bool = False,
+    generator: decompose.Generators = None,
+    **rsvd_options,
+) -> QuantizedFactors:
     """LoftQ (Li et al. 2023) baseline of ``W [..., m, n]``: the same alternation as
     `qpissa_factors` started from ``A B = 0``, i.e. the first round quantizes W itself.
     exact=True refits by the full SVD, otherwise by `rsvd` with ``rsvd_options``."""
@@ -90,8 +111,18 @@ def loftq_factors(W: torch.Tensor, rank: int, *, iters: int = 1, blocksize: int 
     return _alternate(W, A, B, iters, blocksize, double_quant, exact=exact, generator=generator, **rsvd_options)
 
 
-def _alternate(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, iters: int, blocksize: int, double_quant: bool,
-               *, exact: bool, generator, **rsvd_options) -> QuantizedFactors:
+def _alternate(
+    W: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    iters: int,
+    blocksize: int,
+    double_quant: bool,
+    *,
+    exact: bool,
+    generator,
+    **rsvd_options,
+) -> QuantizedFactors:
     """``iters`` rounds of ``Q = nf4(W − A B)``, ``A, B = svd_split(W − deq(Q))``. The low-rank
     algebra runs in fp32 (rounding W_res to W's dtype only for the quantizer, so the NF4
     weights dequantize to W's dtype); A and B are returned in W's dtype."""
@@ -112,6 +143,7 @@ def _check_iters(iters: object) -> int:
 
 # ---- metrics -------------------------------------------------------------------------------------------
 
+
 def nuclear_norm(M: torch.Tensor) -> torch.Tensor:
     """‖M‖_* = Σ σ_i of ``M [..., m, n]``, fp64 ``[...]``: square roots of the eigenvalues of the
     fp64 Gram matrix of M's short side (several times faster than an SVD, and accurate to
@@ -124,8 +156,12 @@ def nuclear_norm(M: torch.Tensor) -> torch.Tensor:
 def _error(W: torch.Tensor, residual: Residual, A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
     """fp64 ``W − (deq(residual) + s A B) [..., m, n]``."""
     dense = dense_residual(residual, W.shape)
-    approximation = torch.baddbmm(dense.double().reshape(-1, *W.shape[-2:]), A.double().reshape(-1, *A.shape[-2:]),
-                                  B.double().reshape(-1, *B.shape[-2:]), alpha=scale)
+    approximation = torch.baddbmm(
+        dense.double().reshape(-1, *W.shape[-2:]),
+        A.double().reshape(-1, *A.shape[-2:]),
+        B.double().reshape(-1, *B.shape[-2:]),
+        alpha=scale,
+    )
     return W.double() - approximation.reshape(W.shape)
 
 
@@ -136,29 +172,33 @@ def _qlora_error(W: torch.Tensor, like: NF4Weight | Sequence[NF4Weight]) -> torc
     return nuclear_norm(W.double() - qlora.double())
 
 
-def quantization_error(W: torch.Tensor, residual: Residual, A: torch.Tensor, B: torch.Tensor,
-                       scale: float = 1.0) -> torch.Tensor:
+def quantization_error(
+    W: torch.Tensor, residual: Residual, A: torch.Tensor, B: torch.Tensor, scale: float = 1.0
+) -> torch.Tensor:
     """``‖W − (deq(residual) + s A B)‖_*`` (fp64 ``[...]``) for ``W [..., m, n]``."""
     return nuclear_norm(_error(W, residual, A, B, scale))
 
 
-def quantization_error_reduction(W: torch.Tensor, W_res_q: NF4Weight | Sequence[NF4Weight], A: torch.Tensor,
-                                 B: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+def quantization_error_reduction(
+    W: torch.Tensor, W_res_q: NF4Weight | Sequence[NF4Weight], A: torch.Tensor, B: torch.Tensor, scale: float = 1.0
+) -> torch.Tensor:
     """PiSSA paper Table 4: ``1 − ‖W − (deq(W_res_q) + s A B)‖_* / ‖W − deq(nf4(W))‖_*`` (fp64
     ``[...]``), nf4(W) with W_res_q's blocksize and double quant: the share of plain NF4's
     (QLoRA's) error the adapter removes; 0 for QLoRA, higher is better."""
     return 1 - quantization_error(W, W_res_q, A, B, scale) / _qlora_error(W, W_res_q)
 
 
-def reconstruction_error(W: torch.Tensor, residual: Residual, A: torch.Tensor, B: torch.Tensor,
-                         scale: float = 1.0) -> torch.Tensor:
+def reconstruction_error(
+    W: torch.Tensor, residual: Residual, A: torch.Tensor, B: torch.Tensor, scale: float = 1.0
+) -> torch.Tensor:
     """Relative Frobenius error ``‖W − (deq(residual) + s A B)‖_F / ‖W‖_F`` (fp64 ``[...]``): how
     far the adapted layer at init is from the original (rounding only for a dense residual)."""
     return torch.linalg.matrix_norm(_error(W, residual, A, B, scale)) / torch.linalg.matrix_norm(W.double())
 
 
-def error_metrics(W: torch.Tensor, residual: Residual, A: torch.Tensor, B: torch.Tensor,
-                  scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+def error_metrics(
+    W: torch.Tensor, residual: Residual, A: torch.Tensor, B: torch.Tensor, scale: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(`reconstruction_error`, `quantization_error_reduction` or None for a dense residual),
     sharing one fp64 error matrix."""
     error = _error(W, residual, A, B, scale)

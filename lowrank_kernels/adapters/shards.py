@@ -11,6 +11,7 @@ The file layout is a function of the tensors only (keys sorted by descending dty
 name, as safetensors orders them; the header's metadata keys sorted), so the same tensors give
 the same bytes in any process.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -111,11 +112,13 @@ class ShardWriter:
         if key in self._entries:
             raise ValueError(f"{self.path}: tensor {key!r} added twice")
         if tensor.dtype not in _DTYPE_NAMES:
-            raise TypeError(f"{self.path}: tensor {key!r} has dtype {tensor.dtype}, which safetensors cannot store here")
+            raise TypeError(
+                f"{self.path}: tensor {key!r} has dtype {tensor.dtype}, which safetensors cannot store here"
+            )
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
         view = memoryview(data)
         while view:  # os.write may write less than asked
-            view = view[os.write(self._fd, view[:_CHUNK]):]
+            view = view[os.write(self._fd, view[:_CHUNK]) :]
         self._entries[key] = (tensor.dtype, tuple(tensor.shape), self._size, self._size + data.nbytes)
         self._size += data.nbytes
 
@@ -150,7 +153,11 @@ class ShardWriter:
         offset = 0
         for key in order:
             dtype, shape, start, end = self._entries[key]
-            header[key] = {"dtype": _DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + end - start]}
+            header[key] = {
+                "dtype": _DTYPE_NAMES[dtype],
+                "shape": list(shape),
+                "data_offsets": [offset, offset + end - start],
+            }
             offset += end - start
         text = json.dumps(header, ensure_ascii=False, separators=(",", ":")).encode()
         text += b" " * (-len(text) % 8)

@@ -10,6 +10,7 @@ Two kinds of source:
   module tree without a model class, so `convert_model`, `save_converted` and `load_converted`
   work on it unchanged and a checkpoint's layer names are the file's tensor names.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -58,8 +59,9 @@ def _load_safetensors(path: str) -> dict[str, torch.Tensor]:
     try:
         return load_file(path)
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise SourceError(f"cannot read safetensors file {path!r} (corrupted, truncated or not safetensors?): "
-                          f"{exc}") from exc
+        raise SourceError(
+            f"cannot read safetensors file {path!r} (corrupted, truncated or not safetensors?): {exc}"
+        ) from exc
 
 
 def linear_modules(tensors: Mapping[str, torch.Tensor]) -> nn.Module:
@@ -73,7 +75,11 @@ def linear_modules(tensors: Mapping[str, torch.Tensor]) -> nn.Module:
         if name == key or not name or weight.dim() != 2 or weight.dtype not in FLOAT_DTYPES or "embed" in name.lower():
             continue
         bias = tensors.get(f"{name}.bias")
-        bias = bias if bias is not None and tuple(bias.shape) == (weight.shape[0],) and bias.dtype == weight.dtype else None
+        bias = (
+            bias
+            if bias is not None and tuple(bias.shape) == (weight.shape[0],) and bias.dtype == weight.dtype
+            else None
+        )
         linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta", dtype=weight.dtype)
         linear.weight = nn.Parameter(weight, requires_grad=False)
         if bias is not None:
@@ -114,9 +120,18 @@ def default_target_modules(model: nn.Module) -> list[str]:
 # ---- lazy sources: tensors read from disk on demand (streaming conversion) ---------------------------
 
 #: safetensors dtype names -> torch dtypes (those a model's tensors use).
-SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
-                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-                      "U8": torch.uint8, "BOOL": torch.bool}
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 INDEX_NAME = "model.safetensors.index.json"
 
 
@@ -173,7 +188,9 @@ class LazySource:
                 with safe_open(file, framework="pt") as f:
                     out.update({key: f.get_tensor(key) for key in file_keys})
             except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-                raise SourceError(f"cannot read {file_keys[0]!r} from {file!r} (truncated or corrupted?): {exc}") from exc
+                raise SourceError(
+                    f"cannot read {file_keys[0]!r} from {file!r} (truncated or corrupted?): {exc}"
+                ) from exc
         return {key: out[key] for key in keys}
 
 
@@ -187,12 +204,17 @@ def open_source(path: str | os.PathLike) -> LazySource:
         raise SourceError(f"source {path!r} does not exist")
     if not os.path.isdir(path):
         tensors = _headers([path])
-        linears = {key.removesuffix(".weight"): (info.shape[0], info.shape[1]) for key, info in tensors.items()
-                   if _is_linear_weight(key, info.shape, info.dtype)}
+        linears = {
+            key.removesuffix(".weight"): (info.shape[0], info.shape[1])
+            for key, info in tensors.items()
+            if _is_linear_weight(key, info.shape, info.dtype)
+        }
         return LazySource(path, tensors, linears)
     if not os.path.isfile(os.path.join(path, "config.json")):
-        raise SourceError(f"source {path!r} is a directory without config.json: pass a Hugging Face model "
-                          f"directory or a .safetensors file")
+        raise SourceError(
+            f"source {path!r} is a directory without config.json: pass a Hugging Face model "
+            f"directory or a .safetensors file"
+        )
     tensors = _headers(_weight_files(path))
     skeleton = _skeleton(path)
     expected = _check_coverage(path, skeleton, tensors)
@@ -225,8 +247,10 @@ def _weight_files(path: str) -> list[str]:
         return [os.path.join(path, name) for name in sorted(set(weight_map.values()))]
     files = sorted(os.path.join(path, name) for name in os.listdir(path) if name.endswith(".safetensors"))
     if not files:
-        raise SourceError(f"source {path!r} has no *.safetensors weights (other formats, e.g. pytorch_model.bin, "
-                          f"are not read: convert them with save_pretrained(safe_serialization=True))")
+        raise SourceError(
+            f"source {path!r} has no *.safetensors weights (other formats, e.g. pytorch_model.bin, "
+            f"are not read: convert them with save_pretrained(safe_serialization=True))"
+        )
     return files
 
 
@@ -246,8 +270,9 @@ def _headers(files: Sequence[str]) -> dict[str, TensorInfo]:
                         raise SourceError(f"tensor {key!r} is in both {tensors[key].file!r} and {file!r}")
                     tensors[key] = TensorInfo(file, dtype, tuple(piece.get_shape()))
         except (SafetensorError, OSError) as exc:
-            raise SourceError(f"cannot read safetensors file {file!r} (corrupted, truncated or not safetensors?): "
-                              f"{exc}") from exc
+            raise SourceError(
+                f"cannot read safetensors file {file!r} (corrupted, truncated or not safetensors?): {exc}"
+            ) from exc
     return tensors
 
 
@@ -257,7 +282,9 @@ def _skeleton(path: str) -> nn.Module:
     try:
         import transformers
     except ImportError as exc:
-        raise SourceError(f"reading the model directory {path!r} needs transformers (pip install transformers)") from exc
+        raise SourceError(
+            f"reading the model directory {path!r} needs transformers (pip install transformers)"
+        ) from exc
     try:
         config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
         architectures = getattr(config, "architectures", None) or []
@@ -265,7 +292,9 @@ def _skeleton(path: str) -> nn.Module:
         with torch.device("meta"):
             return cls._from_config(config) if cls else transformers.AutoModel.from_config(config)
     except Exception as exc:  # transformers raises many types (OSError, ValueError, KeyError, ...)
-        raise SourceError(f"cannot build the architecture of {path!r}/config.json: {type(exc).__name__}: {exc}") from exc
+        raise SourceError(
+            f"cannot build the architecture of {path!r}/config.json: {type(exc).__name__}: {exc}"
+        ) from exc
 
 
 def _check_coverage(path: str, skeleton: nn.Module, tensors: Mapping[str, TensorInfo]) -> list[str]:
@@ -278,16 +307,26 @@ def _check_coverage(path: str, skeleton: nn.Module, tensors: Mapping[str, Tensor
     groups: dict[int, list[str]] = {}
     for name, p in params:
         groups.setdefault(id(p), []).append(name)
-    tied = getattr(skeleton, "_tied_weights_keys", None) if getattr(skeleton.config, "tie_word_embeddings", False) \
+    tied = (
+        getattr(skeleton, "_tied_weights_keys", None)
+        if getattr(skeleton.config, "tie_word_embeddings", False)
         else None
+    )
     tied = tied if isinstance(tied, dict) else {}
     missing = [names[0] for names in groups.values() if not any(n in tensors or tied.get(n) in tensors for n in names)]
     unexpected = [key for key in tensors if key not in known]
-    shapes = [f"{key} {list(tensors[key].shape)} (architecture {list(known[key])})" for key in tensors
-              if key in known and tensors[key].shape != known[key]]
+    shapes = [
+        f"{key} {list(tensors[key].shape)} (architecture {list(known[key])})"
+        for key in tensors
+        if key in known and tensors[key].shape != known[key]
+    ]
     if missing or unexpected or shapes:
-        parts = [f"{label} {len(keys)}: {', '.join(keys[:6])}{', ...' if len(keys) > 6 else ''}"
-                 for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes)) if keys]
-        raise SourceError(f"the weights of {path!r} do not fit its config.json ({type(skeleton).__name__}): "
-                          + "; ".join(parts))
+        parts = [
+            f"{label} {len(keys)}: {', '.join(keys[:6])}{', ...' if len(keys) > 6 else ''}"
+            for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes))
+            if keys
+        ]
+        raise SourceError(
+            f"the weights of {path!r} do not fit its config.json ({type(skeleton).__name__}): " + "; ".join(parts)
+        )
     return list(known)

@@ -28,6 +28,7 @@ have their digests and converts the rest, giving the bytes of an uninterrupted r
 ``torch.distributed`` each rank converts and writes its own shards (balanced by cost) and rank 0
 writes the index and configs once all are done: no tensor is sent between ranks.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -98,6 +99,7 @@ class Shard:
 
 # ---- planning -------------------------------------------------------------------------------------------
 
+
 def _layer_nbytes(shape: tuple[int, int], dtype: torch.dtype, options: AdapterOptions, bias: bool) -> int:
     """Output bytes of one converted layer (residual, A, B, bias)."""
     m, n = shape
@@ -105,13 +107,17 @@ def _layer_nbytes(shape: tuple[int, int], dtype: torch.dtype, options: AdapterOp
         residual = m * n * dtype.itemsize
     else:
         blocks = -(-m * n // options.blocksize)
-        residual = -(-m * n // 2) + blocks * (1 if options.double_quant else 4) \
+        residual = (
+            -(-m * n // 2)
+            + blocks * (1 if options.double_quant else 4)
             + (4 + 4 * -(-blocks // 256) + 4 * 256 if options.double_quant else 0)
+        )
     return residual + options.rank * (m + n) * dtype.itemsize + (m * dtype.itemsize if bias else 0)
 
 
-def plan_shards(source: LazySource, targets: Sequence[str], options: AdapterOptions, fmt: str,
-                max_shard_size: int) -> list[Shard]:
+def plan_shards(
+    source: LazySource, targets: Sequence[str], options: AdapterOptions, fmt: str, max_shard_size: int
+) -> list[Shard]:
     """The output shards: model order, a new shard when the next item would take the current one
     past ``max_shard_size`` bytes of output or of source tensors read (an NF4 shard is ~4x
     smaller than its source: so it still splits a model into parts torchrun ranks can share).
@@ -124,8 +130,14 @@ def plan_shards(source: LazySource, targets: Sequence[str], options: AdapterOpti
         if name in target_set and key.endswith(".weight"):
             shape = source.linears[name]
             read = info.nbytes + (source.tensors[f"{name}.bias"].nbytes if source.has_bias(name) else 0)
-            items.append(("layer", name, max(read, _layer_nbytes(shape, info.dtype, options, source.has_bias(name))),
-                          shape[0] * shape[1]))
+            items.append(
+                (
+                    "layer",
+                    name,
+                    max(read, _layer_nbytes(shape, info.dtype, options, source.has_bias(name))),
+                    shape[0] * shape[1],
+                )
+            )
         elif fmt == "peft" and not (key.endswith(".bias") and key.removesuffix(".bias") in target_set):
             items.append(("copy", key, info.nbytes, 0))
     groups: list[list[tuple[str, str, int, int]]] = [[]]
@@ -136,9 +148,16 @@ def plan_shards(source: LazySource, targets: Sequence[str], options: AdapterOpti
             size = 0
         groups[-1].append(item)
         size += item[2]
-    return [Shard(i + 1, len(groups), tuple(n for k, n, _, _ in group if k == "layer"),
-                  tuple(n for k, n, _, _ in group if k == "copy"), sum(c for *_, c in group))
-            for i, group in enumerate(groups)]
+    return [
+        Shard(
+            i + 1,
+            len(groups),
+            tuple(n for k, n, _, _ in group if k == "layer"),
+            tuple(n for k, n, _, _ in group if k == "copy"),
+            sum(c for *_, c in group),
+        )
+        for i, group in enumerate(groups)
+    ]
 
 
 def batches(source: LazySource, layers: Sequence[str], batch_elements: int) -> list[list[str]]:
@@ -150,11 +169,12 @@ def batches(source: LazySource, layers: Sequence[str], batch_elements: int) -> l
     out: list[list[str]] = []
     for (shape, _), names in groups.items():
         per_batch = max(1, batch_elements // (shape[0] * shape[1]))
-        out += [names[i:i + per_batch] for i in range(0, len(names), per_batch)]
+        out += [names[i : i + per_batch] for i in range(0, len(names), per_batch)]
     return out
 
 
 # ---- conversion ----------------------------------------------------------------------------------------
+
 
 @dataclasses.dataclass
 class _Job:
@@ -170,12 +190,29 @@ class _Job:
     targets: tuple[str, ...]
 
 
-def convert_files(source: str | os.PathLike, output: str | os.PathLike, *, rank: int, fmt: str = "lowrank",
-                  target_modules: str | Sequence[str] | None = None, init: str = "rsvd", scale: float = 1.0,
-                  quantize: str | None = None, quant_iters: int = 1, blocksize: int = 64, double_quant: bool = False,
-                  seed: int = 0, metrics: bool = False, max_shard_size: int = MAX_SHARD_SIZE,
-                  batch_elements: int = BATCH_ELEMENTS, resume: bool = False, overwrite: bool = False,
-                  progress: bool = False, group=None, **init_options) -> ConversionReport | None:
+def convert_files(
+    source: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    rank: int,
+    fmt: str = "lowrank",
+    target_modules: str | Sequence[str] | None = None,
+    init: str = "rsvd",
+    scale: float = 1.0,
+    quantize: str | None = None,
+    quant_iters: int = 1,
+    blocksize: int = 64,
+    double_quant: bool = False,
+    seed: int = 0,
+    metrics: bool = False,
+    max_shard_size: int = MAX_SHARD_SIZE,
+    batch_elements: int = BATCH_ELEMENTS,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = False,
+    group=None,
+    **init_options,
+) -> ConversionReport | None:
     """Converts the model at ``source`` (Hugging Face directory or bare safetensors file) into
     ``output`` in format ``fmt`` (see the module docstring), streaming; returns the
     `ConversionReport` (on rank 0 under torch.distributed, None on the other ranks).
@@ -201,21 +238,35 @@ def convert_files(source: str | os.PathLike, output: str | os.PathLike, *, rank:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
     lazy = open_source(source)
     if fmt == "peft" and lazy.config_dir is None:
-        raise ValueError("format 'peft' needs a Hugging Face model directory as the source (config.json), "
-                         f"{os.fspath(source)!r} is a bare safetensors file")
+        raise ValueError(
+            "format 'peft' needs a Hugging Face model directory as the source (config.json), "
+            f"{os.fspath(source)!r} is a bare safetensors file"
+        )
     targets = _targets(lazy, target_modules, options)
     output = os.path.abspath(os.fspath(output))
     single = os.path.basename(output) if fmt == "lowrank" and output.endswith(".safetensors") else None
     if single and resume:
-        raise ValueError("resume works on a sharded output directory; a one-file output (.safetensors) is "
-                         "written in one step")
+        raise ValueError(
+            "resume works on a sharded output directory; a one-file output (.safetensors) is written in one step"
+        )
     plan = plan_shards(lazy, targets, options, fmt, math.inf if single else max_shard_size)
-    job = _Job(lazy, os.path.dirname(output) if single else output, fmt, single, options, seed, metrics,
-               batch_elements, _fingerprint(lazy, targets, options, fmt, seed, plan, init_options), tuple(targets))
+    job = _Job(
+        lazy,
+        os.path.dirname(output) if single else output,
+        fmt,
+        single,
+        options,
+        seed,
+        metrics,
+        batch_elements,
+        _fingerprint(lazy, targets, options, fmt, seed, plan, init_options),
+        tuple(targets),
+    )
     distributed = dist.is_available() and dist.is_initialized()
     rank_id, world = (dist.get_rank(group), dist.get_world_size(group)) if distributed else (0, 1)
-    estimate = sum(_layer_nbytes(lazy.linears[n], lazy.tensors[f"{n}.weight"].dtype, options, lazy.has_bias(n))
-                   for n in targets) + (sum(lazy.tensors[k].nbytes for s in plan for k in s.copies))
+    estimate = sum(
+        _layer_nbytes(lazy.linears[n], lazy.tensors[f"{n}.weight"].dtype, options, lazy.has_bias(n)) for n in targets
+    ) + (sum(lazy.tensors[k].nbytes for s in plan for k in s.copies))
     outcome = None
     try:
         if rank_id == 0:
@@ -232,8 +283,13 @@ def convert_files(source: str | os.PathLike, output: str | os.PathLike, *, rank:
     outcome = None
     try:
         desc = "PiSSA conversion" + (f" (rank 0's {len(mine)} of {len(plan)} shards)" if world > 1 else "")
-        with tqdm(total=sum(len(s.layers) for s in mine), disable=not progress or rank_id != 0, desc=desc,
-                  unit="layer", dynamic_ncols=True) as bar:  # layers, time left; peak RSS in the postfix
+        with tqdm(
+            total=sum(len(s.layers) for s in mine),
+            disable=not progress or rank_id != 0,
+            desc=desc,
+            unit="layer",
+            dynamic_ncols=True,
+        ) as bar:  # layers, time left; peak RSS in the postfix
             for shard in mine:
                 if resume and _finished(job, shard):
                     bar.update(len(shard.layers))
@@ -254,8 +310,9 @@ def convert_files(source: str | os.PathLike, output: str | os.PathLike, *, rank:
         return None
     _finish(job, plan)
     by_name = {layer.name: layer for layer in reports}
-    return ConversionReport([by_name[name] for name in targets if name in by_name], options,
-                            time.perf_counter() - start, metric_seconds)
+    return ConversionReport(
+        [by_name[name] for name in targets if name in by_name], options, time.perf_counter() - start, metric_seconds
+    )
 
 
 def _targets(source: LazySource, target_modules, options: AdapterOptions) -> list[str]:
@@ -274,11 +331,17 @@ def _targets(source: LazySource, target_modules, options: AdapterOptions) -> lis
 
 def _fingerprint(source: LazySource, targets, options, fmt, seed, plan, init_options) -> str:
     """What a finished shard must have been made from for `resume` to keep it."""
-    content = {"tensors": {k: [os.path.basename(v.file), str(v.dtype), list(v.shape)] for k, v in source.tensors.items()},
-               "sizes": {os.path.basename(f): os.path.getsize(f) for f in source.files()},
-               "targets": list(targets), "options": dataclasses.asdict(options), "format": fmt, "seed": seed,
-               "init_options": repr(sorted(init_options.items())),
-               "plan": [[s.layers, s.copies] for s in plan], "version": checkpoint.FORMAT_VERSION}
+    content = {
+        "tensors": {k: [os.path.basename(v.file), str(v.dtype), list(v.shape)] for k, v in source.tensors.items()},
+        "sizes": {os.path.basename(f): os.path.getsize(f) for f in source.files()},
+        "targets": list(targets),
+        "options": dataclasses.asdict(options),
+        "format": fmt,
+        "seed": seed,
+        "init_options": repr(sorted(init_options.items())),
+        "plan": [[s.layers, s.copies] for s in plan],
+        "version": checkpoint.FORMAT_VERSION,
+    }
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 
@@ -308,7 +371,9 @@ def _convert_shard(job: _Job, shard: Shard, bar, init_options) -> tuple[list[Lay
     try:
         _copy_through(job.source, shard.copies, writers.get("residual"), job.batch_elements)
         for batch in batches(job.source, shard.layers, job.batch_elements):
-            bar.set_postfix_str(f"{len(batch)} x {list(job.source.linears[batch[0]])}, peak RSS {_peak_rss_gib():.2f} GiB")
+            bar.set_postfix_str(
+                f"{len(batch)} x {list(job.source.linears[batch[0]])}, peak RSS {_peak_rss_gib():.2f} GiB"
+            )
             t0 = time.perf_counter()
             weights, biases = _read_batch(job.source, batch)
             split = adapter_split(weights, job.options, [layer_generator(job.seed, n) for n in batch], **init_options)
@@ -320,8 +385,10 @@ def _convert_shard(job: _Job, shard: Shard, bar, init_options) -> tuple[list[Lay
             seconds = (time.perf_counter() - t2 + t1 - t0) / len(batch)
             metric_seconds += t2 - t1
             o = job.options
-            reports += [LayerReport(name, job.source.linears[name], o.rank, o.init, o.quantize, seconds, *error)
-                        for name, error in zip(batch, errors)]
+            reports += [
+                LayerReport(name, job.source.linears[name], o.rank, o.init, o.quantize, seconds, *error)
+                for name, error in zip(batch, errors)
+            ]
             del weights, split
             bar.update(len(batch))
         digests = {}
@@ -386,16 +453,30 @@ def bnb_4bit_state(q) -> dict[str, torch.Tensor]:
     from bitsandbytes.functional import QuantState, get_4bit_type
 
     nested = QuantState(absmax=q.absmax2, code=q.code2, blocksize=256, dtype=torch.float32) if q.double_quant else None
-    state = QuantState(absmax=q.absmax, shape=q.shape, code=get_4bit_type("nf4", device="cpu"), blocksize=q.blocksize,
-                       quant_type="nf4", dtype=q.dtype, offset=q.offset, state2=nested)
-    return {"weight": q.packed.reshape(-1, 1),
-            **{f"weight.{key}": tensor for key, tensor in state.as_dict(packed=True).items()}}
+    state = QuantState(
+        absmax=q.absmax,
+        shape=q.shape,
+        code=get_4bit_type("nf4", device="cpu"),
+        blocksize=q.blocksize,
+        quant_type="nf4",
+        dtype=q.dtype,
+        offset=q.offset,
+        state2=nested,
+    )
+    return {
+        "weight": q.packed.reshape(-1, 1),
+        **{f"weight.{key}": tensor for key, tensor in state.as_dict(packed=True).items()},
+    }
 
 
 def _lowrank_metadata(configs: dict[str, dict]):
     layers = json.dumps(configs, sort_keys=True)
-    return lambda writer: {"format": checkpoint.FORMAT, "format_version": str(checkpoint.FORMAT_VERSION),
-                           "layers": layers, "sha256": writer.digest(layers.encode())}
+    return lambda writer: {
+        "format": checkpoint.FORMAT,
+        "format_version": str(checkpoint.FORMAT_VERSION),
+        "layers": layers,
+        "sha256": writer.digest(layers.encode()),
+    }
 
 
 def _peak_rss_gib() -> float:
@@ -403,6 +484,7 @@ def _peak_rss_gib() -> float:
 
 
 # ---- output: checks, resume records, index and configs ----------------------------------------------
+
 
 def _record_path(job: _Job, shard: Shard) -> str:
     return os.path.join(job.output, RESUME_DIR, f"shard-{shard.number:05d}-of-{shard.count:05d}.json")
@@ -417,15 +499,22 @@ def _finished(job: _Job, shard: Shard) -> bool:
     except (OSError, ValueError):
         return False
     files = shard.files(job.fmt, job.single).values()
-    return record.get("fingerprint") == job.fingerprint and set(record.get("files", {})) == set(files) and all(
-        os.path.isfile(os.path.join(job.output, rel)) and file_sha256(os.path.join(job.output, rel)) == digest
-        for rel, digest in record["files"].items())
+    return (
+        record.get("fingerprint") == job.fingerprint
+        and set(record.get("files", {})) == set(files)
+        and all(
+            os.path.isfile(os.path.join(job.output, rel)) and file_sha256(os.path.join(job.output, rel)) == digest
+            for rel, digest in record["files"].items()
+        )
+    )
 
 
 def _ours(name: str) -> bool:
     """Whether a directory entry is one this conversion writes (what --overwrite may remove)."""
-    return name in (LOWRANK_INDEX, RESUME_DIR, "residual", "adapter") or re.fullmatch(
-        r"adapters-\d{5}-of-\d{5}\.safetensors", name) is not None
+    return (
+        name in (LOWRANK_INDEX, RESUME_DIR, "residual", "adapter")
+        or re.fullmatch(r"adapters-\d{5}-of-\d{5}\.safetensors", name) is not None
+    )
 
 
 def _prepare_output(job: _Job, resume: bool, overwrite: bool, estimate: int) -> None:
@@ -433,14 +522,17 @@ def _prepare_output(job: _Job, resume: bool, overwrite: bool, estimate: int) -> 
     without ``resume`` / ``overwrite``, an unwritable directory, too little free space or a file
     size limit below the largest file; then removes an output being overwritten."""
     if resume and overwrite:
-        raise OutputError("--resume and --overwrite exclude each other: resume keeps finished shards, "
-                          "overwrite discards them")
+        raise OutputError(
+            "--resume and --overwrite exclude each other: resume keeps finished shards, overwrite discards them"
+        )
     target = os.path.realpath(os.path.join(job.output, job.single) if job.single else job.output)
     source = os.path.realpath(job.source.path)
     inside = lambda a, b: a == b or a.startswith(b.rstrip(os.sep) + os.sep)  # noqa: E731
     if inside(target, source) or inside(source, target):
-        raise OutputError(f"output {target!r} is, lies inside or contains the source {source!r}: "
-                          f"choose another path (the source must not be overwritten)")
+        raise OutputError(
+            f"output {target!r} is, lies inside or contains the source {source!r}: "
+            f"choose another path (the source must not be overwritten)"
+        )
     if job.single:
         if not os.path.isdir(job.output):
             raise OutputError(f"output {target!r}: directory {job.output!r} does not exist")
@@ -450,16 +542,23 @@ def _prepare_output(job: _Job, resume: bool, overwrite: bool, estimate: int) -> 
             raise OutputError(f"output {target!r} is a directory")
     elif os.path.exists(job.output):
         if not os.path.isdir(job.output):
-            raise OutputError(f"output {job.output!r} exists and is not a directory; pass --overwrite to replace it"
-                              if not overwrite else f"output {job.output!r} is a file, not an output directory")
+            raise OutputError(
+                f"output {job.output!r} exists and is not a directory; pass --overwrite to replace it"
+                if not overwrite
+                else f"output {job.output!r} is a file, not an output directory"
+            )
         entries = os.listdir(job.output)
         if entries and not (resume or overwrite):
-            raise OutputError(f"output directory {job.output!r} is not empty; pass --resume to continue an "
-                              f"interrupted conversion or --overwrite to replace it")
+            raise OutputError(
+                f"output directory {job.output!r} is not empty; pass --resume to continue an "
+                f"interrupted conversion or --overwrite to replace it"
+            )
         foreign = [e for e in entries if not _ours(e)]
         if foreign and (resume or overwrite):
-            raise OutputError(f"output directory {job.output!r} holds files this conversion does not write "
-                              f"({', '.join(sorted(foreign)[:4])}); refusing to {'resume in' if resume else 'replace'} it")
+            raise OutputError(
+                f"output directory {job.output!r} holds files this conversion does not write "
+                f"({', '.join(sorted(foreign)[:4])}); refusing to {'resume in' if resume else 'replace'} it"
+            )
     else:
         parent = os.path.dirname(job.output)
         if not os.path.isdir(parent):
@@ -484,12 +583,15 @@ def _check_writable(directory: str, estimate: int) -> None:
         raise OutputError(f"cannot write to the output directory {directory!r}: {exc.strerror or exc}") from exc
     free = shutil.disk_usage(directory).free
     if free < estimate:
-        raise OutputError(f"the output needs about {estimate / 1e9:.2f} GB and {directory!r} has {free / 1e9:.2f} GB "
-                          f"free")
+        raise OutputError(
+            f"the output needs about {estimate / 1e9:.2f} GB and {directory!r} has {free / 1e9:.2f} GB free"
+        )
     limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
     if limit != resource.RLIM_INFINITY and limit < min(estimate, MAX_SHARD_SIZE):
-        raise OutputError(f"the file size limit (ulimit -f) is {limit} bytes, below the output's files "
-                          f"(up to {min(estimate, MAX_SHARD_SIZE)} bytes)")
+        raise OutputError(
+            f"the file size limit (ulimit -f) is {limit} bytes, below the output's files "
+            f"(up to {min(estimate, MAX_SHARD_SIZE)} bytes)"
+        )
 
 
 def _finish(job: _Job, plan: Sequence[Shard]) -> None:
@@ -498,9 +600,13 @@ def _finish(job: _Job, plan: Sequence[Shard]) -> None:
         return
     files = [shard.files(job.fmt, job.single) for shard in plan]
     if job.fmt == "lowrank":
-        write_json(os.path.join(job.output, LOWRANK_INDEX),
-                   {"metadata": {"format": checkpoint.FORMAT, "format_version": checkpoint.FORMAT_VERSION},
-                    "weight_map": _weight_map(job.output, [f["lowrank"] for f in files])})
+        write_json(
+            os.path.join(job.output, LOWRANK_INDEX),
+            {
+                "metadata": {"format": checkpoint.FORMAT, "format_version": checkpoint.FORMAT_VERSION},
+                "weight_map": _weight_map(job.output, [f["lowrank"] for f in files]),
+            },
+        )
     else:
         _finish_peft(job, [f["residual"] for f in files], [f["adapter"] for f in files])
     shutil.rmtree(os.path.join(job.output, RESUME_DIR), ignore_errors=True)
@@ -511,13 +617,19 @@ def _bnb_config(job: _Job, path: str) -> dict:
     (the linears that are not targets stay unquantized)."""
     with open(path) as f:
         config = json.load(f)
-    dtype = {info.dtype for key, info in job.source.tensors.items()
-             if key.removesuffix(".weight") in job.source.linears}
+    dtype = {
+        info.dtype for key, info in job.source.tensors.items() if key.removesuffix(".weight") in job.source.linears
+    }
     config["quantization_config"] = {
-        "quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False, "bnb_4bit_quant_type": "nf4",
-        "bnb_4bit_use_double_quant": job.options.double_quant, "bnb_4bit_quant_storage": "uint8",
+        "quant_method": "bitsandbytes",
+        "load_in_4bit": True,
+        "load_in_8bit": False,
+        "bnb_4bit_quant_type": "nf4",
+        "bnb_4bit_use_double_quant": job.options.double_quant,
+        "bnb_4bit_quant_storage": "uint8",
         "bnb_4bit_compute_dtype": str(dtype.pop() if len(dtype) == 1 else torch.float32).removeprefix("torch."),
-        "llm_int8_skip_modules": sorted(set(job.source.linears) - set(job.targets))}
+        "llm_int8_skip_modules": sorted(set(job.source.linears) - set(job.targets)),
+    }
     return config
 
 
@@ -536,13 +648,17 @@ def _finish_peft(job: _Job, residuals: Sequence[str], adapters: Sequence[str]) -
 
     residual_dir, adapter_dir = os.path.join(job.output, "residual"), os.path.join(job.output, "adapter")
     total = sum(job.source.tensors[k].nbytes for k in job.source.tensors)
-    write_json(os.path.join(residual_dir, INDEX_NAME),
-               {"metadata": {"total_size": total}, "weight_map": _weight_map(job.output, residuals)})
+    write_json(
+        os.path.join(residual_dir, INDEX_NAME),
+        {"metadata": {"total_size": total}, "weight_map": _weight_map(job.output, residuals)},
+    )
     for entry in sorted(os.listdir(job.source.config_dir)):  # config, generation config, tokenizer
         path = os.path.join(job.source.config_dir, entry)
         if entry == "config.json" and job.options.quantize:
             write_json(os.path.join(residual_dir, entry), _bnb_config(job, path))
-        elif os.path.isfile(path) and not entry.endswith((".safetensors", ".bin", ".pt", ".pth")) and entry != INDEX_NAME:
+        elif (
+            os.path.isfile(path) and not entry.endswith((".safetensors", ".bin", ".pt", ".pth")) and entry != INDEX_NAME
+        ):
             shutil.copyfile(path, os.path.join(residual_dir, f".{entry}.tmp-{os.getpid()}"))
             os.replace(os.path.join(residual_dir, f".{entry}.tmp-{os.getpid()}"), os.path.join(residual_dir, entry))
     os.makedirs(adapter_dir, exist_ok=True)
@@ -551,14 +667,29 @@ def _finish_peft(job: _Job, residuals: Sequence[str], adapters: Sequence[str]) -
             with safe_open(os.path.join(job.output, rel), framework="pt") as f:
                 for key in f.keys():
                     writer.add(key, f.get_tensor(key))
-        names = sorted(key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
-                       for key in writer.keys() if key.endswith(".lora_A.weight"))
+        names = sorted(
+            key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+            for key in writer.keys()
+            if key.endswith(".lora_A.weight")
+        )
         writer.commit({"format": "pt"})
     o = job.options
     alpha = o.scale * o.rank
-    write_json(os.path.join(adapter_dir, "adapter_config.json"), {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM" if job.source.causal_lm else None,
-        "base_model_name_or_path": os.path.abspath(job.source.path), "r": o.rank,
-        "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha, "lora_dropout": 0.0,
-        "target_modules": names, "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
-        "init_lora_weights": True, "use_rslora": False, "use_dora": False})
+    write_json(
+        os.path.join(adapter_dir, "adapter_config.json"),
+        {
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM" if job.source.causal_lm else None,
+            "base_model_name_or_path": os.path.abspath(job.source.path),
+            "r": o.rank,
+            "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha,
+            "lora_dropout": 0.0,
+            "target_modules": names,
+            "bias": "none",
+            "fan_in_fan_out": False,
+            "inference_mode": True,
+            "init_lora_weights": True,
+            "use_rslora": False,
+            "use_dora": False,
+        },
+    )

@@ -2,6 +2,7 @@
 timing, the printed and Markdown tables, the targets table, and the results of a run written as
 <out>/<name>.json + <out>/<name>.png (atomically: a killed run leaves the previous files whole).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,6 +28,7 @@ _COMPARISONS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": ope
 
 
 # ---- where results go ---------------------------------------------------------------------------
+
 
 def project_root() -> Path:
     """The source checkout holding this package (it has bench/ and pyproject.toml beside
@@ -66,14 +68,16 @@ def _umask() -> int:
 
 # ---- command line and machine line ----------------------------------------------------------------
 
+
 def bench_parser(doc: str | None, quick: str | None) -> argparse.ArgumentParser:
     """An argument parser with the module's docstring as help, ``--out`` (results directory,
     default bench/results of the checkout) and, when ``quick`` (its help text) is given, ``--quick``."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     if quick is not None:
         parser.add_argument("--quick", action="store_true", help=quick)
-    parser.add_argument("--out", type=Path, default=None,
-                        help="directory for <benchmark>.json and .png (default: bench/results)")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="directory for <benchmark>.json and .png (default: bench/results)"
+    )
     return parser
 
 
@@ -100,12 +104,15 @@ def machine_description() -> str:
     """CPU model, cores, torch threads, the ISAs that run (ATen's and ours), GPU, torch version:
     every table of a benchmark is read against this line."""
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
-    return (f"{cpu_model()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, "
-            f"ATen CPU capability {torch.backends.cpu.get_cpu_capability()}, "
-            f"lowrank_kernels CPU ISA {lowrank_kernels_isa()}, GPU {gpu}; torch {torch.__version__}")
+    return (
+        f"{cpu_model()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, "
+        f"ATen CPU capability {torch.backends.cpu.get_cpu_capability()}, "
+        f"lowrank_kernels CPU ISA {lowrank_kernels_isa()}, GPU {gpu}; torch {torch.__version__}"
+    )
 
 
 # ---- timing -------------------------------------------------------------------------------------
+
 
 def _synchronize() -> None:
     if torch.cuda.is_available():
@@ -142,12 +149,14 @@ def round_robin(fns: dict[str, Callable[[], object]], rounds: int, warmup: int =
 
 # ---- tables -------------------------------------------------------------------------------------
 
+
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     """Plain-text table: first column left-aligned, the others right-aligned, a dashed rule."""
     cells = [[str(c) for c in row] for row in [headers, *rows]]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
-             for row in cells]
+    lines = [
+        "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in cells
+    ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
@@ -158,6 +167,7 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> Non
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]:
     """The lines of a GitHub Markdown table ("|" in a cell is escaped)."""
+
     def line(row):
         return "| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |"
 
@@ -180,8 +190,10 @@ class Target:
 
     def __post_init__(self):
         if (self.op is None) != (self.required is None) or (self.op is not None and self.op not in _COMPARISONS):
-            raise ValueError(f"target {self.name!r}: op must be one of {list(_COMPARISONS)} with a required value, "
-                             f"or None without one; got {self.op!r}, {self.required!r}")
+            raise ValueError(
+                f"target {self.name!r}: op must be one of {list(_COMPARISONS)} with a required value, "
+                f"or None without one; got {self.op!r}, {self.required!r}"
+            )
 
     @property
     def met(self) -> bool | None:
@@ -195,6 +207,7 @@ class Target:
 
 
 # ---- a run --------------------------------------------------------------------------------------
+
 
 class Run:
     """The printed output and the results file of one benchmark run.
@@ -211,10 +224,15 @@ class Run:
         self.argv = list(sys.argv[1:] if argv is None else argv)
         self.machine = machine_description()
         self.results: dict = {
-            "schema": SCHEMA, "benchmark": name,
+            "schema": SCHEMA,
+            "benchmark": name,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "argv": _without_out(self.argv), "quick": bool(getattr(args, "quick", False)),
-            "machine": self.machine, "tables": [], "notes": [], "targets": None,
+            "argv": _without_out(self.argv),
+            "quick": bool(getattr(args, "quick", False)),
+            "machine": self.machine,
+            "tables": [],
+            "notes": [],
+            "targets": None,
         }
         print(f"machine: {self.machine}")
         print(lk.format_build_info(), end="\n\n")
@@ -233,9 +251,13 @@ class Run:
         if self.results["targets"] is not None:
             raise RuntimeError(f"{self.name}: targets were already recorded")
         print(f"{title}\n{format_table(TARGET_HEADERS, [t.cells() for t in targets])}\n")
-        self.results["targets"] = {"title": title, "rows": [
-            dict(zip(TARGET_HEADERS, t.cells()), met=t.met, value=t.measured, op=t.op, bound=t.required)
-            for t in targets]}
+        self.results["targets"] = {
+            "title": title,
+            "rows": [
+                dict(zip(TARGET_HEADERS, t.cells()), met=t.met, value=t.measured, op=t.op, bound=t.required)
+                for t in targets
+            ],
+        }
 
     def finish(self, draw: Callable | None = None) -> int:
         """Writes the results (and the plot: ``draw(pyplot) -> Figure``); returns exit status 0."""
@@ -262,6 +284,7 @@ def _without_out(argv: list[str]) -> list[str]:
 
 
 # ---- plots --------------------------------------------------------------------------------------
+
 
 def pyplot():
     """matplotlib.pyplot on the file-only Agg backend (benchmarks run headless), or None when

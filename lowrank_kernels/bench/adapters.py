@@ -5,6 +5,7 @@ metrics; then QPiSSA vs LoftQ quantization error reduction (1 and 5 rounds) on t
 Usage: python -m lowrank_kernels.bench.adapters [--quick] [--init rsvd] [--rank 16] [--iters 5] [--dense]
        [--report] [--out DIR]   (writes adapters.json)
 """
+
 from __future__ import annotations
 
 import copy
@@ -35,17 +36,34 @@ def conversion_times(run: Run, args) -> float:
     for metrics in (False,) if args.quick else (False, True):
         model = copy.deepcopy(base)
         t0 = time.perf_counter()
-        report = convert_model(model, target_modules=r"encoder\..*", rank=args.rank, init=args.init,
-                               quantize=None if args.dense else "nf4", quant_iters=args.iters, metrics=metrics,
-                               progress=False)
+        report = convert_model(
+            model,
+            target_modules=r"encoder\..*",
+            rank=args.rank,
+            init=args.init,
+            quantize=None if args.dense else "nf4",
+            quant_iters=args.iters,
+            metrics=metrics,
+            progress=False,
+        )
         seconds_of[metrics] = time.perf_counter() - t0
-        rows.append([f"metrics={metrics}", len(report), f"{seconds_of[metrics]:.2f}", f"{report.metric_seconds:.2f}",
-                     "yes" if seconds_of[metrics] <= TARGET_SECONDS else "NO"])
+        rows.append(
+            [
+                f"metrics={metrics}",
+                len(report),
+                f"{seconds_of[metrics]:.2f}",
+                f"{report.metric_seconds:.2f}",
+                "yes" if seconds_of[metrics] <= TARGET_SECONDS else "NO",
+            ]
+        )
         if metrics and args.report:
             print(report, "\n")
-    run.table(f"conversion of the MiniLM encoder, init {args.init}, rank {args.rank}, "
-              f"{'dense' if args.dense else f'NF4, {args.iters} rounds'}",
-              ["conversion", "layers", "seconds", "of which metrics", f"<= {TARGET_SECONDS:g} s"], rows)
+    run.table(
+        f"conversion of the MiniLM encoder, init {args.init}, rank {args.rank}, "
+        f"{'dense' if args.dense else f'NF4, {args.iters} rounds'}",
+        ["conversion", "layers", "seconds", "of which metrics", f"<= {TARGET_SECONDS:g} s"],
+        rows,
+    )
     return seconds_of[False]
 
 
@@ -57,22 +75,31 @@ def qpissa_vs_loftq(run: Run, args) -> None:
     for _, w in sorted(weights.items()):
         groups.setdefault(tuple(w.shape), []).append(w)
     rows = []
-    for label, factors, iters in [("QPiSSA", qpissa_factors, 1), ("QPiSSA", qpissa_factors, 5),
-                                  ("LoftQ", loftq_factors, 1), ("LoftQ", loftq_factors, 5)]:
+    for label, factors, iters in [
+        ("QPiSSA", qpissa_factors, 1),
+        ("QPiSSA", qpissa_factors, 5),
+        ("LoftQ", loftq_factors, 1),
+        ("LoftQ", loftq_factors, 5),
+    ]:
         values = []
         for ws in groups.values():
             W = torch.stack(ws)
-            A, B, residual = factors(W, args.rank, iters=iters,
-                                     generator=[torch.Generator().manual_seed(i) for i in range(len(ws))])
+            A, B, residual = factors(
+                W, args.rank, iters=iters, generator=[torch.Generator().manual_seed(i) for i in range(len(ws))]
+            )
             values += quantization_error_reduction(W, residual, A, B).tolist()
         rows.append([label, iters, f"{statistics.mean(values):.1%}", f"{min(values):.1%}", f"{max(values):.1%}"])
-    run.table(f"quantization error reduction, {len(weights)} MiniLM linears, rank {args.rank}, rsvd refits, "
-              "NF4 blocksize 64", ["method", "rounds", "mean", "min", "max"], rows)
+    run.table(
+        f"quantization error reduction, {len(weights)} MiniLM linears, rank {args.rank}, rsvd refits, NF4 blocksize 64",
+        ["method", "rounds", "mean", "min", "max"],
+        rows,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = bench_parser(__doc__, quick="conversion without metrics only; error reduction on encoder layer 0's "
-                                         "six linears")
+    parser = bench_parser(
+        __doc__, quick="conversion without metrics only; error reduction on encoder layer 0's six linears"
+    )
     parser.add_argument("--init", default="rsvd")
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--iters", type=int, default=5, help="QPiSSA rounds (quant_iters)")
@@ -82,8 +109,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     run = Run("adapters", args, argv)
     seconds = conversion_times(run, args)
     qpissa_vs_loftq(run, args)
-    run.targets("targets", [Target("36 MiniLM linears converted (no metrics) in seconds", seconds, "<=",
-                                   TARGET_SECONDS, "{:.2f}")])
+    run.targets(
+        "targets",
+        [Target("36 MiniLM linears converted (no metrics) in seconds", seconds, "<=", TARGET_SECONDS, "{:.2f}")],
+    )
     return run.finish()
 
 

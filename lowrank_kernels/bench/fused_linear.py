@@ -13,6 +13,7 @@ Usage: python -m lowrank_kernels.bench.fused_linear [--quick] [--shapes 4096x409
        [--tokens 1,8,512,2048] [--dtype fp32] [--out DIR]
 On a GPU machine the same module measures on the GPU. Writes fused_linear.json / .png.
 """
+
 from __future__ import annotations
 
 import sys
@@ -31,7 +32,7 @@ SCALE = 0.5
 
 
 def parse_shapes(text: str) -> list[tuple[int, int]]:
-    """"4096x11008" -> (out_features, in_features) = (4096, 11008)."""
+    """ "4096x11008" -> (out_features, in_features) = (4096, 11008)."""
     return [tuple(int(v) for v in item.split("x")) for item in text.split(",")]
 
 
@@ -44,7 +45,7 @@ class Layer:
         self.q = lk.quantize_nf4(w)
         self.dense = self.q.dequantize().to(dtype)
         self.A = (torch.randn(out_features, rank, generator=g) / rank).to(device, dtype).requires_grad_()
-        self.B = (torch.randn(rank, in_features, generator=g) / in_features ** 0.5).to(device, dtype).requires_grad_()
+        self.B = (torch.randn(rank, in_features, generator=g) / in_features**0.5).to(device, dtype).requires_grad_()
         self.bnb_weight, self.bnb_state = self.q.to_bnb()
         self.dtype = dtype
 
@@ -66,15 +67,18 @@ class Layer:
 def make_step(layer: Layer, method: str, tokens: int, backward: bool):
     x = torch.randn(tokens, layer.dense.shape[1], device=layer.dense.device, dtype=layer.dtype)
     if not backward:
+
         def step():
             with torch.no_grad():
                 layer.forward(method, x)
+
         return step
     x.requires_grad_()
     grad = torch.randn(tokens, layer.dense.shape[0], device=x.device, dtype=x.dtype)
 
     def step():
         torch.autograd.backward(layer.forward(method, x), grad, inputs=[x, layer.A, layer.B])
+
     return step
 
 
@@ -105,8 +109,13 @@ def h100_bytes(out_features: int, in_features: int, rank: int, tokens: int, bloc
     adapter = 2 * rank * (out_features + in_features)
     lowrank = 2 * tokens * rank
     fused = nf4 + x + y + adapter + lowrank * 2  # + x B^T written and read back
-    unfused = (nf4 + 2 * n) + (2 * n + x + y) + (x + 2 * rank * in_features + lowrank) \
-        + (lowrank + 2 * rank * out_features + y) + 3 * y  # dequant, GEMM, x B^T, (.)A^T, add
+    unfused = (
+        (nf4 + 2 * n)
+        + (2 * n + x + y)
+        + (x + 2 * rank * in_features + lowrank)
+        + (lowrank + 2 * rank * out_features + y)
+        + 3 * y
+    )  # dequant, GEMM, x B^T, (.)A^T, add
     return fused, unfused
 
 
@@ -123,8 +132,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.quick:
         configs = [((4096, 4096), 16, [1, 512])]
     else:
-        configs = [(shape, int(r), [int(t) for t in args.tokens.split(",")])
-                   for shape in parse_shapes(args.shapes) for r in args.ranks.split(",")]
+        configs = [
+            (shape, int(r), [int(t) for t in args.tokens.split(",")])
+            for shape in parse_shapes(args.shapes)
+            for r in args.ranks.split(",")
+        ]
     run = Run("fused_linear", args, argv)
 
     results = {}  # (shape, r, tokens, backward, method) -> seconds
@@ -137,41 +149,82 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for m, t in times.items():
                     results[(shape, rank, tokens, backward, m)] = t
                 mode = "fwd+bwd" if backward else "fwd"
-                rows.append([f"{shape[0]}x{shape[1]}", rank, tokens, mode]
-                            + [f"{times[m] * 1e3:.2f}" for m in METHODS]
-                            + [f"{times['dense+LoRA'] / times['fused']:.2f}x", f"{times['bnb+LoRA'] / times['fused']:.1f}x",
-                               throughput(layer, "fused", tokens, times["fused"], backward)])
+                rows.append(
+                    [f"{shape[0]}x{shape[1]}", rank, tokens, mode]
+                    + [f"{times[m] * 1e3:.2f}" for m in METHODS]
+                    + [
+                        f"{times['dense+LoRA'] / times['fused']:.2f}x",
+                        f"{times['bnb+LoRA'] / times['fused']:.1f}x",
+                        throughput(layer, "fused", tokens, times["fused"], backward),
+                    ]
+                )
                 print(f"  measured {shape} r={rank} tokens={tokens} {mode}", file=sys.stderr, flush=True)
         del layer
 
-    run.table(f"fused_pissa_linear, {args.dtype} activations, NF4 blocksize 64, scale {SCALE}, device {device} "
-              "(median of round-robin wall times, ms; speed-up = other / fused)",
-              ["W_res [out x in]", "r", "tokens", "pass", *METHODS, "vs dense", "vs bnb", "fused throughput"], rows)
+    run.table(
+        f"fused_pissa_linear, {args.dtype} activations, NF4 blocksize 64, scale {SCALE}, device {device} "
+        "(median of round-robin wall times, ms; speed-up = other / fused)",
+        ["W_res [out x in]", "r", "tokens", "pass", *METHODS, "vs dense", "vs bnb", "fused throughput"],
+        rows,
+    )
 
     h100_rows = []
     for shape, rank, token_list in configs:
         for tokens in token_list:
             fused, unfused = h100_bytes(*shape, rank, tokens)
-            h100_rows.append([f"{shape[0]}x{shape[1]}", rank, tokens, f"{fused / 2**20:.1f}", f"{unfused / 2**20:.1f}",
-                              f"{fused / H100_BANDWIDTH * 1e6:.1f}", f"{unfused / H100_BANDWIDTH * 1e6:.1f}",
-                              f"{unfused / fused:.2f}x"])
-    run.table("H100 (3.35 TB/s), bf16 forward: analytic minimum bytes moved",
-              ["W_res", "r", "tokens", "fused MiB", "unfused MiB", "fused us", "unfused us", "ratio"], h100_rows)
+            h100_rows.append(
+                [
+                    f"{shape[0]}x{shape[1]}",
+                    rank,
+                    tokens,
+                    f"{fused / 2**20:.1f}",
+                    f"{unfused / 2**20:.1f}",
+                    f"{fused / H100_BANDWIDTH * 1e6:.1f}",
+                    f"{unfused / H100_BANDWIDTH * 1e6:.1f}",
+                    f"{unfused / fused:.2f}x",
+                ]
+            )
+    run.table(
+        "H100 (3.35 TB/s), bf16 forward: analytic minimum bytes moved",
+        ["W_res", "r", "tokens", "fused MiB", "unfused MiB", "fused us", "unfused us", "ratio"],
+        h100_rows,
+    )
 
     key = ((4096, 4096), 16)
     if all((*key, t, False, "fused") in results for t in (1, 512)) and args.dtype == "fp32":
         r = lambda t, bwd, m: results[(*key, t, bwd, m)]  # noqa: E731
-        run.targets(f"targets (4096x4096, r=16, fp32, {device})", [
-            Target("1 token fwd: speed-up vs bitsandbytes + LoRA", r(1, False, "bnb+LoRA") / r(1, False, "fused"),
-                   ">=", 20.0),
-            Target("1 token fwd: speed-up vs dense F.linear + LoRA", r(1, False, "dense+LoRA") / r(1, False, "fused"),
-                   ">=", 2.0),
-            Target("512 tokens fwd: time / dense F.linear + LoRA", r(512, False, "fused") / r(512, False, "dense+LoRA"),
-                   "<=", 1.15),
-            Target("512 tokens fwd: speed-up vs bitsandbytes + LoRA", r(512, False, "bnb+LoRA") / r(512, False, "fused"),
-                   ">", 1.0),
-            Target("512 tokens fwd+bwd: time / dense", r(512, True, "fused") / r(512, True, "dense+LoRA"), "<=", 1.3),
-        ])
+        run.targets(
+            f"targets (4096x4096, r=16, fp32, {device})",
+            [
+                Target(
+                    "1 token fwd: speed-up vs bitsandbytes + LoRA",
+                    r(1, False, "bnb+LoRA") / r(1, False, "fused"),
+                    ">=",
+                    20.0,
+                ),
+                Target(
+                    "1 token fwd: speed-up vs dense F.linear + LoRA",
+                    r(1, False, "dense+LoRA") / r(1, False, "fused"),
+                    ">=",
+                    2.0,
+                ),
+                Target(
+                    "512 tokens fwd: time / dense F.linear + LoRA",
+                    r(512, False, "fused") / r(512, False, "dense+LoRA"),
+                    "<=",
+                    1.15,
+                ),
+                Target(
+                    "512 tokens fwd: speed-up vs bitsandbytes + LoRA",
+                    r(512, False, "bnb+LoRA") / r(512, False, "fused"),
+                    ">",
+                    1.0,
+                ),
+                Target(
+                    "512 tokens fwd+bwd: time / dense", r(512, True, "fused") / r(512, True, "dense+LoRA"), "<=", 1.3
+                ),
+            ],
+        )
     return run.finish(lambda plt: plot(plt, results, configs))
 
 
@@ -182,8 +235,13 @@ def plot(plt, results, configs):
             ax = axes[row][col]
             for m in METHODS:
                 ax.plot(token_list, [results[(shape, rank, t, backward, m)] * 1e3 for t in token_list], "o-", label=m)
-            ax.set(xscale="log", yscale="log", xlabel="tokens", ylabel="ms",
-                   title=f"{shape[0]}x{shape[1]} r={rank} {'fwd+bwd' if backward else 'fwd'}")
+            ax.set(
+                xscale="log",
+                yscale="log",
+                xlabel="tokens",
+                ylabel="ms",
+                title=f"{shape[0]}x{shape[1]} r={rank} {'fwd+bwd' if backward else 'fwd'}",
+            )
             ax.grid(True, which="both", alpha=0.3)
     axes[0][0].legend()
     return fig

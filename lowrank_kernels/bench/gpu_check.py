@@ -14,6 +14,7 @@ Without a GPU it says so in one line and exits 0.
 
 Usage: python -m lowrank_kernels.bench.gpu_check [--out DIR] [--skip-tests]  (the tests need the checkout)
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -95,6 +96,7 @@ class Report:
 
 # ---- the GPU ---------------------------------------------------------------------------------------
 
+
 def peak_bandwidth(device: torch.device) -> float | None:
     """Theoretical DRAM bandwidth in bytes/s: 2 transfers per memory clock × bus width (the figure
     vendors quote: 3.35 TB/s on an H100 SXM); None on a CPU."""
@@ -109,6 +111,7 @@ def device_name(device: torch.device) -> str:
 
 
 # ---- step 1: the suite on CUDA ---------------------------------------------------------------------
+
 
 def run_suite(name: str, args: list[str], env: dict[str, str], timeout: float) -> SuiteRun:
     """pytest ``args`` in a subprocess with environment ``env``; counts from its JUnit XML."""
@@ -144,17 +147,27 @@ def run_suites(timeout: float = SUITE_TIMEOUT_S) -> list[SuiteRun]:
 
 # ---- steps 2-4: benchmarks -------------------------------------------------------------------------
 
+
 def decode_bytes(layer: Layer, tokens: int) -> int:
     """Minimum bytes one fused forward must move: the NF4 residual and its absmax, x, y, the adapter."""
     out_features, in_features = layer.dense.shape
     element = layer.dense.element_size()
     adapter = (layer.A.numel() + layer.B.numel()) * element
-    return layer.dense.numel() // 2 + layer.q.block_absmax().nbytes + tokens * (in_features + out_features) * element \
+    return (
+        layer.dense.numel() // 2
+        + layer.q.block_absmax().nbytes
+        + tokens * (in_features + out_features) * element
         + adapter
+    )
 
 
-def bench_fused(device: torch.device, configs=FUSED_CONFIGS, dtype=torch.bfloat16, seconds: float = 1.0,
-                bandwidth: float | None = None) -> list[FusedRow]:
+def bench_fused(
+    device: torch.device,
+    configs=FUSED_CONFIGS,
+    dtype=torch.bfloat16,
+    seconds: float = 1.0,
+    bandwidth: float | None = None,
+) -> list[FusedRow]:
     rows = []
     for shape, rank, token_counts in configs:
         layer = Layer(*shape, rank, dtype, device)
@@ -175,8 +188,11 @@ def bench_dequantize(device: torch.device, shapes=((4096, 4096), (11008, 4096)),
         q = lk.quantize_nf4(w)
         packed, state = bnb.quantize_4bit(w, quant_type="nf4", blocksize=q.blocksize)
         t = round_robin({"ours": q.dequantize, "bnb": lambda: bnb.dequantize_4bit(packed, state)}, rounds)
-        rows.append(PairRow(f"dequantize NF4 {shape[0]}x{shape[1]} -> bf16", t["ours"],
-                            "bitsandbytes dequantize_4bit", t["bnb"]))
+        rows.append(
+            PairRow(
+                f"dequantize NF4 {shape[0]}x{shape[1]} -> bf16", t["ours"], "bitsandbytes dequantize_4bit", t["bnb"]
+            )
+        )
     return rows
 
 
@@ -197,6 +213,7 @@ def bench_batching(device: torch.device, configs=BATCH_CONFIGS, rounds: int = 5)
 
 # ---- the report ------------------------------------------------------------------------------------
 
+
 def _ms(seconds: float) -> str:
     return f"{seconds * 1e3:.3f}"
 
@@ -204,27 +221,75 @@ def _ms(seconds: float) -> str:
 def format_report(report: Report) -> str:
     """The report as Markdown."""
     bandwidth = f"{report.peak_bandwidth / 1e12:.2f} TB/s" if report.peak_bandwidth else "n/a"
-    lines = [f"# gpu-check on {report.device_name}", "",
-             f"- device: {report.device} ({report.device_name}), peak DRAM bandwidth {bandwidth}",
-             f"- machine: {report.machine}", f"- total time: {report.seconds:.0f} s", "",
-             "## Test suite on the GPU", ""]
-    lines += markdown_table(["suite", "tests", "failures", "errors", "skipped", "seconds", "status"], [
-        [s.name, str(s.tests), str(s.failures), str(s.errors), str(s.skipped), f"{s.seconds:.0f}",
-         "TIMED OUT" if s.timed_out else ("ok" if s.failures + s.errors == 0 else "FAILED")] for s in report.suites])
-    lines += ["", "## Fused NF4 + LoRA forward vs cuBLAS and bitsandbytes (bf16)", "",
-              "ratio = fused time / baseline time (< 1: fused is faster); HBM share at one token = "
-              "minimum bytes (NF4 weight + absmax + x + y + adapter) / time / peak bandwidth.", ""]
-    lines += markdown_table(["OUTxIN", "r", "tokens", "fused ms", "cuBLAS dense+LoRA ms", "bnb matmul_4bit+LoRA ms",
-                     "fused / cuBLAS", "fused / bnb", "HBM share"], [
-        [f"{r.shape[0]}x{r.shape[1]}", str(r.rank), str(r.tokens), _ms(r.seconds["fused"]),
-         _ms(r.seconds["dense+LoRA"]), _ms(r.seconds["bnb+LoRA"]),
-         f"{r.seconds['fused'] / r.seconds['dense+LoRA']:.2f}", f"{r.seconds['fused'] / r.seconds['bnb+LoRA']:.2f}",
-         f"{r.hbm_share:.0%}" if r.hbm_share is not None else "-"] for r in report.fused])
-    for title, rows in (("NF4 dequantize vs bitsandbytes", report.dequantize),
-                        ("Batched vs one call per matrix", report.batching)):
+    lines = [
+        f"# gpu-check on {report.device_name}",
+        "",
+        f"- device: {report.device} ({report.device_name}), peak DRAM bandwidth {bandwidth}",
+        f"- machine: {report.machine}",
+        f"- total time: {report.seconds:.0f} s",
+        "",
+        "## Test suite on the GPU",
+        "",
+    ]
+    lines += markdown_table(
+        ["suite", "tests", "failures", "errors", "skipped", "seconds", "status"],
+        [
+            [
+                s.name,
+                str(s.tests),
+                str(s.failures),
+                str(s.errors),
+                str(s.skipped),
+                f"{s.seconds:.0f}",
+                "TIMED OUT" if s.timed_out else ("ok" if s.failures + s.errors == 0 else "FAILED"),
+            ]
+            for s in report.suites
+        ],
+    )
+    lines += [
+        "",
+        "## Fused NF4 + LoRA forward vs cuBLAS and bitsandbytes (bf16)",
+        "",
+        "ratio = fused time / baseline time (< 1: fused is faster); HBM share at one token = "
+        "minimum bytes (NF4 weight + absmax + x + y + adapter) / time / peak bandwidth.",
+        "",
+    ]
+    lines += markdown_table(
+        [
+            "OUTxIN",
+            "r",
+            "tokens",
+            "fused ms",
+            "cuBLAS dense+LoRA ms",
+            "bnb matmul_4bit+LoRA ms",
+            "fused / cuBLAS",
+            "fused / bnb",
+            "HBM share",
+        ],
+        [
+            [
+                f"{r.shape[0]}x{r.shape[1]}",
+                str(r.rank),
+                str(r.tokens),
+                _ms(r.seconds["fused"]),
+                _ms(r.seconds["dense+LoRA"]),
+                _ms(r.seconds["bnb+LoRA"]),
+                f"{r.seconds['fused'] / r.seconds['dense+LoRA']:.2f}",
+                f"{r.seconds['fused'] / r.seconds['bnb+LoRA']:.2f}",
+                f"{r.hbm_share:.0%}" if r.hbm_share is not None else "-",
+            ]
+            for r in report.fused
+        ],
+    )
+    for title, rows in (
+        ("NF4 dequantize vs bitsandbytes", report.dequantize),
+        ("Batched vs one call per matrix", report.batching),
+    ):
         lines += ["", f"## {title}", ""]
-        lines += markdown_table(["what", "ours ms", "baseline", "baseline ms", "speed-up"], [
-            [r.what, _ms(r.ours_s), r.baseline, _ms(r.baseline_s), f"{r.baseline_s / r.ours_s:.2f}x"] for r in rows])
+        lines += markdown_table(
+            ["what", "ours ms", "baseline", "baseline ms", "speed-up"],
+            [[r.what, _ms(r.ours_s), r.baseline, _ms(r.baseline_s), f"{r.baseline_s / r.ours_s:.2f}x"] for r in rows],
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -237,9 +302,16 @@ def write_report(report: Report, path: Path) -> None:
 def collect(device: torch.device, run_tests: bool = True) -> Report:
     start = time.perf_counter()
     bandwidth = peak_bandwidth(device)
-    report = Report(device.type, device_name(device), bandwidth, machine_description(),
-                    run_suites() if run_tests else [], bench_fused(device, bandwidth=bandwidth),
-                    bench_dequantize(device), bench_batching(device))
+    report = Report(
+        device.type,
+        device_name(device),
+        bandwidth,
+        machine_description(),
+        run_suites() if run_tests else [],
+        bench_fused(device, bandwidth=bandwidth),
+        bench_dequantize(device),
+        bench_batching(device),
+    )
     report.seconds = time.perf_counter() - start
     return report
 

@@ -6,6 +6,7 @@ All operations are timed round-robin (median of the rounds). Allocating dequanti
 steady state, where our output comes from the CPU output cache (lowrank_kernels.output_cache),
 and apart on fresh pages, where page faults dominate.
 """
+
 from __future__ import annotations
 
 import sys
@@ -43,15 +44,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     packed, state = bnb.quantize_4bit(w, quant_type="nf4", blocksize=bs)
     out = torch.empty_like(w)
     src, dst = torch.randn_like(w), torch.empty_like(w)
-    t = round_robin({
-        COPY: lambda: dst.copy_(src),
-        QUANTIZE_OURS: lambda: lk.quantize_nf4(w, bs),
-        QUANTIZE_BNB: lambda: bnb.quantize_4bit(w, quant_type="nf4", blocksize=bs),
-        DEQUANTIZE_OURS: lambda: lk.dequantize_nf4(q),
-        DEQUANTIZE_FRESH: lambda: (lk.empty_output_cache(), lk.dequantize_nf4(q)),
-        DEQUANTIZE_BNB: lambda: bnb.dequantize_4bit(packed, state),
-        DEQUANTIZE_OUT: lambda: q.dequantize(out=out),
-    }, rounds=5 if args.quick else 15, warmup=1)
+    t = round_robin(
+        {
+            COPY: lambda: dst.copy_(src),
+            QUANTIZE_OURS: lambda: lk.quantize_nf4(w, bs),
+            QUANTIZE_BNB: lambda: bnb.quantize_4bit(w, quant_type="nf4", blocksize=bs),
+            DEQUANTIZE_OURS: lambda: lk.dequantize_nf4(q),
+            DEQUANTIZE_FRESH: lambda: (lk.empty_output_cache(), lk.dequantize_nf4(q)),
+            DEQUANTIZE_BNB: lambda: bnb.dequantize_4bit(packed, state),
+            DEQUANTIZE_OUT: lambda: q.dequantize(out=out),
+        },
+        rounds=5 if args.quick else 15,
+        warmup=1,
+    )
 
     copy_bw = 2 * w.nbytes / t[COPY] / 1e9
     deq_bytes = q.packed.nbytes + q.absmax.nbytes + w.nbytes  # read codes + absmax, write fp32
@@ -61,19 +66,44 @@ def main(argv: Sequence[str] | None = None) -> int:
             return f"{copy_bw:.1f}"
         return f"{deq_bytes / t[name] / 1e9:.1f}" if name.startswith("dequantize") else "-"
 
-    run.table(f"NF4 {rows}x{cols} fp32, blocksize {bs} (median of round-robin wall times)",
-              ["operation", "time [ms]", "GB/s"], [[k, f"{v * 1e3:.2f}", bandwidth(k)] for k, v in t.items()])
-    run.targets("targets", [
-        Target("quantize speed-up vs bitsandbytes", t[QUANTIZE_BNB] / t[QUANTIZE_OURS], ">=", 20, "{:.1f}x"),
-        Target("dequantize speed-up vs bitsandbytes (allocating; ours steady state, output cache)",
-               t[DEQUANTIZE_BNB] / t[DEQUANTIZE_OURS], ">=", 5, "{:.1f}x"),
-        Target("dequantize speed-up vs bitsandbytes (allocating; ours on fresh pages every call)",
-               t[DEQUANTIZE_BNB] / t[DEQUANTIZE_FRESH], None, fmt="{:.1f}x"),
-        Target("dequantize speed-up vs bitsandbytes (ours into out=; bnb has no CPU out=)",
-               t[DEQUANTIZE_BNB] / t[DEQUANTIZE_OUT], ">=", 5, "{:.1f}x"),
-        Target("dequantize bandwidth / copy bandwidth (into out=)", deq_bytes / t[DEQUANTIZE_OUT] / 1e9 / copy_bw,
-               ">=", 0.5, "{:.0%}"),
-    ])
+    run.table(
+        f"NF4 {rows}x{cols} fp32, blocksize {bs} (median of round-robin wall times)",
+        ["operation", "time [ms]", "GB/s"],
+        [[k, f"{v * 1e3:.2f}", bandwidth(k)] for k, v in t.items()],
+    )
+    run.targets(
+        "targets",
+        [
+            Target("quantize speed-up vs bitsandbytes", t[QUANTIZE_BNB] / t[QUANTIZE_OURS], ">=", 20, "{:.1f}x"),
+            Target(
+                "dequantize speed-up vs bitsandbytes (allocating; ours steady state, output cache)",
+                t[DEQUANTIZE_BNB] / t[DEQUANTIZE_OURS],
+                ">=",
+                5,
+                "{:.1f}x",
+            ),
+            Target(
+                "dequantize speed-up vs bitsandbytes (allocating; ours on fresh pages every call)",
+                t[DEQUANTIZE_BNB] / t[DEQUANTIZE_FRESH],
+                None,
+                fmt="{:.1f}x",
+            ),
+            Target(
+                "dequantize speed-up vs bitsandbytes (ours into out=; bnb has no CPU out=)",
+                t[DEQUANTIZE_BNB] / t[DEQUANTIZE_OUT],
+                ">=",
+                5,
+                "{:.1f}x",
+            ),
+            Target(
+                "dequantize bandwidth / copy bandwidth (into out=)",
+                deq_bytes / t[DEQUANTIZE_OUT] / 1e9 / copy_bw,
+                ">=",
+                0.5,
+                "{:.0%}",
+            ),
+        ],
+    )
     return run.finish(lambda plt: plot(plt, t))
 
 

@@ -11,6 +11,7 @@ timed run with that budget (IRLS sweeps, Adam steps).
 
 Usage: python -m lowrank_kernels.bench.robust [--quick] [--out DIR] (writes robust.json / .png)
 """
+
 from __future__ import annotations
 
 import math
@@ -63,12 +64,15 @@ def minilm_target(W, rank, quick, rows, curves, targets):
     irls_mae = mae(W, A, B)
     svd_t, A, B = truncated_svd(W, rank)
     name = f"MiniLM intermediate 1536x384 r={rank}"
-    rows += [[name, "truncated SVD", "-", f"{svd_t * 1e3:.1f}", f"{mae(W, A, B):.6f}"],
-             [name, f"seed (Adam, {SEED_STEPS} steps)", SEED_STEPS, f"{seed_t * 1e3:.1f}", f"{seed_mae:.6f}"],
-             [name, "huber_factorize (IRLS)", "tol 1e-6", f"{irls_t * 1e3:.1f}", f"{irls_mae:.6f}"]]
-    targets += [Target("MiniLM 1536x384 r=8: IRLS MAE <= seed MAE (2000 Adam steps)", irls_mae, "<=", seed_mae,
-                       "{:.6f}"),
-                Target("MiniLM 1536x384 r=8: IRLS time / seed time", irls_t / seed_t, "<=", 0.1, "{:.3f}")]
+    rows += [
+        [name, "truncated SVD", "-", f"{svd_t * 1e3:.1f}", f"{mae(W, A, B):.6f}"],
+        [name, f"seed (Adam, {SEED_STEPS} steps)", SEED_STEPS, f"{seed_t * 1e3:.1f}", f"{seed_mae:.6f}"],
+        [name, "huber_factorize (IRLS)", "tol 1e-6", f"{irls_t * 1e3:.1f}", f"{irls_mae:.6f}"],
+    ]
+    targets += [
+        Target("MiniLM 1536x384 r=8: IRLS MAE <= seed MAE (2000 Adam steps)", irls_mae, "<=", seed_mae, "{:.6f}"),
+        Target("MiniLM 1536x384 r=8: IRLS time / seed time", irls_t / seed_t, "<=", 0.1, "{:.3f}"),
+    ]
     sweeps = [0, 1, 2, 4, 8, 16, 32] if not quick else [0, 2, 8]
     steps = [125, 250, 500, 1000, SEED_STEPS] if not quick else [250, SEED_STEPS]
     curves[name] = {
@@ -118,17 +122,24 @@ def batched_case(run, targets):
     times = round_robin({"batched": batched_call, "loop": loop}, rounds=5)
     batched_t, loop_t = times["batched"], times["loop"]
     batched, looped = batched_call(), loop()
-    worst = max(abs(mae(W, batched.A[i], batched.B[i]) - mae(W, r.A, r.B)) / mae(W, r.A, r.B)
-                for i, (W, r) in enumerate(zip(weights, looped)))
+    worst = max(
+        abs(mae(W, batched.A[i], batched.B[i]) - mae(W, r.A, r.B)) / mae(W, r.A, r.B)
+        for i, (W, r) in enumerate(zip(weights, looped))
+    )
     bitwise = all(torch.equal(batched.A[i], r.A) and torch.equal(batched.B[i], r.B) for i, r in enumerate(looped))
-    run.table(f"batched: {len(weights)} MiniLM 384x384 matrices, rank {rank} (median of 5 round-robin rounds)",
-              ["call", "time [ms]", "per matrix [ms]"],
-              [["one batched call", f"{batched_t * 1e3:.1f}", f"{batched_t * 1e3 / len(weights):.2f}"],
-               ["loop of calls", f"{loop_t * 1e3:.1f}", f"{loop_t * 1e3 / len(weights):.2f}"]])
+    run.table(
+        f"batched: {len(weights)} MiniLM 384x384 matrices, rank {rank} (median of 5 round-robin rounds)",
+        ["call", "time [ms]", "per matrix [ms]"],
+        [
+            ["one batched call", f"{batched_t * 1e3:.1f}", f"{batched_t * 1e3 / len(weights):.2f}"],
+            ["loop of calls", f"{loop_t * 1e3:.1f}", f"{loop_t * 1e3 / len(weights):.2f}"],
+        ],
+    )
     run.note(f"largest relative MAE difference batched vs loop: {worst:.2e}; bitwise equal A, B: {bitwise}")
     kernel_split(run, {"one batched call": batched_call, "loop of calls": loop}, rounds=3)
-    targets.append(Target(f"{len(weights)} MiniLM 384x384 r=8: loop time / batched time", loop_t / batched_t,
-                          ">=", 3.0))
+    targets.append(
+        Target(f"{len(weights)} MiniLM 384x384 r=8: loop time / batched time", loop_t / batched_t, ">=", 3.0)
+    )
 
 
 def kernel_split(run, calls, rounds):
@@ -137,16 +148,27 @@ def kernel_split(run, calls, rounds):
     on the same matrices; batching can only remove time spent outside them, so loop wall time /
     batched time in ops bounds what any batched driver of these kernels reaches."""
     inside = {name: [] for name in calls}
-    wall = round_robin({name: (lambda name=name, call=call: inside[name].append(kernel_seconds(call)))
-                        for name, call in calls.items()}, rounds=rounds)
+    wall = round_robin(
+        {
+            name: (lambda name=name, call=call: inside[name].append(kernel_seconds(call)))
+            for name, call in calls.items()
+        },
+        rounds=rounds,
+    )
     in_ops = {name: statistics.median(seconds) for name, seconds in inside.items()}
-    run.table(f"time inside the compiled ops (median of {rounds} more round-robin rounds, each op call timed)",
-              ["call", "time [ms]", "in ops [ms]", "outside ops [ms]"],
-              [[name, f"{wall[name] * 1e3:.1f}", f"{in_ops[name] * 1e3:.1f}",
-                f"{(wall[name] - in_ops[name]) * 1e3:.1f}"] for name in calls])
+    run.table(
+        f"time inside the compiled ops (median of {rounds} more round-robin rounds, each op call timed)",
+        ["call", "time [ms]", "in ops [ms]", "outside ops [ms]"],
+        [
+            [name, f"{wall[name] * 1e3:.1f}", f"{in_ops[name] * 1e3:.1f}", f"{(wall[name] - in_ops[name]) * 1e3:.1f}"]
+            for name in calls
+        ],
+    )
     batched, loop = calls
-    run.note(f"bound on loop / batched if the batched call spent no time outside the ops: "
-             f"{wall[loop] / in_ops[batched]:.2f}x")
+    run.note(
+        f"bound on loop / batched if the batched call spent no time outside the ops: "
+        f"{wall[loop] / in_ops[batched]:.2f}x"
+    )
 
 
 def kernel_seconds(call) -> float:
@@ -166,6 +188,7 @@ def kernel_seconds(call) -> float:
                 return kernel(*args, **kwargs)
             finally:
                 spent += time.perf_counter() - start
+
         return run
 
     ops.op = timed
@@ -183,12 +206,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows, curves, targets = [], {}, []
     W = minilm_linear_weights()["encoder.layer.0.intermediate.dense.weight"].contiguous()
     minilm_target(W, 8, args.quick, rows, curves, targets)
-    run.table("final MAE and time (delta 1e-3 on MiniLM; default delta on the synthetic case)",
-              ["matrix", "method", "iterations", "time [ms]", "MAE"], rows)
+    run.table(
+        "final MAE and time (delta 1e-3 on MiniLM; default delta on the synthetic case)",
+        ["matrix", "method", "iterations", "time [ms]", "MAE"],
+        rows,
+    )
     synthetic = []
     outliers_case(synthetic, args.quick)
-    run.table("recovery of the low-rank part L from W = L + S (S: 1 % of entries ±10)",
-              ["matrix", "method", "iterations", "time [ms]", "MAE", "‖AB − L‖/‖L‖"], synthetic)
+    run.table(
+        "recovery of the low-rank part L from W = L + S (S: 1 % of entries ±10)",
+        ["matrix", "method", "iterations", "time [ms]", "MAE", "‖AB − L‖/‖L‖"],
+        synthetic,
+    )
     batched_case(run, targets)
     run.targets("targets", targets)
     return run.finish(lambda plt: plot(plt, curves))

@@ -14,6 +14,7 @@ layers decomposed at once) and is deterministic for a given ``torch.Generator``.
   choice of the core ``U``; `cur_factors` gives the PiSSA-style split ``A = C``, ``B = U R``.
 * `random_pissa_factors` (seed report §3): principal components plus randomly chosen minor ones.
 """
+
 from lowrank_kernels._random import Generators
 from lowrank_kernels.decompose._cur import (
     CURResult,
@@ -32,5 +33,18 @@ from lowrank_kernels.decompose._rsvd import (
     rsvd,
 )
 
-__all__ = ["CURResult", "Generators", "PiSSAFactors", "SVDResult", "cur", "cur_factors", "frobenius_sq",
-           "orthonormalize", "pissa_factors", "random_pissa_factors", "residual", "rsvd", "sample_proportional"]
+__all__ = [
+    "CURResult",
+    "Generators",
+    "PiSSAFactors",
+    "SVDResult",
+    "cur",
+    "cur_factors",
+    "frobenius_sq",
+    "orthonormalize",
+    "pissa_factors",
+    "random_pissa_factors",
+    "residual",
+    "rsvd",
+    "sample_proportional",
+]

@@ -1,4 +1,5 @@
 """CUR by norm-proportional sampling (`cur`, seed report §4) and the CURA split (`cur_factors`)."""
+
 from __future__ import annotations
 
 import math
@@ -35,8 +36,9 @@ def sample_proportional(weights: torch.Tensor, k: int, uniform: torch.Tensor) ->
     Returns int64 ``[..., k]``, ascending."""
     w = weights.double()
     # Arrival times are < 37 / (smallest positive fp32) < 1e47; zero weights queue from 2e300 on.
-    arrival = torch.where(w > 0, -torch.log1p(-uniform) / w.clamp(min=torch.finfo(torch.float64).tiny),
-                          2e300 * (1 + uniform))
+    arrival = torch.where(
+        w > 0, -torch.log1p(-uniform) / w.clamp(min=torch.finfo(torch.float64).tiny), 2e300 * (1 + uniform)
+    )
     return arrival.topk(k, dim=-1, largest=False).indices.sort(dim=-1).values
 
 

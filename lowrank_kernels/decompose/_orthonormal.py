@@ -2,6 +2,7 @@
 (`orthonormalize`), and the extension of an orthonormal basis by a new block that stays
 orthonormal when the block adds nothing new (`orthonormal_extension`, rsvd's Krylov blocks).
 Every step is decided per matrix, so a batch gets the bits of its matrices alone."""
+
 from __future__ import annotations
 
 import torch
@@ -122,8 +123,11 @@ def orthonormal_extension(basis: torch.Tensor, Y: torch.Tensor, seed: int) -> to
         candidate = torch.where(ok[..., None, None], polished, candidate)
         X = torch.where(pending[..., None, None], candidate, X)
         overlap = matmul(basis.mT, X)
-        accepted = ((overlap.abs().amax(dim=(-2, -1)) <= _ORTHONORMAL_WITHIN)
-                    & ((gram(X) - eye).abs().amax(dim=(-2, -1)) <= _ORTHONORMAL_WITHIN) & ~collapsed.any(-1))
+        accepted = (
+            (overlap.abs().amax(dim=(-2, -1)) <= _ORTHONORMAL_WITHIN)
+            & ((gram(X) - eye).abs().amax(dim=(-2, -1)) <= _ORTHONORMAL_WITHIN)
+            & ~collapsed.any(-1)
+        )
         pending = pending & ~accepted
         if not bool(pending.any()):
             break

@@ -1,5 +1,6 @@
 """Randomized SVD (`rsvd`) and the PiSSA splits built on SVDs (`pissa_factors`,
 `random_pissa_factors`): W ≈ U diag(S) Vh, and W = W_res + A B with A = U √S, B = √S Vh."""
+
 from __future__ import annotations
 
 from typing import Any, NamedTuple
@@ -63,23 +64,39 @@ def _default_oversample(rank: int, max_width: int, method: str) -> int:
 def _sketch_width(rank: int, oversample: Any, block_size: Any, n_iter: int, method: str, width_cap: int) -> int:
     """Columns of the sketch (= of each Krylov block)."""
     if block_size is None:
-        oversample = (_default_oversample(rank, width_cap, method) if oversample is None
-                      else check_int(oversample, "oversample", 0))
+        oversample = (
+            _default_oversample(rank, width_cap, method)
+            if oversample is None
+            else check_int(oversample, "oversample", 0)
+        )
         return min(rank + oversample, width_cap)
     if method != "krylov" or oversample is not None:
-        raise ValueError(f"block_size is an alternative to oversample for method='krylov'; got method={method!r}, "
-                         f"oversample={oversample!r}")
+        raise ValueError(
+            f"block_size is an alternative to oversample for method='krylov'; got method={method!r}, "
+            f"oversample={oversample!r}"
+        )
     # Capped like rank + oversample, so one setting serves layers of every shape.
     width = min(check_int(block_size, "block_size", 1), width_cap)
     if (n_iter + 1) * width < rank:
-        raise ValueError(f"the Krylov space of n_iter={n_iter} and block_size={block_size}, "
-                         f"(n_iter + 1)·block_size = {(n_iter + 1) * width} columns, must hold rank = {rank}: "
-                         f"raise block_size or n_iter")
+        raise ValueError(
+            f"the Krylov space of n_iter={n_iter} and block_size={block_size}, "
+            f"(n_iter + 1)·block_size = {(n_iter + 1) * width} columns, must hold rank = {rank}: "
+            f"raise block_size or n_iter"
+        )
     return width
 
 
-def rsvd(W: torch.Tensor, rank: int, *, oversample: int | None = None, n_iter: int = 2, method: str = "krylov",
-         block_size: int | None = None, generator: Generators = None, error: bool = False) -> SVDResult:
+def rsvd(
+    W: torch.Tensor,
+    rank: int,
+    *,
+    oversample: int | None = None,
+    n_iter: int = 2,
+    method: str = "krylov",
+    block_size: int | None = None,
+    generator: Generators = None,
+    error: bool = False,
+) -> SVDResult:
     """Truncated randomized SVD of ``W [..., m, n]``: ``U [..., m, rank]``, ``S [..., rank]``,
     ``Vh [..., rank, n]`` (fp32), W ≈ U diag(S) Vh.
 
@@ -133,8 +150,9 @@ def rsvd(W: torch.Tensor, rank: int, *, oversample: int | None = None, n_iter: i
 
 def _too_large(W: torch.Tensor) -> ValueError:
     """The error for a finite W whose products overflow fp32."""
-    return ValueError(f"W is too large for fp32 arithmetic (max |W| = {W.abs().max().item():.3g}, "
-                      f"{describe(W)}): scale it down")
+    return ValueError(
+        f"W is too large for fp32 arithmetic (max |W| = {W.abs().max().item():.3g}, {describe(W)}): scale it down"
+    )
 
 
 def _top_svd(Bt: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -241,8 +259,9 @@ def pissa_factors(W: torch.Tensor, rank: int, *, exact: bool = False, **rsvd_opt
     return _split(U, S, Vh, W)
 
 
-def random_pissa_factors(W: torch.Tensor, rank: int, *, n_random: int | None = None,
-                         generator: Generators = None) -> PiSSAFactors:
+def random_pissa_factors(
+    W: torch.Tensor, rank: int, *, n_random: int | None = None, generator: Generators = None
+) -> PiSSAFactors:
     """Random PiSSA (seed report §3): the adapter gets the top ``rank − n_random`` singular
     triplets plus ``n_random`` triplets drawn uniformly without replacement from the remaining
     (minor) ones, so training can also move directions the pretrained weight barely uses; the

@@ -1,5 +1,6 @@
 """Reference kernels of the decompositions in plain PyTorch (any device), the oracle for the
 compiled ones: squared row/column norms and the Gram matrix, both accumulated in fp64."""
+
 from __future__ import annotations
 
 import torch

@@ -4,6 +4,7 @@ Written for clarity as the format is specified (ARCHITECTURE.md, notation), with
 as bitsandbytes 0.50's CPU path so results are bit-identical. Complete blocks are handled as
 one ``[blocks, blocksize]`` matrix, the trailing partial block (if any) separately.
 """
+
 from __future__ import annotations
 
 import torch
@@ -39,8 +40,9 @@ def quantize_nf4_ref(w: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, tor
     return packed, absmax
 
 
-def dequantize_nf4_ref(packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, numel: int,
-                       dtype: torch.dtype) -> torch.Tensor:
+def dequantize_nf4_ref(
+    packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, numel: int, dtype: torch.dtype
+) -> torch.Tensor:
     """``packed`` uint8, ``absmax`` fp32 -> flat ``[numel]`` tensor of ``dtype``: code * absmax."""
     nibbles = torch.stack([packed >> 4, packed & 0xF], dim=1).reshape(-1)[:numel].long()
     values = nf4_code(packed.device)[nibbles]
@@ -69,6 +71,8 @@ def quantize_blockwise8_ref(x: torch.Tensor, code: torch.Tensor, blocksize: int)
     return torch.where(closer_right, right, left).to(torch.uint8), absmax
 
 
-def dequantize_blockwise8_ref(q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int) -> torch.Tensor:
+def dequantize_blockwise8_ref(
+    q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int
+) -> torch.Tensor:
     """uint8 ``q`` -> fp32 ``code[q] * absmax[block]``."""
     return code[q.long()] * absmax.repeat_interleave(blocksize)[: q.numel()]

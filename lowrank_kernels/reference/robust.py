@@ -1,11 +1,13 @@
 """Reference for the Robust PiSSA kernel: the Huber terms in fp64 from their definition."""
+
 from __future__ import annotations
 
 import torch
 
 
-def huber_weights_ref(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, weight_delta: torch.Tensor,
-                      loss_delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def huber_weights_ref(
+    w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, weight_delta: torch.Tensor, loss_delta: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``w [..., m, n]``, ``a [..., m, r]``, ``b [..., r, n]``, per-matrix deltas ``[...]`` ->
     fp32 ``ω(E)``, ``ψ(E)`` ``[..., m, n]`` at weight_delta and fp64 ``[Σ ρ(E) at loss_delta,
     Σ |E|] [..., 2]`` for E = a b − w (formulas: csrc/include/lowrank_kernels/huber_math.h)."""

@@ -1,5 +1,6 @@
 """Launch helpers every Triton module uses: the torch -> Triton dtype map, the interpreter switch,
 the device check of the launchers, and the fp32 -> output dtype rounding of the kernels."""
+
 from __future__ import annotations
 
 import os

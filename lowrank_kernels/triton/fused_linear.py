@@ -43,6 +43,7 @@ Interpreter notes (TRITON_INTERPRET=1, CPU tensors): its tl.dot multiplies bf16 
 raw uint16 bit patterns, so under the interpreter bf16 tiles are rounded to bf16 and then widened
 exactly to fp32 for the dot (DOT_TY = fp32); on a GPU DOT_TY is the activation dtype.
 """
+
 from __future__ import annotations
 
 import functools
@@ -61,8 +62,11 @@ _MAX_BLOCK_R = 32  # rank chunk of the epilogue: bounds registers for large r
 
 
 def _config(block_m: int, block_c: int, block_d: int, warps: int, stages: int, group_m: int = 8) -> triton.Config:
-    return triton.Config({"BLOCK_M": block_m, "BLOCK_C": block_c, "BLOCK_D": block_d, "GROUP_M": group_m},
-                         num_warps=warps, num_stages=stages)
+    return triton.Config(
+        {"BLOCK_M": block_m, "BLOCK_C": block_c, "BLOCK_D": block_d, "GROUP_M": group_m},
+        num_warps=warps,
+        num_stages=stages,
+    )
 
 
 # Candidate tiles, checked by the GPU-fit gate (python -m lowrank_kernels.gpu_fit) to compile
@@ -77,17 +81,41 @@ def _config(block_m: int, block_c: int, block_d: int, warps: int, stages: int, g
 if _INTERPRET:
     _HALF_FORWARD = _FP32_FORWARD = _HALF_GRAD_INPUT = _FP32_GRAD_INPUT = [_config(16, 32, 32, 4, 1, group_m=2)]
 else:
-    _HALF_FORWARD = [_config(128, 128, 32, 8, 3), _config(64, 128, 32, 4, 3), _config(64, 64, 64, 4, 3),
-                     _config(32, 64, 64, 4, 3), _config(16, 64, 128, 4, 3), _config(16, 32, 128, 4, 4)]
+    _HALF_FORWARD = [
+        _config(128, 128, 32, 8, 3),
+        _config(64, 128, 32, 4, 3),
+        _config(64, 64, 64, 4, 3),
+        _config(32, 64, 64, 4, 3),
+        _config(16, 64, 128, 4, 3),
+        _config(16, 32, 128, 4, 4),
+    ]
     _FP32_FORWARD = [_config(64, 32, 32, 4, 3), _config(16, 64, 64, 4, 2)]  # BLOCK_D = 64 spilled at M = 512
-    _HALF_GRAD_INPUT = [_config(128, 128, 32, 8, 3), _config(64, 64, 64, 4, 3), _config(32, 64, 64, 4, 3),
-                        _config(16, 64, 64, 4, 4)]
+    _HALF_GRAD_INPUT = [
+        _config(128, 128, 32, 8, 3),
+        _config(64, 64, 64, 4, 3),
+        _config(32, 64, 64, 4, 3),
+        _config(16, 64, 64, 4, 4),
+    ]
     _FP32_GRAD_INPUT = [_config(32, 64, 64, 4, 2), _config(16, 64, 64, 4, 2)]
 
 # The autotuner's cache key: every argument that changes the compiled kernel or its best tile.
 # Triton adds the tensors' dtypes.
-_KEY = ["M_BUCKET", "COLS", "DEPTH", "BLOCK_R", "BLOCKSIZE", "HAS_BIAS", "stride_am", "stride_ad", "stride_lm",
-        "stride_lr", "stride_rr", "stride_rc", "stride_om", "stride_oc"]
+_KEY = [
+    "M_BUCKET",
+    "COLS",
+    "DEPTH",
+    "BLOCK_R",
+    "BLOCKSIZE",
+    "HAS_BIAS",
+    "stride_am",
+    "stride_ad",
+    "stride_lm",
+    "stride_lr",
+    "stride_rr",
+    "stride_rc",
+    "stride_om",
+    "stride_oc",
+]
 
 
 def _smem_bytes(config: triton.Config, act_bytes: int) -> int:
@@ -107,8 +135,9 @@ def _prune(configs, named_args, candidates: dict, smem_limit: int | None = None,
     dtype = named_args["a_ptr"].dtype
     mine = candidates[dtype == torch.float32]
     m_bucket = named_args["M_BUCKET"]
-    by_m = [c for c in mine
-            if (c.kwargs["BLOCK_M"] == 16) == (m_bucket <= 16) and c.kwargs["BLOCK_M"] <= max(16, m_bucket)]
+    by_m = [
+        c for c in mine if (c.kwargs["BLOCK_M"] == 16) == (m_bucket <= 16) and c.kwargs["BLOCK_M"] <= max(16, m_bucket)
+    ]
     by_m = by_m or [min(mine, key=lambda c: c.kwargs["BLOCK_M"])]
     act_bytes = dtype.itemsize
     return keep_fitting(by_m, lambda c: _smem_bytes(c, act_bytes), smem_limit)
@@ -157,14 +186,31 @@ def _grouped_tile(M, COLS, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, GROUP_M
 def _load_tile(ptr, rows, cols, mask_rows, mask_cols, stride_r, stride_c):
     """``[rows, cols]`` tile of a strided matrix (offset vectors; index x stride in int64: either
     can be large). Masked-off elements are 0."""
-    return tl.load(ptr + rows[:, None].to(tl.int64) * stride_r + cols[None, :].to(tl.int64) * stride_c,
-                   mask=mask_rows[:, None] & mask_cols[None, :], other=0.0)
+    return tl.load(
+        ptr + rows[:, None].to(tl.int64) * stride_r + cols[None, :].to(tl.int64) * stride_c,
+        mask=mask_rows[:, None] & mask_cols[None, :],
+        other=0.0,
+    )
 
 
 @triton.jit
-def _lowrank_term(left_ptr, right_ptr, rows_m, mask_m, cols, mask_c, R,
-                  stride_lm, stride_lr, stride_rr, stride_rc,
-                  BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, DOT_TY: tl.constexpr):
+def _lowrank_term(
+    left_ptr,
+    right_ptr,
+    rows_m,
+    mask_m,
+    cols,
+    mask_c,
+    R,
+    stride_lm,
+    stride_lr,
+    stride_rr,
+    stride_rc,
+    BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    DOT_TY: tl.constexpr,
+):
     """left[rows_m, :R] @ right[:R, cols] as an fp32 [BLOCK_M, BLOCK_C] tile, over the rank in
     BLOCK_R chunks (masked: r may be below the 16 tl.dot needs). Accumulated apart from the main
     product so that the caller's `scale` multiplies the whole low-rank term."""
@@ -181,15 +227,42 @@ def _lowrank_term(left_ptr, right_ptr, rows_m, mask_m, cols, mask_c, R,
 @triton.jit
 def _nf4_lowrank_kernel(
     # pointers
-    a_ptr, packed_ptr, absmax_ptr, code_ptr, left_ptr, right_ptr, bias_ptr, out_ptr,
+    a_ptr,
+    packed_ptr,
+    absmax_ptr,
+    code_ptr,
+    left_ptr,
+    right_ptr,
+    bias_ptr,
+    out_ptr,
     # sizes and scalars
-    M, COLS, DEPTH, R, M_BUCKET, scale,
+    M,
+    COLS,
+    DEPTH,
+    R,
+    M_BUCKET,
+    scale,
     # strides
-    stride_am, stride_ad, stride_lm, stride_lr, stride_rr, stride_rc, stride_om, stride_oc,
+    stride_am,
+    stride_ad,
+    stride_lm,
+    stride_lr,
+    stride_rr,
+    stride_rc,
+    stride_om,
+    stride_oc,
     # meta-parameters
-    W_TRANSPOSED: tl.constexpr, BLOCKSIZE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr,
-    W_TY: tl.constexpr, DOT_TY: tl.constexpr, OUT_TY: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_M: tl.constexpr,
+    W_TRANSPOSED: tl.constexpr,
+    BLOCKSIZE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    W_TY: tl.constexpr,
+    DOT_TY: tl.constexpr,
+    OUT_TY: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
     """out[M, COLS] = a[M, DEPTH] @ op(W) + scale * left[M, R] @ right[R, COLS] + bias[COLS];
     one program per [BLOCK_M, BLOCK_C] tile, reducing over DEPTH in BLOCK_D steps.
@@ -210,30 +283,62 @@ def _nf4_lowrank_kernel(
         a = _load_tile(a_ptr, rows_m, offs_d, mask_m, mask_d, stride_am, stride_ad)
         # op(W) tile [BLOCK_D, BLOCK_C], read in place from the row-major NF4 storage.
         if W_TRANSPOSED:  # W^T: rows of W along the tile's columns
-            w = _load_nf4_tile(packed_ptr, absmax_ptr, code_ptr, offs_c[None, :], offs_d[:, None],
-                               mask_d[:, None] & mask_c[None, :], DEPTH, BLOCKSIZE)
+            w = _load_nf4_tile(
+                packed_ptr,
+                absmax_ptr,
+                code_ptr,
+                offs_c[None, :],
+                offs_d[:, None],
+                mask_d[:, None] & mask_c[None, :],
+                DEPTH,
+                BLOCKSIZE,
+            )
         else:
-            w = _load_nf4_tile(packed_ptr, absmax_ptr, code_ptr, offs_d[:, None], offs_c[None, :],
-                               mask_d[:, None] & mask_c[None, :], COLS, BLOCKSIZE)
+            w = _load_nf4_tile(
+                packed_ptr,
+                absmax_ptr,
+                code_ptr,
+                offs_d[:, None],
+                offs_c[None, :],
+                mask_d[:, None] & mask_c[None, :],
+                COLS,
+                BLOCKSIZE,
+            )
         acc = _dot(a, _weight_operand(w, W_TY, DOT_TY), acc, DOT_TY)
 
-    acc += scale * _lowrank_term(left_ptr, right_ptr, rows_m, mask_m, cols_c, mask_c, R,
-                                 stride_lm, stride_lr, stride_rr, stride_rc,
-                                 BLOCK_M, BLOCK_C, BLOCK_R, DOT_TY)
+    acc += scale * _lowrank_term(
+        left_ptr,
+        right_ptr,
+        rows_m,
+        mask_m,
+        cols_c,
+        mask_c,
+        R,
+        stride_lm,
+        stride_lr,
+        stride_rr,
+        stride_rc,
+        BLOCK_M,
+        BLOCK_C,
+        BLOCK_R,
+        DOT_TY,
+    )
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)[None, :]
 
     out = round_to(acc.to(tl.float32), OUT_TY)
-    tl.store(out_ptr + rows_m[:, None] * stride_om + cols_c[None, :] * stride_oc, out,
-             mask=mask_m[:, None] & mask_c[None, :])
+    tl.store(
+        out_ptr + rows_m[:, None] * stride_om + cols_c[None, :] * stride_oc, out, mask=mask_m[:, None] & mask_c[None, :]
+    )
 
 
 def _autotuned(half: list[triton.Config], fp32: list[triton.Config]):
     """_nf4_lowrank_kernel autotuned over ``half`` tiles for bf16/fp16 activations and ``fp32``
     tiles for fp32 ones (the forward and the grad-input have tiles of their own)."""
     prune = functools.partial(_prune, candidates={False: half, True: fp32})
-    return triton.autotune(configs=half if _INTERPRET else half + fp32, key=_KEY,
-                           prune_configs_by={"early_config_prune": prune})(_nf4_lowrank_kernel)
+    return triton.autotune(
+        configs=half if _INTERPRET else half + fp32, key=_KEY, prune_configs_by={"early_config_prune": prune}
+    )(_nf4_lowrank_kernel)
 
 
 _nf4_lowrank_linear_kernel = _autotuned(_HALF_FORWARD, _FP32_FORWARD)
@@ -263,9 +368,20 @@ def _dtypes(dtype: torch.dtype) -> dict:
     return {"W_TY": w_ty, "DOT_TY": dot_ty, "OUT_TY": w_ty}
 
 
-def _fused(kernel, names: tuple[str, str, str, str], a: torch.Tensor, packed: torch.Tensor,
-           absmax: torch.Tensor, blocksize: int, cols: int, left: torch.Tensor, right: torch.Tensor,
-           scale: float, bias: torch.Tensor | None, w_transposed: bool) -> torch.Tensor:
+def _fused(
+    kernel,
+    names: tuple[str, str, str, str],
+    a: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    blocksize: int,
+    cols: int,
+    left: torch.Tensor,
+    right: torch.Tensor,
+    scale: float,
+    bias: torch.Tensor | None,
+    w_transposed: bool,
+) -> torch.Tensor:
     """Checks and launch of ``out [M, cols] = a [M, depth] op(W) + scale * left [M, r] right' + bias``
     for both launchers: ``op(W) = W^T`` and ``right' = right^T`` with ``right [cols, r]`` when
     ``w_transposed`` (the forward, W ``[cols, depth]``), else ``W`` and ``right [r, cols]``
@@ -294,20 +410,48 @@ def _fused(kernel, names: tuple[str, str, str, str], a: torch.Tensor, packed: to
     right = right.T if w_transposed else right  # [r, cols], a view
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(cols, meta["BLOCK_C"]),)  # noqa: E731
     kernel[grid](
-        a, packed.contiguous(), absmax.contiguous(), nf4_code(a.device), left, right,
-        None if bias is None else bias.contiguous(), out,
-        m, cols, depth, rank, triton.next_power_of_2(m), float(scale),
-        a.stride(0), a.stride(1), left.stride(0), left.stride(1), right.stride(0), right.stride(1),
-        out.stride(0), out.stride(1),
-        W_TRANSPOSED=w_transposed, BLOCKSIZE=blocksize, HAS_BIAS=bias is not None,
-        BLOCK_R=min(max(16, triton.next_power_of_2(rank)), _MAX_BLOCK_R), **_dtypes(a.dtype),
+        a,
+        packed.contiguous(),
+        absmax.contiguous(),
+        nf4_code(a.device),
+        left,
+        right,
+        None if bias is None else bias.contiguous(),
+        out,
+        m,
+        cols,
+        depth,
+        rank,
+        triton.next_power_of_2(m),
+        float(scale),
+        a.stride(0),
+        a.stride(1),
+        left.stride(0),
+        left.stride(1),
+        right.stride(0),
+        right.stride(1),
+        out.stride(0),
+        out.stride(1),
+        W_TRANSPOSED=w_transposed,
+        BLOCKSIZE=blocksize,
+        HAS_BIAS=bias is not None,
+        BLOCK_R=min(max(16, triton.next_power_of_2(rank)), _MAX_BLOCK_R),
+        **_dtypes(a.dtype),
     )
     return out
 
 
-def nf4_lowrank_linear(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, blocksize: int,
-                       out_features: int, lowrank_x: torch.Tensor, up: torch.Tensor, scale: float,
-                       bias: torch.Tensor | None) -> torch.Tensor:
+def nf4_lowrank_linear(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    blocksize: int,
+    out_features: int,
+    lowrank_x: torch.Tensor,
+    up: torch.Tensor,
+    scale: float,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
     """Fused QPiSSA forward ``y = x W^T + scale * lowrank_x up^T + bias``.
 
     ``x [M, K]`` fp32/bf16/fp16 (any strides); ``packed`` uint8 ``[ceil(N*K/2)]`` and ``absmax``
@@ -315,13 +459,32 @@ def nf4_lowrank_linear(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tens
     ``up [N, r]``, ``bias [N]`` or None, all in x's dtype. Returns ``y [M, N]`` in x's dtype,
     accumulated in fp32 and rounded once.
     """
-    return _fused(_nf4_lowrank_linear_kernel, ("x", "out_features", "lowrank_x", "up"), x, packed, absmax,
-                  blocksize, out_features, lowrank_x, up, scale, bias, w_transposed=True)
+    return _fused(
+        _nf4_lowrank_linear_kernel,
+        ("x", "out_features", "lowrank_x", "up"),
+        x,
+        packed,
+        absmax,
+        blocksize,
+        out_features,
+        lowrank_x,
+        up,
+        scale,
+        bias,
+        w_transposed=True,
+    )
 
 
-def nf4_lowrank_linear_grad_input(grad_y: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor,
-                                  blocksize: int, in_features: int, lowrank_grad: torch.Tensor,
-                                  down: torch.Tensor, scale: float) -> torch.Tensor:
+def nf4_lowrank_linear_grad_input(
+    grad_y: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    blocksize: int,
+    in_features: int,
+    lowrank_grad: torch.Tensor,
+    down: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
     """Fused QPiSSA input gradient ``dx = grad_y W + scale * lowrank_grad down``.
 
     ``grad_y [M, N]`` fp32/bf16/fp16 (any strides); ``packed``/``absmax`` hold ``W [N, K]`` as in
@@ -329,5 +492,17 @@ def nf4_lowrank_linear_grad_input(grad_y: torch.Tensor, packed: torch.Tensor, ab
     ``down [r, K]`` in grad_y's dtype. Returns ``dx [M, K]`` in grad_y's dtype, accumulated in
     fp32 and rounded once.
     """
-    return _fused(_nf4_lowrank_linear_grad_input_kernel, ("grad_y", "in_features", "lowrank_grad", "down"), grad_y,
-                  packed, absmax, blocksize, in_features, lowrank_grad, down, scale, None, w_transposed=False)
+    return _fused(
+        _nf4_lowrank_linear_grad_input_kernel,
+        ("grad_y", "in_features", "lowrank_grad", "down"),
+        grad_y,
+        packed,
+        absmax,
+        blocksize,
+        in_features,
+        lowrank_grad,
+        down,
+        scale,
+        None,
+        w_transposed=False,
+    )

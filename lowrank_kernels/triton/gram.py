@@ -27,6 +27,7 @@ Interpreter notes (TRITON_INTERPRET=1, CPU tensors): its ``tl.dot`` multiplies b
 their raw uint16 bit patterns, so under the interpreter bf16 tiles are widened (exactly) to fp32
 before the dot (DOT_TY = fp32).
 """
+
 from __future__ import annotations
 
 import torch
@@ -65,8 +66,11 @@ def _configs() -> list[triton.Config]:
 _CONFIGS = _configs()
 # fp32 (3xTF32: hi/lo pairs of both operand tiles in registers): the 4-warp 128 x 32 and 64 x 64
 # tiles spilled 0.3-0.6 KB in the GPU-fit gate; the 8-warp 128 x 64 and 64 x 128 ones did not.
-_FP32_SPILLS = [] if _INTERPRET else [c for c in _CONFIGS if c.num_warps == 4 and
-                                      c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_K"] >= 4096]
+_FP32_SPILLS = (
+    []
+    if _INTERPRET
+    else [c for c in _CONFIGS if c.num_warps == 4 and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_K"] >= 4096]
+)
 
 
 def _smem_bytes(config: triton.Config, itemsize: int) -> int:
@@ -87,18 +91,30 @@ def _prune(configs, named_args, smem_limit: int | None = None, **kwargs) -> list
     return keep_fitting(narrow, lambda c: _smem_bytes(c, itemsize), smem_limit)
 
 
-@triton.autotune(configs=_CONFIGS, key=["M_BUCKET", "K", "stride_yb", "stride_ym", "stride_yk"],
-                 prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(
+    configs=_CONFIGS,
+    key=["M_BUCKET", "K", "stride_yb", "stride_ym", "stride_yk"],
+    prune_configs_by={"early_config_prune": _prune},
+)
 @triton.jit
 def _gram_kernel(
     # pointers
-    y_ptr, out_ptr,
+    y_ptr,
+    out_ptr,
     # sizes
-    M, K, CHUNK_ROWS, CHUNKS, M_BUCKET,
+    M,
+    K,
+    CHUNK_ROWS,
+    CHUNKS,
+    M_BUCKET,
     # strides of y [batch, M, K]
-    stride_yb, stride_ym, stride_yk,
+    stride_yb,
+    stride_ym,
+    stride_yk,
     # meta-parameters
-    DOT_TY: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_TY: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     """out[b, chunk, i, j] = Σ_{rows r of the chunk} y[b, r, i] y[b, r, j] for the tiles on and
     above the diagonal; out is [batch, CHUNKS, K, K] contiguous. M_BUCKET only keys the autotuner."""
@@ -129,10 +145,16 @@ def _gram_kernel(
         mask_r = rows < row_end
         rows64 = rows.to(tl.int64)  # M * stride can exceed 2^31
         # yᵀ tile [BLOCK_K, BLOCK_M] and y tile [BLOCK_M, BLOCK_K], read in place.
-        a = tl.load(base + rows64[None, :] * stride_ym + cols_i[:, None] * stride_yk,
-                    mask=mask_i[:, None] & mask_r[None, :], other=0.0)
-        bt = tl.load(base + rows64[:, None] * stride_ym + cols_j[None, :] * stride_yk,
-                     mask=mask_r[:, None] & mask_j[None, :], other=0.0)
+        a = tl.load(
+            base + rows64[None, :] * stride_ym + cols_i[:, None] * stride_yk,
+            mask=mask_i[:, None] & mask_r[None, :],
+            other=0.0,
+        )
+        bt = tl.load(
+            base + rows64[:, None] * stride_ym + cols_j[None, :] * stride_yk,
+            mask=mask_r[:, None] & mask_j[None, :],
+            other=0.0,
+        )
         acc = _dot(a, bt, acc, DOT_TY)
 
     out = out_ptr + (item.to(tl.int64) * K + offs_i[:, None]) * K + offs_j[None, :]
@@ -166,9 +188,16 @@ def gram(y: torch.Tensor) -> torch.Tensor:
     dot_ty = tl.float32 if _INTERPRET and y.dtype == torch.bfloat16 else TL_DTYPES[y.dtype]
     grid = lambda meta: (batch * chunks * triton.cdiv(k, meta["BLOCK_K"]) ** 2,)  # noqa: E731
     _gram_kernel[grid](
-        y3, partial,
-        m, k, chunk_rows, chunks, triton.next_power_of_2(chunk_rows),
-        y3.stride(0), y3.stride(1), y3.stride(2),
+        y3,
+        partial,
+        m,
+        k,
+        chunk_rows,
+        chunks,
+        triton.next_power_of_2(chunk_rows),
+        y3.stride(0),
+        y3.stride(1),
+        y3.stride(2),
         DOT_TY=dot_ty,
     )
     g = partial.sum(1) if chunks > 1 else partial[:, 0]

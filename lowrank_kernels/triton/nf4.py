@@ -3,6 +3,7 @@
 Arithmetic mirrors csrc/include/lowrank_kernels/nf4_math.h: correctly rounded division
 (tl.div_rn; Triton's `/` is approximate on GPUs), multiplication by the code value, no adds.
 """
+
 from __future__ import annotations
 
 import torch
@@ -19,11 +20,16 @@ _MIN_ABSMAX = 1e-38
 @triton.jit
 def _dequantize_nf4_kernel(
     # pointers
-    packed_ptr, absmax_ptr, code_ptr, out_ptr,
+    packed_ptr,
+    absmax_ptr,
+    code_ptr,
+    out_ptr,
     # sizes
     numel,
     # meta-parameters
-    BLOCKSIZE: tl.constexpr, BYTES: tl.constexpr, OUT_TY: tl.constexpr,
+    BLOCKSIZE: tl.constexpr,
+    BYTES: tl.constexpr,
+    OUT_TY: tl.constexpr,
 ):
     # int64: element indices reach 2^31 on large weights (and byte indices 2^31 at 2^32).
     byte = tl.program_id(0).to(tl.int64) * BYTES + tl.arange(0, BYTES)
@@ -40,11 +46,15 @@ def _dequantize_nf4_kernel(
 @triton.jit
 def _quantize_nf4_kernel(
     # pointers
-    x_ptr, boundaries_ptr, packed_ptr, absmax_ptr,
+    x_ptr,
+    boundaries_ptr,
+    packed_ptr,
+    absmax_ptr,
     # sizes
     numel,
     # meta-parameters
-    BLOCKSIZE: tl.constexpr, MIN_ABSMAX: tl.constexpr,
+    BLOCKSIZE: tl.constexpr,
+    MIN_ABSMAX: tl.constexpr,
 ):
     # One program per quantization block.
     block = tl.program_id(0)
@@ -70,17 +80,23 @@ def _quantize_nf4_kernel(
     tl.store(absmax_ptr + block, tl.where(probe == 0.0, stored, probe))
 
 
-def dequantize_nf4(packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, numel: int,
-                   dtype: torch.dtype) -> torch.Tensor:
+def dequantize_nf4(
+    packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, numel: int, dtype: torch.dtype
+) -> torch.Tensor:
     """uint8 ``packed [ceil(numel/2)]``, fp32 ``absmax [ceil(numel/bs)]`` -> ``dtype [numel]``."""
     check_device(packed, "packed")
     out = torch.empty(numel, dtype=dtype, device=packed.device)
     if numel:
         grid = (triton.cdiv(packed.numel(), _DEQUANT_BYTES_PER_PROGRAM),)
         _dequantize_nf4_kernel[grid](
-            packed.contiguous(), absmax.contiguous(), nf4_code(packed.device), out,
+            packed.contiguous(),
+            absmax.contiguous(),
+            nf4_code(packed.device),
+            out,
             numel,
-            BLOCKSIZE=blocksize, BYTES=_DEQUANT_BYTES_PER_PROGRAM, OUT_TY=TL_DTYPES[dtype],
+            BLOCKSIZE=blocksize,
+            BYTES=_DEQUANT_BYTES_PER_PROGRAM,
+            OUT_TY=TL_DTYPES[dtype],
         )
     return out
 
@@ -96,8 +112,12 @@ def quantize_nf4(w: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.T
         code = nf4_code(w.device)
         boundaries = (code[:-1] + code[1:]) / 2
         _quantize_nf4_kernel[(blocks,)](
-            w.contiguous().reshape(-1), boundaries, packed, absmax,
+            w.contiguous().reshape(-1),
+            boundaries,
+            packed,
+            absmax,
             numel,
-            BLOCKSIZE=blocksize, MIN_ABSMAX=_MIN_ABSMAX,
+            BLOCKSIZE=blocksize,
+            MIN_ABSMAX=_MIN_ABSMAX,
         )
     return packed, absmax

@@ -15,6 +15,7 @@ On GPUs Triton enables fp fusion, so ptxas contracts ``x * x`` into the sums' ad
 rounding per step instead of two). The sums' order differs from the CPU kernels' anyway, so
 results agree to a tolerance (fp32 summation bound), not bit for bit.
 """
+
 from __future__ import annotations
 
 import torch
@@ -31,13 +32,21 @@ _BLOCK_M, _BLOCK_N, _NUM_WARPS = (16, 32, 1) if interpreted() else (64, 256, 8)
 @triton.jit
 def _row_col_sq_norms_kernel(
     # pointers
-    w_ptr, row_partial_ptr, col_partial_ptr,
+    w_ptr,
+    row_partial_ptr,
+    col_partial_ptr,
     # sizes
-    M, N, ROW_BLOCKS, COL_BLOCKS,
+    M,
+    N,
+    ROW_BLOCKS,
+    COL_BLOCKS,
     # strides of w viewed [batch, M, N]
-    stride_b, stride_m, stride_n,
+    stride_b,
+    stride_m,
+    stride_n,
     # meta-parameters
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     """Tile (b, rb, cb): row sums over its columns -> row_partial[b, cb, rows]; column sums
     over its rows -> col_partial[b, rb, cols]. Consecutive programs walk along a row block."""
@@ -64,19 +73,31 @@ def row_col_sq_norms(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise RuntimeError(f"w must be float32, float16 or bfloat16, got {w.dtype} with shape {list(w.shape)}")
     if w.dim() < 2:
         raise RuntimeError(
-            f"w must have at least 2 dimensions [..., m, n], got shape {list(w.shape)} and dtype {w.dtype}")
+            f"w must have at least 2 dimensions [..., m, n], got shape {list(w.shape)} and dtype {w.dtype}"
+        )
     *batch, m, n = w.shape
     if w.numel() == 0:
-        return (torch.zeros(*batch, m, dtype=torch.float32, device=w.device),
-                torch.zeros(*batch, n, dtype=torch.float32, device=w.device))
+        return (
+            torch.zeros(*batch, m, dtype=torch.float32, device=w.device),
+            torch.zeros(*batch, n, dtype=torch.float32, device=w.device),
+        )
     w3 = w.reshape(-1, m, n)  # a view unless the batch dims cannot be merged
     row_blocks, col_blocks = triton.cdiv(m, _BLOCK_M), triton.cdiv(n, _BLOCK_N)
     row_partial = torch.empty(w3.shape[0], col_blocks, m, dtype=torch.float32, device=w.device)
     col_partial = torch.empty(w3.shape[0], row_blocks, n, dtype=torch.float32, device=w.device)
     _row_col_sq_norms_kernel[(w3.shape[0] * row_blocks * col_blocks,)](
-        w3, row_partial, col_partial,
-        m, n, row_blocks, col_blocks,
-        w3.stride(0), w3.stride(1), w3.stride(2),
-        BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N, num_warps=_NUM_WARPS,
+        w3,
+        row_partial,
+        col_partial,
+        m,
+        n,
+        row_blocks,
+        col_blocks,
+        w3.stride(0),
+        w3.stride(1),
+        w3.stride(2),
+        BLOCK_M=_BLOCK_M,
+        BLOCK_N=_BLOCK_N,
+        num_warps=_NUM_WARPS,
     )
     return row_partial.sum(1).reshape(*batch, m), col_partial.sum(1).reshape(*batch, n)

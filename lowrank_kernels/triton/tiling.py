@@ -9,6 +9,7 @@ An "ieee" dot compiles to plain FMAs, which ptxas spills at the tiles used here;
 would err by 2^-11 relative. The interpreter computes every dot in fp32, so interpreter tests
 check the fp32 bound and the 3xTF32 term is added to their tolerance (see tests/triton).
 """
+
 from __future__ import annotations
 
 from typing import Callable, Iterable
@@ -29,12 +30,14 @@ def _dot(a, b, acc, DOT_TY: tl.constexpr):
 def device_smem_limit() -> int:
     """Opt-in shared memory per block of the current CUDA device, in bytes."""
     from triton.runtime import driver
+
     device = driver.active.get_current_device()
     return driver.active.utils.get_device_properties(device)["max_shared_mem"]
 
 
-def keep_fitting(configs: Iterable[triton.Config], smem_bytes: Callable[[triton.Config], int],
-                 smem_limit: int | None) -> list[triton.Config]:
+def keep_fitting(
+    configs: Iterable[triton.Config], smem_bytes: Callable[[triton.Config], int], smem_limit: int | None
+) -> list[triton.Config]:
     """The configs whose estimated shared memory fits ``smem_limit`` (the current device's when
     None); never empty: the smallest one if none fits, so a launch fails loudly rather than the
     autotuner having nothing to try."""

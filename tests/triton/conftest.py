@@ -1,6 +1,7 @@
 """Triton kernel tests: on a machine without a GPU they run on CPU tensors under
 TRITON_INTERPRET=1, which Triton reads when a kernel is decorated, so this directory runs in
 its own pytest process (`make test` does that)."""
+
 from __future__ import annotations
 
 import os

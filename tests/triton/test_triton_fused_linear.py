@@ -17,6 +17,7 @@ storage, one flipped code) -- the bugs a fused NF4 GEMM is likely to have.
 The interpreter runs kernels in numpy (one small tile config): shapes stay small but exceed the
 tile (16 x 32 x 32) in every dimension somewhere, so masking and multi-step loops are exercised.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -34,11 +35,11 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 # (M, N, K, r, blocksize): K odd -> rows start mid-byte; K % blocksize != 0 -> blocks straddle rows.
 SHAPES = [
-    (37, 45, 77, 3, 64),     # odd K, straddling blocks, nothing tile-aligned
-    (5, 33, 128, 16, 32),    # K a multiple of blocksize and tile, N one past a tile
-    (1, 70, 63, 1, 128),     # one token, r = 1, blocks span several rows
-    (16, 64, 96, 16, 64),    # tile-aligned M/N, K % 64 = 32
-    (37, 17, 129, 3, 128),   # K one past a multiple of everything, N < tile
+    (37, 45, 77, 3, 64),  # odd K, straddling blocks, nothing tile-aligned
+    (5, 33, 128, 16, 32),  # K a multiple of blocksize and tile, N one past a tile
+    (1, 70, 63, 1, 128),  # one token, r = 1, blocks span several rows
+    (16, 64, 96, 16, 64),  # tile-aligned M/N, K % 64 = 32
+    (37, 17, 129, 3, 128),  # K one past a multiple of everything, N < tile
 ]
 
 
@@ -80,13 +81,13 @@ def excess(out, exact, bound):
     return ((out.double().cpu() - exact).abs() - bound).max().item()
 
 
-
 @dataclasses.dataclass(frozen=True)
 class Product:
     """One of the two fused products of ``W [N, K]``, as the tests drive it:
     ``out [M, C] = a [M, D] op(W) + scale * left [M, r] right' + bias [C]``. The forward:
     ``a = x [M, K]``, ``op(W) = W^T``, ``right = up [N, r]`` (``right' = up^T``), a bias; the
     grad-input: ``a = grad_y [M, N]``, ``op(W) = W``, ``right = down [r, K]``, no bias."""
+
     name: str
     launcher: Callable
     reference: Callable
@@ -114,8 +115,9 @@ class Product:
 
     def run(self, args, blocksize, cols, scale):
         bias = (args["bias"],) if self.has_bias else ()
-        return self.launcher(args["a"], args["packed"], args["absmax"], blocksize, cols, args["left"], args["right"],
-                             scale, *bias)
+        return self.launcher(
+            args["a"], args["packed"], args["absmax"], blocksize, cols, args["left"], args["right"], scale, *bias
+        )
 
     def oracle(self, args, blocksize, cols, scale, w=None):
         """fp64 oracle (unrounded: fp64 inputs) and the magnitude of its summed terms. ``w``
@@ -131,8 +133,9 @@ class Product:
         if wrong:
             exact = a @ op_w + scale * (left @ right_t) + bias_t
         else:
-            exact = self.reference(a, packed, absmax, blocksize, cols, left, right, scale,
-                                   *((bias,) if self.has_bias else ()))
+            exact = self.reference(
+                a, packed, absmax, blocksize, cols, left, right, scale, *((bias,) if self.has_bias else ())
+            )
         mag = a.abs() @ op_w.abs() + abs(scale) * (left.abs() @ right_t.abs()) + bias_t.abs()
         return exact, mag
 
@@ -147,8 +150,9 @@ class Product:
 
 
 FORWARD = Product("forward", tfl.nf4_lowrank_linear, nf4_lowrank_linear_ref, w_transposed=True)
-GRAD_INPUT = Product("grad_input", tfl.nf4_lowrank_linear_grad_input, nf4_lowrank_linear_grad_input_ref,
-                     w_transposed=False)
+GRAD_INPUT = Product(
+    "grad_input", tfl.nf4_lowrank_linear_grad_input, nf4_lowrank_linear_grad_input_ref, w_transposed=False
+)
 PRODUCTS = pytest.mark.parametrize("product", [FORWARD, GRAD_INPUT], ids=lambda p: p.name)
 
 
@@ -176,8 +180,11 @@ def test_rank_changes_between_calls(product, dtype, triton_device):
         product.check(args, bs, product.dims(n, k)[1], scale=0.5)
 
 
-@pytest.mark.parametrize("product, bias", [(FORWARD, False), (FORWARD, True), (GRAD_INPUT, False)],
-                         ids=["forward-no_bias", "forward-bias", "grad_input"])
+@pytest.mark.parametrize(
+    "product, bias",
+    [(FORWARD, False), (FORWARD, True), (GRAD_INPUT, False)],
+    ids=["forward-no_bias", "forward-bias", "grad_input"],
+)
 @pytest.mark.parametrize("scale", [0.0, -1.5, 2.0])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_scale_and_bias(product, bias, scale, dtype, triton_device):
@@ -264,7 +271,6 @@ def decode(packed, absmax, n, k, blocksize, bug=None):
 BUGS = ["swapped_nibbles", "byte_aligned_rows", "per_row_blocks", "transposed_storage", "one_flipped_code"]
 
 
-
 @PRODUCTS
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_bound_rejects_misdecoded_weights(product, dtype, triton_device):
@@ -322,6 +328,7 @@ def test_launchers_reject_cpu_tensors_without_interpreter(product, name, monkeyp
 
 # ---- the CUDA registrations of lowrank_kernels.fused_linear, run on CPU tensors -------------------
 
+
 @pytest.mark.parametrize("m", [1, 8, 9, 20])
 def test_cuda_dispatch_routes_by_token_count(m, monkeypatch, triton_device):
     """M <= cuda_gemv_max_tokens goes to the GEMV op (its CPU kernel stands in for CUDA C++ here),
@@ -341,14 +348,24 @@ def test_cuda_dispatch_routes_by_token_count(m, monkeypatch, triton_device):
     g = torch.Generator().manual_seed(m)
     packed, absmax = quantize_nf4_ref(torch.randn(24, 64, generator=g), 32)
     x, lx, up = torch.randn(m, 64, generator=g), torch.randn(m, 3, generator=g), torch.randn(24, 3, generator=g)
-    args = [t.to(triton_device) if isinstance(t, torch.Tensor) else t
-            for t in (x, packed, absmax, 32, 24, lx, up, 0.5, None)]
+    args = [
+        t.to(triton_device) if isinstance(t, torch.Tensor) else t
+        for t in (x, packed, absmax, 32, 24, lx, up, 0.5, None)
+    ]
     y = _registry.nf4_lowrank_linear_cuda(*args)
     assert bool(triton_calls) == (m > ops.cuda_gemv_max_tokens())
     torch.testing.assert_close(y, nf4_lowrank_linear_ref(*args), rtol=1e-5, atol=1e-4)
 
-    grad_args = (torch.randn(m, 24, generator=g), packed, absmax, 32, 64, torch.randn(m, 3, generator=g),
-                 torch.randn(3, 64, generator=g), 0.5)
+    grad_args = (
+        torch.randn(m, 24, generator=g),
+        packed,
+        absmax,
+        32,
+        64,
+        torch.randn(m, 3, generator=g),
+        torch.randn(3, 64, generator=g),
+        0.5,
+    )
     grad_args = [t.to(triton_device) if isinstance(t, torch.Tensor) else t for t in grad_args]
     dx = _registry.nf4_lowrank_grad_input_cuda(*grad_args)
     torch.testing.assert_close(dx, nf4_lowrank_linear_grad_input_ref(*grad_args), rtol=1e-5, atol=1e-4)

@@ -5,6 +5,7 @@ interpreter computes the dots in fp32, where it is slack. Under the interpreter 
 16 x 16 with 16 rows per step; the shapes exceed it in every dimension somewhere, and the chunk
 size is lowered so that several row chunks are summed.
 """
+
 from __future__ import annotations
 
 import math

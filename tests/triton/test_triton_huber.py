@@ -1,6 +1,7 @@
 """Triton huber_weights against the fp64 reference under the same residual bound as the C++
 kernel: dtypes, odd shapes spanning several tiles, batches with per-matrix deltas, errors; and
 the op's CUDA registration routing to it."""
+
 from __future__ import annotations
 
 import pytest
@@ -37,7 +38,9 @@ def test_triton_batch_elements_are_independent(triton_device):
 def test_triton_empty_matrix_gives_zero_sums(triton_device):
     omega, psi, stats = triton_huber.huber_weights(
         *(torch.empty(s, device=triton_device) for s in [(2, 0, 5), (2, 0, 3), (2, 3, 5)]),
-        torch.ones(2, device=triton_device), torch.ones(2, device=triton_device))
+        torch.ones(2, device=triton_device),
+        torch.ones(2, device=triton_device),
+    )
     assert omega.shape == (2, 0, 5) and stats.shape == (2, 2) and not stats.any()
 
 

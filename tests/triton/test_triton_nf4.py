@@ -1,4 +1,5 @@
 """Triton NF4 kernels against the PyTorch reference (and so bitsandbytes), same cases as C++."""
+
 from __future__ import annotations
 
 import pytest
@@ -16,8 +17,9 @@ SHAPES = [(1,), (7,), (64,), (1, 1), (3, 5), (33, 77), (127, 129)]
 # 127 x 129 takes 0.5-2 s per case under the interpreter (two thirds of the Triton suite's time):
 # the slow tier. 33 x 77 (2541 elements: several programs, ragged last block at every blocksize)
 # keeps the multi-block cases in the fast tier.
-FAST_SHAPES = [pytest.param(shape, id=str(shape), marks=[pytest.mark.slow] if shape == (127, 129) else [])
-               for shape in SHAPES]
+FAST_SHAPES = [
+    pytest.param(shape, id=str(shape), marks=[pytest.mark.slow] if shape == (127, 129) else []) for shape in SHAPES
+]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -70,11 +72,19 @@ def _round_bits_kernel(bits_ptr, out_ptr, n, BLOCK: tl.constexpr):
 # fp32 bit patterns -> the bf16 pattern round-to-nearest-even must give. NaNs from GPU arithmetic
 # (0x7FFFFFFF), negative quiet NaNs (0xFFC00000) and signalling NaNs stay NaN (quiet, same sign).
 ROUNDING = [
-    (0x7FFFFFFF, 0x7FFF), (0xFFC00000, 0xFFC0), (0x7FC00000, 0x7FC0), (0x7F800001, 0x7FC0),
-    (0xFFFFFFFF, 0xFFFF), (0x7F800000, 0x7F80), (0xFF800000, 0xFF80),  # NaNs, then +-inf
+    (0x7FFFFFFF, 0x7FFF),
+    (0xFFC00000, 0xFFC0),
+    (0x7FC00000, 0x7FC0),
+    (0x7F800001, 0x7FC0),
+    (0xFFFFFFFF, 0xFFFF),
+    (0x7F800000, 0x7F80),
+    (0xFF800000, 0xFF80),  # NaNs, then +-inf
     (0x7F7FFFFF, 0x7F80),  # max float rounds up to inf
-    (0x3F808000, 0x3F80), (0x3F818000, 0x3F82), (0x3F808001, 0x3F81),  # ties to even, above a tie
-    (0x80000000, 0x8000), (0x00000001, 0x0000),  # -0, the smallest subnormal
+    (0x3F808000, 0x3F80),
+    (0x3F818000, 0x3F82),
+    (0x3F808001, 0x3F81),  # ties to even, above a tie
+    (0x80000000, 0x8000),
+    (0x00000001, 0x0000),  # -0, the smallest subnormal
 ]
 
 

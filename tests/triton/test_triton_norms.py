@@ -1,5 +1,6 @@
 """Triton row_col_sq_norms against the fp64 reference (and the C++ kernel): dtypes, odd and
 empty shapes, batches, strided input, large magnitudes, NaN/Inf, errors."""
+
 from __future__ import annotations
 
 import pytest

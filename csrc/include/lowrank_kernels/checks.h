@@ -17,25 +17,22 @@ inline void check_blocksize(int64_t blocksize) {
 }
 
 inline void check_float_input(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kHalf ||
-                  t.scalar_type() == at::kBFloat16,
-              name, " must be float32, float16 or bfloat16, got ", t.scalar_type(), " with shape ",
-              t.sizes());
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16, name,
+              " must be float32, float16 or bfloat16, got ", t.scalar_type(), " with shape ", t.sizes());
 }
 
-inline void check_nf4_storage(const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
-                              int64_t numel) {
+inline void check_nf4_storage(const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize, int64_t numel) {
   check_blocksize(blocksize);
   TORCH_CHECK(numel >= 0, "numel must be non-negative, got ", numel);
   TORCH_CHECK(packed.scalar_type() == at::kByte, "packed must be uint8, got ", packed.scalar_type());
   TORCH_CHECK(absmax.scalar_type() == at::kFloat, "absmax must be float32, got ", absmax.scalar_type());
-  TORCH_CHECK(packed.numel() == (numel + 1) / 2, "packed must hold ", (numel + 1) / 2,
-              " bytes for ", numel, " elements, got shape ", packed.sizes());
+  TORCH_CHECK(packed.numel() == (numel + 1) / 2, "packed must hold ", (numel + 1) / 2, " bytes for ", numel,
+              " elements, got shape ", packed.sizes());
   TORCH_CHECK(absmax.numel() == (numel + blocksize - 1) / blocksize, "absmax must hold ",
-              (numel + blocksize - 1) / blocksize, " values for ", numel,
-              " elements at blocksize ", blocksize, ", got shape ", absmax.sizes());
-  TORCH_CHECK(packed.device() == absmax.device(), "packed is on ", packed.device(),
-              " but absmax is on ", absmax.device());
+              (numel + blocksize - 1) / blocksize, " values for ", numel, " elements at blocksize ", blocksize,
+              ", got shape ", absmax.sizes());
+  TORCH_CHECK(packed.device() == absmax.device(), "packed is on ", packed.device(), " but absmax is on ",
+              absmax.device());
 }
 
 inline void check_nf4_output(const at::Tensor& out, int64_t numel, at::ScalarType dtype, const at::Device& device) {
@@ -46,8 +43,7 @@ inline void check_nf4_output(const at::Tensor& out, int64_t numel, at::ScalarTyp
 
 inline void check_code(const at::Tensor& code) {
   TORCH_CHECK(code.scalar_type() == at::kFloat && code.numel() == 256,
-              "code must be a float32 tensor of 256 values, got ", code.scalar_type(), " with shape ",
-              code.sizes());
+              "code must be a float32 tensor of 256 values, got ", code.scalar_type(), " with shape ", code.sizes());
 }
 
 inline void check_blockwise8_args(const at::Tensor& x, const at::Tensor& code, int64_t blocksize) {
@@ -64,11 +60,10 @@ inline void check_blockwise8_storage(const at::Tensor& q, const at::Tensor& absm
   TORCH_CHECK(absmax.scalar_type() == at::kFloat, "absmax must be float32, got ", absmax.scalar_type());
   check_code(code);
   TORCH_CHECK(absmax.numel() == (q.numel() + blocksize - 1) / blocksize, "absmax must hold ",
-              (q.numel() + blocksize - 1) / blocksize, " values for ", q.numel(),
-              " elements at blocksize ", blocksize, ", got shape ", absmax.sizes());
+              (q.numel() + blocksize - 1) / blocksize, " values for ", q.numel(), " elements at blocksize ", blocksize,
+              ", got shape ", absmax.sizes());
   TORCH_CHECK(q.device() == absmax.device() && q.device() == code.device(),
-              "q, absmax and code must be on one device, got ", q.device(), ", ", absmax.device(), ", ",
-              code.device());
+              "q, absmax and code must be on one device, got ", q.device(), ", ", absmax.device(), ", ", code.device());
 }
 
 // ---- fused NF4 linear: y = x @ W^T + scale * left @ right^T (+ bias), W [rows, cols] in NF4 ----
@@ -78,8 +73,8 @@ inline void check_matrix(const at::Tensor& t, const char* name, int64_t rows, in
   TORCH_CHECK(t.dim() == 2 && (rows < 0 || t.size(0) == rows) && (cols < 0 || t.size(1) == cols), name,
               " must be a matrix of shape [", rows < 0 ? std::string("*") : std::to_string(rows), ", ",
               cols < 0 ? std::string("*") : std::to_string(cols), "], got shape ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == dtype, name, " must be ", dtype, " (the activation dtype), got ",
-              t.scalar_type(), " with shape ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == dtype, name, " must be ", dtype, " (the activation dtype), got ", t.scalar_type(),
+              " with shape ", t.sizes());
   TORCH_CHECK(t.device() == device, name, " is on ", t.device(), " but the activations are on ", device);
 }
 
@@ -125,15 +120,16 @@ inline std::vector<int64_t> check_huber_weights_args(const at::Tensor& w, const 
   TORCH_CHECK(w.dim() >= 2, "w must have at least 2 dimensions [..., m, n], got shape ", w.sizes());
   TORCH_CHECK(a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat, "a and b must be float32, got ",
               a.scalar_type(), " and ", b.scalar_type());
-  TORCH_CHECK(a.dim() == w.dim() && b.dim() == w.dim(), "a and b must have w's ", w.dim(),
-              " dimensions, got shapes ", a.sizes(), " and ", b.sizes());
+  TORCH_CHECK(a.dim() == w.dim() && b.dim() == w.dim(), "a and b must have w's ", w.dim(), " dimensions, got shapes ",
+              a.sizes(), " and ", b.sizes());
   const int64_t d = w.dim();
-  TORCH_CHECK(a.sizes().slice(0, d - 1) == w.sizes().slice(0, d - 1) && b.sizes().slice(0, d - 2) == w.sizes().slice(0, d - 2) &&
-                  b.size(-2) == a.size(-1) && b.size(-1) == w.size(-1),
+  TORCH_CHECK(a.sizes().slice(0, d - 1) == w.sizes().slice(0, d - 1) &&
+                  b.sizes().slice(0, d - 2) == w.sizes().slice(0, d - 2) && b.size(-2) == a.size(-1) &&
+                  b.size(-1) == w.size(-1),
               "a must be [..., m, r] and b [..., r, n] for w [..., m, n] = ", w.sizes(), ", got a ", a.sizes(),
               " and b ", b.sizes());
-  TORCH_CHECK(a.device() == w.device() && b.device() == w.device(), "w, a, b must be on one device, got ",
-              w.device(), ", ", a.device(), ", ", b.device());
+  TORCH_CHECK(a.device() == w.device() && b.device() == w.device(), "w, a, b must be on one device, got ", w.device(),
+              ", ", a.device(), ", ", b.device());
   const auto batch = w.sizes().slice(0, d - 2);
   for (const at::Tensor* delta : {&weight_delta, &loss_delta}) {
     TORCH_CHECK(delta->scalar_type() == at::kFloat && delta->sizes() == batch && delta->device() == w.device(),
@@ -153,10 +149,11 @@ inline std::vector<int64_t> check_huber_weights_args(const at::Tensor& w, const 
 
 // spd_solve(gram [..., r, r] fp32, rhs [..., r] fp32).
 inline void check_spd_solve_args(const at::Tensor& gram, const at::Tensor& rhs) {
-  TORCH_CHECK(gram.scalar_type() == at::kFloat && rhs.scalar_type() == at::kFloat,
-              "gram and rhs must be float32, got ", gram.scalar_type(), " and ", rhs.scalar_type());
+  TORCH_CHECK(gram.scalar_type() == at::kFloat && rhs.scalar_type() == at::kFloat, "gram and rhs must be float32, got ",
+              gram.scalar_type(), " and ", rhs.scalar_type());
   TORCH_CHECK(rhs.dim() >= 1 && gram.dim() == rhs.dim() + 1 && gram.size(-1) == rhs.size(-1) &&
-                  gram.size(-2) == rhs.size(-1) && gram.sizes().slice(0, rhs.dim() - 1) == rhs.sizes().slice(0, rhs.dim() - 1),
+                  gram.size(-2) == rhs.size(-1) &&
+                  gram.sizes().slice(0, rhs.dim() - 1) == rhs.sizes().slice(0, rhs.dim() - 1),
               "gram must be [..., r, r] and rhs [..., r], got shapes ", gram.sizes(), " and ", rhs.sizes());
   TORCH_CHECK(gram.device() == rhs.device(), "gram is on ", gram.device(), " but rhs is on ", rhs.device());
 }

@@ -18,8 +18,8 @@ namespace lowrank_kernels {
 constexpr int64_t kCpuDecodeMaxTokens = 16;
 constexpr int64_t kCudaGemvMaxTokens = 8;
 
-LK_HOST_DEVICE float nf4_weight(const uint8_t* packed, const float* absmax, int64_t row, int64_t col,
-                                int64_t cols, int64_t blocksize) {
+LK_HOST_DEVICE float nf4_weight(const uint8_t* packed, const float* absmax, int64_t row, int64_t col, int64_t cols,
+                                int64_t blocksize) {
   const int64_t i = row * cols + col;
   return nf4_decode(nf4_nibble(packed, i), absmax[i / blocksize]);
 }

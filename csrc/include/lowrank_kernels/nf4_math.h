@@ -85,9 +85,7 @@ LK_HOST_DEVICE float nonfinite_probe(float x) { return x - x; }
 LK_HOST_DEVICE float abs_f(float x) { return x < 0.0f ? -x : x; }
 
 // Scale of a complete block: bitsandbytes multiplies by the reciprocal of the clamped absmax.
-LK_HOST_DEVICE float nf4_block_reciprocal(float absmax) {
-  return 1.0f / (absmax < kMinAbsmax ? kMinAbsmax : absmax);
-}
+LK_HOST_DEVICE float nf4_block_reciprocal(float absmax) { return 1.0f / (absmax < kMinAbsmax ? kMinAbsmax : absmax); }
 
 // A complete block element: bitsandbytes encodes clamp(x * (1 / max(absmax, 1e-38)), -1, 1).
 // The clamp cannot change the code (every boundary lies inside (-1, 1)), so it is left out:
@@ -95,9 +93,7 @@ LK_HOST_DEVICE float nf4_block_reciprocal(float absmax) {
 LK_HOST_DEVICE uint8_t nf4_encode_full_block(float x, float reciprocal) { return nf4_encode(x * reciprocal); }
 
 // The trailing partial block divides instead (and stores the clamped absmax).
-LK_HOST_DEVICE uint8_t nf4_encode_tail_block(float x, float clamped_absmax) {
-  return nf4_encode(x / clamped_absmax);
-}
+LK_HOST_DEVICE uint8_t nf4_encode_tail_block(float x, float clamped_absmax) { return nf4_encode(x / clamped_absmax); }
 
 LK_HOST_DEVICE float nf4_tail_absmax(float absmax) { return absmax < kMinAbsmax ? kMinAbsmax : absmax; }
 
@@ -127,7 +123,10 @@ LK_HOST_DEVICE uint8_t blockwise8_encode(const float* code, float normed) {
   int lo = 0, hi = 255;  // invariant: code[lo] <= normed (or lo == 0), code[hi + 1] > normed
   while (lo < hi) {
     const int mid = (lo + hi + 1) >> 1;
-    if (code[mid] <= normed) lo = mid; else hi = mid - 1;
+    if (code[mid] <= normed)
+      lo = mid;
+    else
+      hi = mid - 1;
   }
   if (lo < 255) {
     const float dist_left = abs_f(normed - code[lo]);
@@ -137,8 +136,6 @@ LK_HOST_DEVICE uint8_t blockwise8_encode(const float* code, float normed) {
   return static_cast<uint8_t>(lo);
 }
 
-LK_HOST_DEVICE float blockwise8_decode(const float* code, uint8_t q, float absmax) {
-  return code[q] * absmax;
-}
+LK_HOST_DEVICE float blockwise8_decode(const float* code, uint8_t q, float absmax) { return code[q] * absmax; }
 
 }  // namespace lowrank_kernels
