@@ -17,8 +17,9 @@
 #include <cstring>
 
 #include "lowrank_kernels/nf4_math.h"
-#include "nf4_decode.h"  // project SIMD headers after the library ones: they start the ISA target
-#include "isa.h"         // last: the per-ISA target starts here
+#include "horizontal_sum.h"  // project SIMD headers after the library ones: they start the ISA target
+#include "nf4_decode.h"
+#include "isa.h"  // last: the per-ISA target starts here
 
 namespace lowrank_kernels {
 namespace cpu {
@@ -60,13 +61,7 @@ inline void vstore(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
 inline __m256 vadd(__m256 a, __m256 b) { return _mm256_add_ps(a, b); }
 inline __m256 vmul(__m256 a, __m256 b) { return _mm256_mul_ps(a, b); }
 inline __m256 vfmadd(__m256 a, __m256 b, __m256 c) { return _mm256_fmadd_ps(a, b, c); }
-inline float vsum(__m256 v) {
-  alignas(32) float lanes[8];
-  _mm256_store_ps(lanes, v);
-  float total = 0.0f;
-  for (float lane : lanes) total += lane;
-  return total;
-}
+inline float vsum(__m256 v) { return horizontal_sum(v); }
 
 // The 16 NF4 codes as four byte planes (byte j of each fp32 code), both 128-bit lanes alike.
 struct SplitDecoder {
