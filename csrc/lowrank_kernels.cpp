@@ -45,6 +45,9 @@ std::string build_info() {
 
 TORCH_LIBRARY(lowrank_kernels, m) {
   m.def("build_info() -> str", &build_info);
+  // Whether the CPU fused linear's GEMM path multiplies bf16 activations in bf16 (isa_dispatch.h;
+  // a run-time choice, LOWRANK_KERNELS_CPU_BF16_GEMM, so not part of build_info).
+  m.def("cpu_bf16_gemm() -> bool", &cpu::bf16_gemm_enabled);
   // The cache of freed large CPU op outputs (cpu/output_cache.h): [idle bytes, limit bytes, hits, misses].
   m.def("output_cache_info() -> int[]", &cpu::output_cache_info);
   m.def("set_output_cache_limit(int max_bytes) -> ()", &cpu::set_output_cache_limit);

@@ -46,6 +46,14 @@ def cpu_decode_max_tokens() -> int:
     return _extension.compiled_config().get("cpu_decode_max_tokens", 0)
 
 
+def cpu_bf16_gemm() -> bool:
+    """Whether the CPU fused linear's GEMM kernel multiplies bf16 activations in bf16 (oneDNN, fp32
+    accumulation; W and s * lowrank_x rounded to bf16) rather than in fp32. Default (auto): on CPUs
+    with AVX512-BF16 running the avx512 kernels; LOWRANK_KERNELS_CPU_BF16_GEMM=on|off|auto, read at
+    each call, overrides it."""
+    return _extension.load_error() is None and torch.ops.lowrank_kernels.cpu_bf16_gemm()
+
+
 def cuda_gemv_max_tokens() -> int:
     """Token counts up to this run the CUDA GEMV kernel, larger ones the Triton GEMM kernel."""
     return _extension.compiled_config().get("cuda_gemv_max_tokens", 0)
@@ -348,6 +356,7 @@ _COMPOSED = "autograd over nf4_lowrank_linear(_grad_input)"
 OPS_TABLE: tuple[Op, ...] = (
     # the extension itself
     Op("build_info", "build_info() -> str", "runtime", describe_cpu=lambda: "C++"),
+    Op("cpu_bf16_gemm", "cpu_bf16_gemm() -> bool", "runtime", describe_cpu=lambda: "C++"),
     Op("output_cache_info", "output_cache_info() -> int[]", "runtime", describe_cpu=lambda: "C++"),
     Op("set_output_cache_limit", "set_output_cache_limit(int max_bytes) -> ()", "runtime", describe_cpu=lambda: "C++"),
     Op("empty_output_cache", "empty_output_cache() -> ()", "runtime", describe_cpu=lambda: "C++"),

@@ -17,12 +17,13 @@ def _triton_version() -> str | None:
 
 
 def build_info() -> dict:
-    """{"extension_loaded", "load_error", "cpu_kernels", "cpu_simd", "cpu_isas_supported",
+    """{"extension_loaded", "load_error", "cpu_kernels", "cpu_simd", "cpu_isas_supported", "cpu_bf16_gemm",
     "cuda_kernels", "cuda_archs", "triton", "torch", "torch_cuda", "backends": {op: {"cpu": ..., "cuda": ...}}}.
 
     cpu_simd is the instruction set of the CPU kernels that run ("scalar", "avx2" or "avx512";
     chosen at load time, LOWRANK_KERNELS_ISA forces a lower one); cpu_isas_supported lists every
-    one this CPU can run."""
+    one this CPU can run. cpu_bf16_gemm: whether the fused linear's GEMM kernel multiplies bf16
+    activations in bf16 (ops.cpu_bf16_gemm; LOWRANK_KERNELS_CPU_BF16_GEMM=auto|on|off)."""
     config = _extension.compiled_config()
     archs = config.get("cuda_archs", "")
     return {
@@ -31,6 +32,7 @@ def build_info() -> dict:
         "cpu_kernels": bool(config.get("cpu_kernels", False)),
         "cpu_simd": config.get("cpu_simd"),
         "cpu_isas_supported": [isa for isa in config.get("cpu_isas_supported", "").split(",") if isa],
+        "cpu_bf16_gemm": ops.cpu_bf16_gemm(),
         "cuda_kernels": bool(config.get("cuda_kernels", False)),
         "cuda_archs": [a for a in archs.replace(",", ";").split(";") if a],
         "triton": _triton_version(),
@@ -48,6 +50,8 @@ def format_build_info(info: dict | None = None) -> str:
         f"extension loaded: {info['extension_loaded']}" + (f" ({info['load_error']})" if info["load_error"] else ""),
         f"CPU kernels: {info['cpu_kernels']} (ISA: {info['cpu_simd']} of {', '.join(info['cpu_isas_supported']) or '-'};"
         " LOWRANK_KERNELS_ISA forces one)",
+        f"fused linear GEMM on bf16 activations: in {'bf16 (oneDNN)' if info['cpu_bf16_gemm'] else 'fp32'}"
+        " (LOWRANK_KERNELS_CPU_BF16_GEMM=auto|on|off)",
         f"CUDA kernels: {info['cuda_kernels']} (archs: {', '.join(info['cuda_archs']) or '-'})",
         "",
     ]

@@ -10,7 +10,8 @@ term in the epilogue) and whose backward runs ``nf4_lowrank_linear_grad_input`` 
 low-rank products (``x Bᵀ``, ``dy A``, ``dA``, ``dB``) are ``r``-thin GEMMs left to ATen.
 
 Dispatch by device and token count M (see ``build_info()``): CPU - C++ decode kernel for few
-tokens, C++ panel-GEMM kernel above; CUDA - CUDA C++ GEMV for few tokens, Triton GEMM above
+tokens, C++ panel-GEMM kernel above (bf16 activations multiplied in bf16 where the CPU has bf16
+dot products, ``ops.cpu_bf16_gemm()``); CUDA - CUDA C++ GEMV for few tokens, Triton GEMM above
 (and Triton for the backward).
 
 Dense residual (plain PiSSA): an ATen composition (``addmm``), differentiable by autograd.

@@ -10,6 +10,7 @@ from __future__ import annotations
 from lowrank_kernels._registry import (
     NAMESPACE,
     backends,
+    cpu_bf16_gemm,
     cpu_decode_max_tokens,
     cuda_gemv_max_tokens,
     names,
@@ -32,6 +33,7 @@ __all__ = [
     "DECOMPOSE_OPS",
     "ROBUST_OPS",
     "backends",
+    "cpu_bf16_gemm",
     "cpu_decode_max_tokens",
     "cuda_gemv_max_tokens",
     "op",

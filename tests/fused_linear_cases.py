@@ -2,7 +2,9 @@
 
 Every kernel is compared with the fp64 reference (lowrank_kernels.reference.fused_linear) under
 a rigorous bound for fp32 accumulation in any order: |y - ref| <= gamma * |x| |W|^T (+ the same
-for the low-rank and bias terms) + eps(out dtype) * |ref|, gamma = (terms + 2) * 2^-24.
+for the low-rank and bias terms) + eps(out dtype) * |ref|, gamma = (terms + 2) * 2^-24. The CPU's
+bf16 GEMM path also rounds W and s * lowrank_x to bf16 (unit roundoff 2^-8): bf16_operands adds
+2^-8 * |x| |W|^T (+ the low-rank term) for it.
 A single wrong weight element, code or scale breaks it by orders of magnitude (see
 test_bound_catches_a_wrong_kernel).
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from lowrank_kernels import ops
 from lowrank_kernels.reference.fused_linear import _weight
 from lowrank_kernels.reference.nf4 import quantize_nf4_ref
 
@@ -21,6 +24,7 @@ from lowrank_kernels.reference.nf4 import quantize_nf4_ref
 SHAPES = [(64, 128, 64), (24, 384, 128), (40, 96, 32), (37, 100, 64), (33, 77, 32), (130, 64, 128), (5, 257, 32)]
 RANKS = [1, 3, 16]
 FP32_UNIT_ROUNDOFF = 2.0**-24
+BF16_UNIT_ROUNDOFF = 2.0**-8
 
 
 def nf4_storage(n: int, k: int, blocksize: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,14 +43,18 @@ def error_bound(
     inner: int,
     out_dtype: torch.dtype,
     bias: torch.Tensor | None = None,
+    bf16_operands: bool = False,
 ) -> torch.Tensor:
-    """Bound on |kernel - ref| for ref = sum_i a_i @ b_i (+ bias) accumulated in fp32."""
-    magnitude = sum(a.double().abs() @ b.double().abs() for a, b in terms)
-    if bias is not None:
-        magnitude = magnitude + bias.double().abs()
+    """Bound on |kernel - ref| for ref = sum_i a_i @ b_i (+ bias) accumulated in fp32, with the
+    b_i (or the a_i) rounded to bf16 first when bf16_operands."""
+    products = sum(a.double().abs() @ b.double().abs() for a, b in terms)
+    magnitude = products + (bias.double().abs() if bias is not None else 0.0)
     gamma = (inner + 4) * FP32_UNIT_ROUNDOFF
     out_eps = torch.finfo(out_dtype).eps if out_dtype != torch.float32 else 0.0
-    return gamma * magnitude + out_eps * ref.double().abs() + 1e-30
+    bound = gamma * magnitude + out_eps * ref.double().abs() + 1e-30
+    if bf16_operands:  # each rounded operand is within u of its value and grows by at most 1 + u
+        bound = bound + BF16_UNIT_ROUNDOFF * (products + gamma * magnitude)
+    return bound
 
 
 def assert_within(y: torch.Tensor, ref: torch.Tensor, bound: torch.Tensor) -> None:
@@ -73,11 +81,11 @@ def forward_case(n, k, blocksize, m, r, dtype, with_bias, seed=0):
     )
 
 
-def forward_bound(args, ref):
+def forward_bound(args, ref, bf16_operands=False):
     x, packed, absmax, blocksize, n, lowrank_x, up, scale, bias = args
     w = _weight(packed, absmax, blocksize, n, x.shape[1])
     terms = [(x, w.T), (abs(scale) * lowrank_x.double(), up.double().T)]
-    return error_bound(terms, ref, x.shape[1] + up.shape[1], x.dtype, bias)
+    return error_bound(terms, ref, x.shape[1] + up.shape[1], x.dtype, bias, bf16_operands)
 
 
 def grad_input_case(n, k, blocksize, m, r, dtype, seed=0):
@@ -95,8 +103,13 @@ def grad_input_case(n, k, blocksize, m, r, dtype, seed=0):
     )
 
 
-def grad_input_bound(args, ref):
+def grad_input_bound(args, ref, bf16_operands=False):
     grad_y, packed, absmax, blocksize, k, lowrank_grad, down, scale = args
     w = _weight(packed, absmax, blocksize, grad_y.shape[1], k)
     terms = [(grad_y, w), (abs(scale) * lowrank_grad.double(), down.double())]
-    return error_bound(terms, ref, grad_y.shape[1] + down.shape[0], grad_y.dtype)
+    return error_bound(terms, ref, grad_y.shape[1] + down.shape[0], grad_y.dtype, bf16_operands=bf16_operands)
+
+
+def cpu_bf16_gemm_serves(dtype: torch.dtype, tokens: int) -> bool:
+    """Whether the C++ fused-linear ops take the bf16 GEMM path for this call (build_info)."""
+    return dtype == torch.bfloat16 and tokens > ops.cpu_decode_max_tokens() and ops.cpu_bf16_gemm()

@@ -158,7 +158,9 @@ def test_the_machine_line_names_cpu_isa_threads_and_torch():
 
     line = harness.machine_description()
     assert line.startswith(harness.cpu_model() + ", ")
-    assert f"lowrank_kernels CPU ISA {lowrank_kernels.build_info()['cpu_simd']}," in line
+    info = lowrank_kernels.build_info()
+    gemm = "bf16" if info["cpu_bf16_gemm"] else "fp32"
+    assert f"lowrank_kernels CPU ISA {info['cpu_simd']}, bf16 GEMM in {gemm}," in line
     assert f"torch threads {torch.get_num_threads()}," in line and line.endswith(f"; torch {torch.__version__}")
 
 

@@ -1,14 +1,18 @@
-"""The fused NF4 linear kernel ops (C++ CPU) against the fp64 reference, both CPU paths
-(decode for few tokens, dequantized-panel GEMM for many), and opcheck on every op."""
+"""The fused NF4 linear kernel ops (C++ CPU) against the fp64 reference, every CPU path (decode
+for few tokens, dequantized-panel GEMM for many, in fp32 or, for bf16 activations, in bf16), and
+opcheck on every op."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from fused_linear_cases import (
+    BF16_UNIT_ROUNDOFF,
+    FP32_UNIT_ROUNDOFF,
     RANKS,
     SHAPES,
     assert_within,
+    cpu_bf16_gemm_serves,
     forward_bound,
     forward_case,
     grad_input_bound,
@@ -16,8 +20,10 @@ from fused_linear_cases import (
 )
 from torch.library import opcheck
 
+import lowrank_kernels
 from lowrank_kernels import ops as registry
 from lowrank_kernels.reference import nf4_lowrank_linear_grad_input_ref, nf4_lowrank_linear_ref
+from lowrank_kernels.reference.nf4 import dequantize_nf4_ref
 
 ops = torch.ops.lowrank_kernels
 DECODE_MAX = registry.cpu_decode_max_tokens()
@@ -33,7 +39,8 @@ TOKENS = [0, 1, 5, DECODE_MAX, DECODE_MAX + 1, 40]
 def test_forward_matches_reference(op, shape, m, r, with_bias, dtype):
     args = forward_case(*shape, m, r, dtype, with_bias)
     ref = nf4_lowrank_linear_ref(*args)
-    assert_within(getattr(ops, op)(*args), ref, forward_bound(args, ref))
+    bf16_path = op == "nf4_lowrank_linear" and cpu_bf16_gemm_serves(dtype, m)
+    assert_within(getattr(ops, op)(*args), ref, forward_bound(args, ref, bf16_operands=bf16_path))
 
 
 @pytest.mark.parametrize("r", RANKS)
@@ -42,7 +49,95 @@ def test_forward_matches_reference(op, shape, m, r, with_bias, dtype):
 def test_grad_input_matches_reference(shape, m, r, dtype):
     args = grad_input_case(*shape, m, r, dtype)
     ref = nf4_lowrank_linear_grad_input_ref(*args)
-    assert_within(ops.nf4_lowrank_linear_grad_input(*args), ref, grad_input_bound(args, ref))
+    bound = grad_input_bound(args, ref, bf16_operands=cpu_bf16_gemm_serves(dtype, m))
+    assert_within(ops.nf4_lowrank_linear_grad_input(*args), ref, bound)
+
+
+# ---- the bf16 GEMM path (bf16 activations, many tokens), forced on or off on any CPU ------------
+
+BF16_GEMM_TOKENS = [DECODE_MAX + 1, 40]
+
+
+@pytest.fixture(params=["on", "off"])
+def bf16_gemm(request, monkeypatch):
+    monkeypatch.setenv("LOWRANK_KERNELS_CPU_BF16_GEMM", request.param)
+    return request.param == "on"
+
+
+def test_bf16_gemm_mode_follows_the_environment(monkeypatch):
+    """auto is on exactly where the avx512 kernels run on a CPU with AVX512-BF16 (the kernel's
+    flags in /proc/cpuinfo); on / off force it; anything else is refused by name."""
+    monkeypatch.delenv("LOWRANK_KERNELS_CPU_BF16_GEMM", raising=False)
+    with open("/proc/cpuinfo") as cpuinfo:
+        flags = next(line for line in cpuinfo if line.startswith("flags")).split()
+    hardware = lowrank_kernels.build_info()["cpu_simd"] == "avx512" and "avx512_bf16" in flags
+    assert registry.cpu_bf16_gemm() is bool(hardware)
+    for value, expected in (("auto", bool(hardware)), ("on", True), ("off", False)):
+        monkeypatch.setenv("LOWRANK_KERNELS_CPU_BF16_GEMM", value)
+        assert registry.cpu_bf16_gemm() is expected and lowrank_kernels.build_info()["cpu_bf16_gemm"] is expected
+    monkeypatch.setenv("LOWRANK_KERNELS_CPU_BF16_GEMM", "fast")
+    args = forward_case(37, 100, 64, 40, 3, torch.bfloat16, True)
+    with pytest.raises(RuntimeError, match="LOWRANK_KERNELS_CPU_BF16_GEMM must be auto, on or off.*got 'fast'"):
+        ops.nf4_lowrank_linear(*args)
+
+
+@pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("r", RANKS)
+@pytest.mark.parametrize("m", BF16_GEMM_TOKENS)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_bf16_forward_either_gemm_matches_reference(bf16_gemm, shape, m, r, with_bias):
+    args = forward_case(*shape, m, r, torch.bfloat16, with_bias)
+    ref = nf4_lowrank_linear_ref(*args)
+    assert_within(ops.nf4_lowrank_linear(*args), ref, forward_bound(args, ref, bf16_operands=bf16_gemm))
+
+
+@pytest.mark.parametrize("r", RANKS)
+@pytest.mark.parametrize("m", BF16_GEMM_TOKENS)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_bf16_grad_input_either_gemm_matches_reference(bf16_gemm, shape, m, r):
+    args = grad_input_case(*shape, m, r, torch.bfloat16)
+    ref = nf4_lowrank_linear_grad_input_ref(*args)
+    bound = grad_input_bound(args, ref, bf16_operands=bf16_gemm)
+    assert_within(ops.nf4_lowrank_linear_grad_input(*args), ref, bound)
+
+
+def _bf16(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.bfloat16).double()
+
+
+def _assert_one_rounding(y, exact, magnitude, inner):
+    """|y - exact| <= gamma * magnitude (fp32 accumulation, any order) + u_bf16 * |result|."""
+    gamma = (inner + 4) * FP32_UNIT_ROUNDOFF
+    bound = gamma * magnitude + BF16_UNIT_ROUNDOFF * (exact.abs() + gamma * magnitude) + 1e-30
+    assert_within(y, exact.to(y.dtype), bound.to(torch.float64))
+
+
+@pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("shape", [(64, 128, 64), (37, 100, 64), (130, 64, 128), (5, 257, 32)], ids=str)
+def test_bf16_gemm_rounds_the_extended_product_once(monkeypatch, shape, with_bias):
+    """The bf16 GEMM's documented semantics: each output is [x, bf16(s lx), 1] . [bf16(W), up, bias]
+    (dx: [gy, bf16(s lg)] . [bf16(W); down]) accumulated in fp32 and rounded to bf16 once: within
+    u = 2^-8 of the exact extended product. The fp32 GEMM path (W not rounded) misses this bound
+    by 30-130x, so passing it shows the bf16 path ran."""
+    monkeypatch.setenv("LOWRANK_KERNELS_CPU_BF16_GEMM", "on")
+    n, k, blocksize = shape
+    x, packed, absmax, _, _, lx, up, scale, bias = forward_case(n, k, blocksize, 40, 3, torch.bfloat16, with_bias)
+    w = _bf16(dequantize_nf4_ref(packed, absmax, blocksize, n * k, torch.float32).view(n, k))
+    slx = _bf16(scale * lx.float())
+    exact = x.double() @ w.T + slx @ up.double().T + (bias.double() if with_bias else 0.0)
+    magnitude = x.double().abs() @ w.abs().T + slx.abs() @ up.double().abs().T
+    magnitude = magnitude + (bias.double().abs() if with_bias else 0.0)
+    _assert_one_rounding(
+        ops.nf4_lowrank_linear(x, packed, absmax, blocksize, n, lx, up, scale, bias), exact, magnitude, k + 4
+    )
+
+    gy, packed, absmax, _, _, lg, down, scale = grad_input_case(n, k, blocksize, 40, 3, torch.bfloat16)
+    w = _bf16(dequantize_nf4_ref(packed, absmax, blocksize, n * k, torch.float32).view(n, k))
+    slg = _bf16(scale * lg.float())
+    exact = gy.double() @ w + slg @ down.double()
+    magnitude = gy.double().abs() @ w.abs() + slg.abs() @ down.double().abs()
+    dx = ops.nf4_lowrank_linear_grad_input(gy, packed, absmax, blocksize, k, lg, down, scale)
+    _assert_one_rounding(dx, exact, magnitude, n + 3)
 
 
 @pytest.mark.parametrize("m", [3, 40])

@@ -1,7 +1,10 @@
 // Run-time ISA choice of the CPU kernels (compiled once, at the baseline ISA; see isa.h).
 #include "isa_dispatch.h"
 
+#include <c10/util/Exception.h>
+
 #include <cstdlib>
+#include <cstring>
 #include <deque>
 #include <memory>
 #include <mutex>
@@ -23,6 +26,15 @@ CpuIsa best_supported_isa() {
     return CpuIsa::avx2;
 #endif
   return CpuIsa::scalar;
+}
+
+bool cpu_has_avx512_bf16() {
+#if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512bf16");
+#else
+  return false;
+#endif
 }
 
 struct IsaChoice {
@@ -69,6 +81,17 @@ std::string supported_isas() {
   for (int level = 1; level <= static_cast<int>(best_supported_isa()); ++level)
     names += std::string(",") + isa_name(static_cast<CpuIsa>(level));
   return names;
+}
+
+bool bf16_gemm_enabled() {
+  const char* env = std::getenv("LOWRANK_KERNELS_CPU_BF16_GEMM");
+  if (env == nullptr || *env == '\0' || std::strcmp(env, "auto") == 0) {
+    static const bool hardware = active_isa() == CpuIsa::avx512 && cpu_has_avx512_bf16();
+    return hardware;
+  }
+  if (std::strcmp(env, "on") == 0) return true;
+  if (std::strcmp(env, "off") == 0) return false;
+  TORCH_CHECK(false, "LOWRANK_KERNELS_CPU_BF16_GEMM must be auto, on or off (or unset for auto), got '", env, "'");
 }
 
 bool register_cpu_kernels(CpuIsa isa, void (*init)(torch::Library&), const char* file, uint32_t line) {

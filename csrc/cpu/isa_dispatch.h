@@ -20,6 +20,13 @@ const std::string& isa_error();
 // The ISAs compiled into this binary that this CPU can run, best last, e.g. "scalar,avx2,avx512".
 std::string supported_isas();
 
+// Whether the fused linear's GEMM path multiplies bf16 activations in bf16 (at::mm: oneDNN,
+// fp32 accumulation) instead of widening them to fp32, from LOWRANK_KERNELS_CPU_BF16_GEMM, read
+// at each call: auto (or unset) = where the avx512 kernels run on a CPU with AVX512-BF16 (whose
+// bf16 dot products oneDNN uses, and AMX where present); on = on any CPU (correct everywhere,
+// slow without that hardware; the tests force it so); off. Any other value throws the reason.
+bool bf16_gemm_enabled();
+
 // Called by every per-ISA kernel file at load time (LK_CPU_KERNELS): runs `init` on a CPU
 // implementation library when `isa` is the active ISA. Returns whether it did.
 bool register_cpu_kernels(CpuIsa isa, void (*init)(torch::Library&), const char* file, uint32_t line);

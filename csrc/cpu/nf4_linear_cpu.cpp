@@ -5,10 +5,12 @@
 // - decode (few tokens): stream the packed nibbles once, dequantize 8 at a time in registers and
 //   multiply-accumulate every token against them; the low-rank term and bias are added per
 //   output in the same pass. OpenMP across output rows.
-// - GEMM (many tokens): dequantize a cache-sized panel of W rows into fp32 and hand it to the
-//   BLAS GEMM (MKL), panel by panel. Only one panel ever exists: W is never materialised.
-// Activations are computed in fp32 whatever their dtype (this CPU has no faster bf16/fp16
-// arithmetic); the result is rounded once to the activation dtype.
+// - GEMM (many tokens): dequantize a cache-sized panel of W into fp32 and hand it to the BLAS
+//   GEMM (MKL), panel by panel. Only one panel ever exists: W is never materialised.
+// Activations are computed in fp32 whatever their dtype, and the result is rounded once to the
+// activation dtype; except bf16 activations on the GEMM path of CPUs with bf16 dot products
+// (AVX512-BF16, AMX; cpu::bf16_gemm_enabled), whose panels are bf16 and multiplied in bf16 by
+// oneDNN (fp32 accumulation), as a dense bf16 F.linear is (see "bf16 GEMM path").
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -21,6 +23,7 @@
 #include "lowrank_kernels/checks.h"
 #include "lowrank_kernels/nf4_linear_math.h"
 #include "float_convert.h"
+#include "isa_dispatch.h"
 #include "nf4_decode.h"
 #include "nf4_split_decode.h"
 #include "isa.h"  // last: the per-ISA target starts here
@@ -292,13 +295,27 @@ at::Tensor decode_grad_input(const uint8_t* packed, const float* absmax, int64_t
 // (dx += grad_y[:, first : first + n] @ panel). Cutting the output dimension instead (panels of
 // W's rows in the forward) narrows each GEMM and costs more the more threads share it.
 
-// Depth of a panel along the inner dimension `inner`, `outer` elements wide: kPanelBytes' worth
-// but at most an eighth of W (the workspace stays a small fraction of the dense W_res: 8 MiB
-// for 4096 x 4096), a multiple of 64, at least kMinPanelDepth (a shallow GEMM re-reads and
-// re-writes its output per panel) and at most `inner`.
-int64_t panel_depth(int64_t inner, int64_t outer) {
-  const int64_t by_bytes = std::min(kPanelBytes / (4 * std::max<int64_t>(outer, 1)), inner / 8) / 64 * 64;
-  return std::min(std::max(by_bytes, kMinPanelDepth), std::max<int64_t>(inner, 1));
+// Extent of a panel along the dimension of W it cuts (`length` long), `width` elements across,
+// of `element_bytes` elements: kPanelBytes' worth but at most an eighth of W's fp32 bytes (the
+// workspace stays a small fraction of the dense W_res: 8 MiB for 4096 x 4096), a multiple of 64,
+// at least kMinPanelDepth (a shallow GEMM re-reads and re-writes its output per panel) and at
+// most `length`.
+int64_t panel_depth(int64_t length, int64_t width, int64_t element_bytes) {
+  const int64_t by_bytes =
+      std::min(kPanelBytes / (element_bytes * std::max<int64_t>(width, 1)), length / (2 * element_bytes)) / 64 * 64;
+  return std::min(std::max(by_bytes, kMinPanelDepth), std::max<int64_t>(length, 1));
+}
+
+// W[row0 : row0 + rows, col0 : col0 + cols] of the NF4 matrix W [*, width] dequantized into dst
+// (row stride `ld`), in parallel: decoding is bound by the stores, and one thread's share of the
+// bandwidth is half the machine's.
+template <typename T>
+void decode_panel(const uint8_t* packed, const float* absmax, int64_t blocksize, int64_t width, int64_t row0,
+                  int64_t rows, int64_t col0, int64_t cols, T* dst, int64_t ld) {
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r)
+      decode_row_segment(packed, absmax, row0 + r, width, col0, col0 + cols, blocksize, dst + r * ld);
+  });
 }
 
 // Calls f(first, panel) for consecutive panels of the NF4 matrix W [rows, cols] in fp32 along
@@ -308,22 +325,65 @@ template <typename F>
 void for_each_panel(const uint8_t* packed, const float* absmax, int64_t blocksize, int64_t rows, int64_t cols,
                     bool along_columns, F&& f) {
   const int64_t inner = along_columns ? cols : rows, outer = along_columns ? rows : cols;
-  const int64_t step = panel_depth(inner, outer);
+  const int64_t step = panel_depth(inner, outer, sizeof(float));
   at::Tensor workspace = at::empty({step * outer}, at::TensorOptions().dtype(at::kFloat));
   for (int64_t first = 0; first < inner; first += step) {
     const int64_t n = std::min(step, inner - first);
     const int64_t panel_rows = along_columns ? rows : n, panel_cols = along_columns ? n : cols;
-    const int64_t row0 = along_columns ? 0 : first, col0 = along_columns ? first : 0;
     at::Tensor panel = workspace.narrow(0, 0, panel_rows * panel_cols).view({panel_rows, panel_cols});
-    float* data = panel.data_ptr<float>();
-    // In parallel, between the GEMMs: decoding is bound by the stores, and one thread's share
-    // of the bandwidth is half the machine's.
-    at::parallel_for(0, panel_rows, 16, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r)
-        decode_row_segment(packed, absmax, row0 + r, cols, col0, col0 + panel_cols, blocksize, data + r * panel_cols);
-    });
+    decode_panel(packed, absmax, blocksize, cols, along_columns ? 0 : first, panel_rows, along_columns ? first : 0,
+                 panel_cols, panel.data_ptr<float>(), panel_cols);
     f(first, panel);
   }
+}
+
+// ---------------------------------------------------------------------------------------------
+// bf16 GEMM path: bf16 activations, many tokens, a CPU with bf16 dot products. Both products are
+// one bf16 GEMM over an extended inner dimension, so every output is a single fp32-accumulated
+// dot product rounded once to bf16 (oneDNN behind at::mm; torch's CPU mm has no fp32 output):
+//   forward      y  = [x, s lowrank_x, 1] @ [W, up, bias]^T
+//   grad-input   dx = [grad_y, s lowrank_grad] @ [W; down]
+// W is dequantized to bf16 (each weight rounded, as in a bf16 model or bitsandbytes' bf16
+// compute), s lowrank_x likewise; up, down, bias are bf16 already. Panels cut the *output*
+// dimension (each GEMM needs the whole extended inner dimension): rows of W in the forward,
+// columns in the grad-input; the workspace is one bf16 panel, at most W's fp32 bytes / 8.
+
+// out = [a, scale * left, ones] @ E^T for E = [W, extra] (forward: W [outer, inner] = the NF4
+// matrix [rows, cols], extra = [up, bias] [rows, r (+1)]) or E = [W; extra]^T (grad-input: W^T,
+// extra = down [r, cols]); `ones` columns (extra's beyond left's) pair with bias.
+at::Tensor bf16_extended_gemm(const at::Tensor& a, const uint8_t* packed, const float* absmax, int64_t blocksize,
+                              int64_t rows, int64_t cols, const at::Tensor& left, double scale, const at::Tensor& extra,
+                              bool forward) {
+  const int64_t inner = forward ? cols : rows, outer = forward ? rows : cols, rank = left.size(1);
+  const at::Tensor extra_rows = forward ? extra : extra.t();                 // [outer, e]
+  const int64_t e = extra_rows.size(1), depth = (inner + e + 31) / 32 * 32;  // 64-byte rows
+  at::Tensor a_ext = at::zeros({a.size(0), depth}, a.options());
+  a_ext.narrow(1, 0, inner).copy_(a);
+  a_ext.narrow(1, inner, rank).copy_(left.to(at::kFloat).mul(scale));  // rounds s * left once
+  a_ext.narrow(1, inner + rank, e - rank).fill_(1);
+  at::Tensor out = at::empty({a.size(0), outer}, a.options());
+  const int64_t step = panel_depth(outer, depth, sizeof(c10::BFloat16));
+  at::Tensor workspace = at::empty({step * depth}, a.options());
+  for (int64_t first = 0; first < outer; first += step) {
+    const int64_t n = std::min(step, outer - first);
+    // E's rows [first, first + n) as [n, depth]: stored row-major in the forward (W's rows are
+    // contiguous), column-major in the grad-input (W's column segments are).
+    const at::Tensor stored = workspace.narrow(0, 0, n * depth);
+    const at::Tensor panel = forward ? stored.view({n, depth}) : stored.view({depth, n}).t();
+    auto* data = stored.data_ptr<c10::BFloat16>();
+    if (forward)
+      decode_panel(packed, absmax, blocksize, cols, first, n, 0, cols, data, depth);
+    else
+      decode_panel(packed, absmax, blocksize, cols, 0, rows, first, n, data, n);
+    panel.narrow(1, inner, e).copy_(extra_rows.narrow(0, first, n));
+    panel.narrow(1, inner + e, depth - inner - e).zero_();
+    out.narrow(1, first, n).copy_(at::mm(a_ext, panel.t()));
+  }
+  return out;
+}
+
+bool use_bf16_gemm(const at::Tensor& a, bool decode) {
+  return !decode && a.scalar_type() == at::kBFloat16 && cpu::bf16_gemm_enabled();
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -337,6 +397,11 @@ at::Tensor forward(const at::Tensor& x, const at::Tensor& packed, const at::Tens
   check_nf4_lowrank_linear_args(x, packed, absmax, blocksize, out_features, lowrank_x, up, bias);
   const int64_t tokens = x.size(0), cols = x.size(1);
   const at::Tensor p = packed.contiguous(), a = absmax.contiguous();
+  if (use_bf16_gemm(x, decode)) {
+    const at::Tensor extra = bias ? at::cat({up, bias->unsqueeze(1)}, 1) : up;
+    return bf16_extended_gemm(x, p.data_ptr<uint8_t>(), a.data_ptr<float>(), blocksize, out_features, cols, lowrank_x,
+                              scale, extra, /*forward=*/true);
+  }
   const LinearOperands in{as_float(x), as_float(lowrank_x), as_float(up)};
   const std::optional<at::Tensor> bias32 = bias.has_value() ? std::optional(as_float(*bias)) : std::nullopt;
   if (decode) {
@@ -376,9 +441,13 @@ at::Tensor nf4_lowrank_linear_grad_input_cpu(const at::Tensor& grad_y, const at:
   check_nf4_lowrank_grad_input_args(grad_y, packed, absmax, blocksize, in_features, lowrank_grad, down);
   const int64_t tokens = grad_y.size(0), rows = grad_y.size(1);
   const at::Tensor p = packed.contiguous(), a = absmax.contiguous();
+  const bool decode = use_decode_path(tokens);
+  if (use_bf16_gemm(grad_y, decode))
+    return bf16_extended_gemm(grad_y, p.data_ptr<uint8_t>(), a.data_ptr<float>(), blocksize, rows, in_features,
+                              lowrank_grad, scale, down, /*forward=*/false);
   const LinearOperands in{as_float(grad_y), as_float(lowrank_grad), as_float(down)};
   at::Tensor dx;
-  if (use_decode_path(tokens)) {
+  if (decode) {
     dx = decode_grad_input(p.data_ptr<uint8_t>(), a.data_ptr<float>(), blocksize, rows, in_features, in.a);
   } else {
     dx = at::zeros({tokens, in_features}, in.a.options());

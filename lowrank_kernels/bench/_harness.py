@@ -93,11 +93,14 @@ def cpu_model() -> str:
 
 
 def lowrank_kernels_isa() -> str:
-    """The instruction set of the lowrank_kernels CPU kernels that run in this process."""
+    """The instruction set of the lowrank_kernels CPU kernels that run in this process, and whether
+    the fused linear multiplies bf16 activations in bf16 (e.g. "avx512, bf16 GEMM in bf16")."""
     from lowrank_kernels import build_info
 
     info = build_info()
-    return info["cpu_simd"] if info["extension_loaded"] else f"none ({info['load_error']})"
+    if not info["extension_loaded"]:
+        return f"none ({info['load_error']})"
+    return f"{info['cpu_simd']}, bf16 GEMM in {'bf16' if info['cpu_bf16_gemm'] else 'fp32'}"
 
 
 def machine_description() -> str:
