@@ -101,6 +101,19 @@ def test_bf16_grad_input_either_gemm_matches_reference(bf16_gemm, shape, m, r):
     assert_within(ops.nf4_lowrank_linear_grad_input(*args), ref, bound)
 
 
+def test_the_gemm_path_starts_right_above_the_reported_decode_max(monkeypatch):
+    """The bf16 GEMM mode changes the GEMM path's bf16 results but not the decode path's, so it
+    shows where the switch really is: decode at cpu_decode_max_tokens() tokens, GEMM one above."""
+    outputs = {}
+    for m in (DECODE_MAX, DECODE_MAX + 1):
+        args = forward_case(64, 128, 64, m, 3, torch.bfloat16, True)
+        for mode in ("on", "off"):
+            monkeypatch.setenv("LOWRANK_KERNELS_CPU_BF16_GEMM", mode)
+            outputs[m, mode] = ops.nf4_lowrank_linear(*args)
+    assert torch.equal(outputs[DECODE_MAX, "on"], outputs[DECODE_MAX, "off"])
+    assert not torch.equal(outputs[DECODE_MAX + 1, "on"], outputs[DECODE_MAX + 1, "off"])
+
+
 def _bf16(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.bfloat16).double()
 
