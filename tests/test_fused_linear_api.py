@@ -165,38 +165,53 @@ def test_training_step_updates_only_the_adapter(device):
     assert torch.equal(q.packed, packed) and torch.equal(q.absmax, absmax)
 
 
-@pytest.mark.parametrize("tokens", [4, 64])
-def test_never_materialises_the_dequantized_residual(tokens, device):
-    """Every allocation of forward + backward, summed (an upper bound on the peak; on a GPU the
-    allocator's peak itself), stays below the size of the dequantized W_res, while a
-    dequantize-then-matmul path exceeds it."""
+def _allocated(fn, device) -> int:
+    """Every allocation of fn, summed (an upper bound on the peak; on a GPU the allocator's peak)."""
     from torch.profiler import ProfilerActivity, profile
 
-    out_features, in_features = 4096, 2048
-    q = lk.quantize_nf4(torch.randn(out_features, in_features).to(device))
-    A = torch.randn(out_features, 16).to(device).requires_grad_()
-    B = torch.randn(16, in_features).to(device).requires_grad_()
-    x = torch.randn(tokens, in_features).to(device).requires_grad_()
-    dense_bytes = out_features * in_features * 4
+    if on_gpu(device):
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    # Each allocation counts once, in the innermost op that made it (aten::empty*, or a
+    # kernel allocating its output directly, e.g. dequantize_nf4 from the output cache).
+    return sum(max(e.self_cpu_memory_usage, 0) for e in prof.events())
 
-    def allocated(fn) -> int:
-        if on_gpu(device):
-            torch.cuda.synchronize()
-            before = torch.cuda.memory_allocated()
-            torch.cuda.reset_peak_memory_stats()
-            fn()
-            torch.cuda.synchronize()
-            return torch.cuda.max_memory_allocated() - before
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            fn()
-        # Each allocation counts once, in the innermost op that made it (aten::empty*, or a
-        # kernel allocating its output directly, e.g. dequantize_nf4 from the output cache).
-        return sum(max(e.self_cpu_memory_usage, 0) for e in prof.events())
 
-    fused = allocated(lambda: lk.fused_pissa_linear(x, q, A, B).sum().backward())
-    unfused = allocated(lambda: lk.fused_pissa_linear(x, q.dequantize(), A, B).sum().backward())
+def _training_step_allocations(tokens, device, dtype):
+    """(fused, dequantize-then-matmul) allocations of forward + backward, W_res [4096, 2048]."""
+    q = lk.quantize_nf4(torch.randn(4096, 2048).to(device))
+    A = torch.randn(4096, 16).to(device, dtype).requires_grad_()
+    B = torch.randn(16, 2048).to(device, dtype).requires_grad_()
+    x = torch.randn(tokens, 2048).to(device, dtype).requires_grad_()
+    fused = _allocated(lambda: lk.fused_pissa_linear(x, q, A, B).sum().backward(), device)
+    unfused = _allocated(lambda: lk.fused_pissa_linear(x, q.dequantize().to(dtype), A, B).sum().backward(), device)
+    return fused, unfused
+
+
+@pytest.mark.parametrize("tokens", [4, 64])
+def test_never_materialises_the_dequantized_residual(tokens, device):
+    """Forward + backward allocate less than half the dequantized fp32 W_res, while a
+    dequantize-then-matmul path allocates more than all of it."""
+    fused, unfused = _training_step_allocations(tokens, device, torch.float32)
+    dense_bytes = 4096 * 2048 * 4
     assert unfused >= dense_bytes  # the accounting sees a materialised weight
     assert fused < dense_bytes / 2, f"fused forward+backward allocated {fused / 2**20:.1f} MiB"
+
+
+def test_bf16_gemm_path_never_materialises_the_dequantized_residual(monkeypatch):
+    """The CPU's bf16 GEMM path holds one bf16 panel per product (each at most an eighth of W's
+    fp32 bytes): forward + backward allocate less than one bf16 copy of W_res in all."""
+    monkeypatch.setenv("LOWRANK_KERNELS_CPU_BF16_GEMM", "on")
+    fused, unfused = _training_step_allocations(64, "cpu", torch.bfloat16)
+    dense_bytes = 4096 * 2048 * 2
+    assert unfused >= dense_bytes
+    assert fused < dense_bytes, f"fused forward+backward allocated {fused / 2**20:.1f} MiB"
 
 
 # ---- bad input --------------------------------------------------------------------------------
